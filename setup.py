@@ -1,0 +1,30 @@
+"""sparse_upcycle: sparse upcycling of dense Transformers into Mixture-of-Experts models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sparse_upcycle",
+    version="0.1.0",
+    description="Turn trained dense Transformers into sparse Mixture-of-Experts models (JAX/Flax).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sparse_upcycle", "sparse_upcycle.*"]),
+    # Ranges are the ones we test with (CI installs the newest release inside each range).
+    install_requires=[
+        "jax>=0.10.0,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml_collections>=1.1,<2",
+        "numpy>=2.0,<3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "ruff>=0.15,<0.18",
+        ],
+    },
+    entry_points={"console_scripts": ["sparse-upcycle=sparse_upcycle.cli:main"]},
+)

@@ -1,0 +1,229 @@
+"""Sparse MoE MLP: a router, E stacked expert MLPs, and index-based dispatch/combine.
+
+Parameter paths (relative to the layer), mirroring T5X's dense ``MlpBlock`` with an expert axis:
+
+* ``router/w/kernel``            [d, E]
+* ``expert/wi_0/kernel``         [E, d, f]  (gated MLPs: also ``expert/wi_1/kernel``)
+* ``expert/wi/kernel``           [E, d, f]  (non-gated MLPs)
+* ``expert/wo/kernel``           [E, f, d]
+
+Grouping. Tokens ``[B, L, d]`` are flattened to ``T = B·L`` tokens and cut into ``G`` groups of
+``S = min(group_size, T)`` consecutive tokens. When ``S`` does not divide ``T`` the last group is
+filled up with padding tokens, which are masked (never routed, never counted in losses or
+capacity) and cut off again after the layer; capacity is still computed from ``S``. So a ragged
+tail costs at most one partial group of compute and never changes other groups' routing.
+
+Data movement (DESIGN.md decision 4): a ``SlotDecision`` gathers tokens into ``[G, E, C, d]``
+buffers, runs the experts as batched matmuls and scatter-adds the weighted outputs back; a
+``DroplessDecision`` sorts the ``G·S·K`` assignments by expert and runs the experts as one grouped
+matmul (``jax.lax.ragged_dot``). ``dispatch="onehot"`` selects the vmoe/flaxformer-style one-hot
+einsum reference instead (O(S·E·C·d)); it exists for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_upcycle import routing
+from sparse_upcycle.layers import Kernel, activation, fan_in_init
+
+DISPATCH_MODES = ("index", "onehot")
+
+
+class ExpertMlp(nnx.Module):
+    """E stacked T5X-style MLPs. ``activations`` has one name (non-gated: ``wi``) or two (gated:
+    ``act_0(x·wi_0) * act_1(x·wi_1)``, e.g. ("gelu", "linear") for T5 v1.1, ("silu", "linear")
+    for SwiGLU)."""
+
+    def __init__(self, num_experts, emb_dim, mlp_dim, activations=("gelu", "linear"), *,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+        if len(activations) not in (1, 2):
+            raise ValueError(f"activations must have 1 (plain) or 2 (gated) names: {activations}")
+        self.activations = tuple(activations)
+        for name in self.activations:
+            activation(name)  # fail early on an unknown name
+        init = fan_in_init(batch_axis=(0,))
+        shape_in, axes_in = (num_experts, emb_dim, mlp_dim), ("expert", "embed", "mlp")
+        if self.gated:
+            self.wi_0 = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
+            self.wi_1 = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
+        else:
+            self.wi = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
+        self.wo = Kernel(init, (num_experts, mlp_dim, emb_dim), ("expert", "mlp", "embed"),
+                         rngs=rngs, dtype=param_dtype)
+
+    @property
+    def gated(self) -> bool:
+        return len(self.activations) == 2
+
+    def _input_kernels(self):
+        return [self.wi_0.kernel[...], self.wi_1.kernel[...]] if self.gated else [self.wi.kernel[...]]
+
+    def _hidden(self, projections):
+        h = activation(self.activations[0])(projections[0])
+        if self.gated:
+            h = h * activation(self.activations[1])(projections[1])
+        return h
+
+    def __call__(self, x_GECd: jax.Array) -> jax.Array:
+        """Expert e applied to every buffer slot ``x[:, e]``: [G, E, C, d] -> [G, E, C, d]."""
+        dtype = x_GECd.dtype
+        proj = [jnp.einsum("gecd,edf->gecf", x_GECd, w.astype(dtype)) for w in self._input_kernels()]
+        return jnp.einsum("gecf,efd->gecd", self._hidden(proj), self.wo.kernel[...].astype(dtype))
+
+    def grouped(self, x_Nd: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+        """Rows sorted by expert, ``group_sizes_E[e]`` rows for expert e (rows past the total are
+        not computed and come back zero): one grouped matmul per projection."""
+        dtype = x_Nd.dtype
+        proj = [jax.lax.ragged_dot(x_Nd, w.astype(dtype), group_sizes_E)
+                for w in self._input_kernels()]
+        return jax.lax.ragged_dot(self._hidden(proj), self.wo.kernel[...].astype(dtype),
+                                  group_sizes_E)
+
+    def all_tokens(self, x_GSd: jax.Array) -> jax.Array:
+        """Every expert on every token, [G, S, d] -> [G, S, E, d] (dropless reference only)."""
+        dtype = x_GSd.dtype
+        proj = [jnp.einsum("gsd,edf->gsef", x_GSd, w.astype(dtype)) for w in self._input_kernels()]
+        return jnp.einsum("gsef,efd->gsed", self._hidden(proj), self.wo.kernel[...].astype(dtype))
+
+
+class RouterWeights(nnx.Module):
+    """The router's only parameter, ``w/kernel`` [d, E], init N(0, router_init_std²), no bias."""
+
+    def __init__(self, emb_dim, num_experts, router_init_std=0.02, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=router_init_std)
+        self.w = Kernel(init, (emb_dim, num_experts), ("embed", "unmodeled"), rngs=rngs)
+
+
+# --------------------------------------------------------------------------------------------
+# Data movement. Each takes tokens [G, S, d] and returns outputs [G, S, d].
+# --------------------------------------------------------------------------------------------
+
+
+def dispatch_slots(x_GSd: jax.Array, decision: routing.SlotDecision) -> jax.Array:
+    """Gather each slot's token: [G, S, d] -> [G, E, C, d] (empty slots hold token 0, later
+    weighted by zero)."""
+    return jax.vmap(lambda x_Sd, tok_EC: x_Sd[tok_EC])(x_GSd, decision.token_index)
+
+
+def combine_slots(y_GECd: jax.Array, decision: routing.SlotDecision) -> jax.Array:
+    """Weighted scatter-add of slot outputs back to token positions: [G, E, C, d] -> [G, S, d]."""
+    weight = jnp.where(decision.slot_valid, decision.combine_weight, 0.0).astype(y_GECd.dtype)
+    y = y_GECd * weight[..., None]
+    g, e, c, d = y.shape
+
+    def one_group(y_ECd, tok_EC):
+        out = jnp.zeros((decision.group_size, d), y.dtype)
+        return out.at[tok_EC.reshape(-1)].add(y_ECd.reshape(e * c, d))
+
+    return jax.vmap(one_group)(y, decision.token_index)
+
+
+def _slot_moe(experts: ExpertMlp, x_GSd, decision: routing.SlotDecision):
+    return combine_slots(experts(dispatch_slots(x_GSd, decision)), decision)
+
+
+def _dropless_moe(experts: ExpertMlp, x_GSd, decision: routing.DroplessDecision):
+    g, s, d = x_GSd.shape
+    k = decision.expert_index.shape[-1]
+    expert_N = decision.expert_index.reshape(-1)  # N = G·S·K assignments; padding has id E
+    order = jnp.argsort(expert_N, stable=True)
+    token_N = jnp.arange(g * s * k) // k
+    x_sorted = x_GSd.reshape(g * s, d)[token_N[order]]
+    group_sizes = jnp.sum(jax.nn.one_hot(expert_N, decision.num_experts, dtype=jnp.int32), axis=0)
+    y_sorted = experts.grouped(x_sorted, group_sizes)
+    y_N = jnp.zeros_like(y_sorted).at[order].set(y_sorted)  # unsort
+    w = decision.combine_weight.astype(y_N.dtype).reshape(g * s, k, 1)
+    return jnp.sum(y_N.reshape(g * s, k, d) * w, axis=1).reshape(g, s, d)
+
+
+def _onehot_moe(experts: ExpertMlp, x_GSd, decision: routing.RoutingDecision):
+    """Reference path: dense one-hot dispatch/combine tensors and einsums (flaxformer/vmoe)."""
+    dtype = x_GSd.dtype
+    if isinstance(decision, routing.DroplessDecision):
+        combine_GSE = routing.dense_combine_weights(decision).astype(dtype)
+        return jnp.einsum("gse,gsed->gsd", combine_GSE, experts.all_tokens(x_GSd))
+    s = decision.group_size
+    dispatch_GECS = jax.nn.one_hot(decision.token_index, s, dtype=dtype)
+    dispatch_GECS = dispatch_GECS * decision.slot_valid[..., None].astype(dtype)
+    combine_GECS = dispatch_GECS * decision.combine_weight[..., None].astype(dtype)
+    x_GECd = jnp.einsum("gecs,gsd->gecd", dispatch_GECS, x_GSd)
+    return jnp.einsum("gecs,gecd->gsd", combine_GECS, experts(x_GECd))
+
+
+# --------------------------------------------------------------------------------------------
+# The layer.
+# --------------------------------------------------------------------------------------------
+
+
+class MoeMlp(nnx.Module):
+    """Router + stacked experts in place of a dense MLP block.
+
+    Args:
+      emb_dim, mlp_dim: d and f (f is each expert's hidden width).
+      router: an ``ExpertChoiceRouter`` or ``TopKRouter`` (its ``num_experts`` sets E).
+      activations: as ``ExpertMlp``.
+      group_size: tokens per routing group (see module docstring for ragged counts).
+      router_init_std: std of the router kernel's normal init.
+      jitter_eps: multiplicative router-input noise in training (needs ``rng``).
+      dispatch: "index" (gather/scatter or grouped matmul) or "onehot" (reference einsums).
+      dtype: activation dtype of the experts; the router always computes in float32.
+    """
+
+    def __init__(self, emb_dim: int, mlp_dim: int, router: routing.Router, *,
+                 activations=("gelu", "linear"), group_size: int = 4096,
+                 router_init_std: float = 0.02, jitter_eps: float = 0.0,
+                 dispatch: str = "index", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.routing_policy = router
+        self.group_size = group_size
+        self.jitter_eps = jitter_eps
+        self.dispatch = dispatch
+        self.dtype = dtype
+        self.router = RouterWeights(emb_dim, router.num_experts, router_init_std, rngs=rngs)
+        self.expert = ExpertMlp(router.num_experts, emb_dim, mlp_dim, activations, rngs=rngs,
+                                param_dtype=param_dtype)
+
+    def groups(self, num_tokens: int) -> tuple[int, int]:
+        """(G, S) for ``num_tokens`` tokens."""
+        s = min(self.group_size, num_tokens)
+        return math.ceil(num_tokens / s), s
+
+    def route(self, x_GSd, token_mask_GS=None, *, rng=None) -> routing.RoutingDecision:
+        logits = routing.router_logits(x_GSd, self.router.w.kernel[...],
+                                       jitter_eps=self.jitter_eps, rng=rng)
+        return self.routing_policy.route(logits, token_mask_GS)
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, routing.RouterMetrics]:
+        """x: [..., d] (usually [B, L, d]); token_mask: x.shape[:-1], True = real token.
+
+        Returns the layer output (same shape as x, dtype ``self.dtype``) and the router metrics.
+        Pass ``rng`` only in training (router jitter).
+        """
+        lead, d = x.shape[:-1], x.shape[-1]
+        t = math.prod(lead)
+        g, s = self.groups(t)
+        x_Td = x.reshape(t, d).astype(self.dtype)
+        mask_T = jnp.ones(t, bool) if token_mask is None else token_mask.reshape(t).astype(bool)
+        pad = g * s - t
+        if pad:
+            x_Td = jnp.pad(x_Td, ((0, pad), (0, 0)))
+            mask_T = jnp.pad(mask_T, (0, pad))
+        x_GSd = x_Td.reshape(g, s, d)
+        decision = self.route(x_GSd, mask_T.reshape(g, s), rng=rng)
+        if self.dispatch == "onehot":
+            y = _onehot_moe(self.expert, x_GSd, decision)
+        elif isinstance(decision, routing.DroplessDecision):
+            y = _dropless_moe(self.expert, x_GSd, decision)
+        else:
+            y = _slot_moe(self.expert, x_GSd, decision)
+        return y.reshape(g * s, d)[:t].reshape(*lead, d), decision.metrics
