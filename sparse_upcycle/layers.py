@@ -52,6 +52,10 @@ class Kernel(nnx.Module):
 def fan_in_init(in_axis: int = -2, out_axis: int = -1, batch_axis: Sequence[int] = ()):
     """T5X's default kernel init: variance_scaling(1.0, fan_in, truncated_normal)."""
     return nnx.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
-        batch_axis=tuple(batch_axis)
+        1.0,
+        "fan_in",
+        "truncated_normal",
+        in_axis=in_axis,
+        out_axis=out_axis,
+        batch_axis=tuple(batch_axis),
     )

@@ -32,6 +32,16 @@ from sparse_upcycle import routing
 from sparse_upcycle.layers import Kernel, activation, fan_in_init
 
 DISPATCH_MODES = ("index", "onehot")
+GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "blocked")
+
+
+def resolve_grouped_matmul(impl: str) -> str:
+    """ "auto": ``ragged_dot`` where XLA has a grouped kernel (TPU, GPU), ``blocked`` on CPU."""
+    if impl not in GROUPED_MATMUL_IMPLS:
+        raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMUL_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    return impl
 
 
 class ExpertMlp(nnx.Module):
@@ -39,8 +49,16 @@ class ExpertMlp(nnx.Module):
     ``act_0(x·wi_0) * act_1(x·wi_1)``, e.g. ("gelu", "linear") for T5 v1.1, ("silu", "linear")
     for SwiGLU)."""
 
-    def __init__(self, num_experts, emb_dim, mlp_dim, activations=("gelu", "linear"), *,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        num_experts,
+        emb_dim,
+        mlp_dim,
+        activations=("gelu", "linear"),
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
         if len(activations) not in (1, 2):
             raise ValueError(f"activations must have 1 (plain) or 2 (gated) names: {activations}")
         self.activations = tuple(activations)
@@ -53,42 +71,91 @@ class ExpertMlp(nnx.Module):
             self.wi_1 = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
         else:
             self.wi = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
-        self.wo = Kernel(init, (num_experts, mlp_dim, emb_dim), ("expert", "mlp", "embed"),
-                         rngs=rngs, dtype=param_dtype)
+        self.wo = Kernel(
+            init,
+            (num_experts, mlp_dim, emb_dim),
+            ("expert", "mlp", "embed"),
+            rngs=rngs,
+            dtype=param_dtype,
+        )
 
     @property
     def gated(self) -> bool:
         return len(self.activations) == 2
 
     def _input_kernels(self):
-        return [self.wi_0.kernel[...], self.wi_1.kernel[...]] if self.gated else [self.wi.kernel[...]]
+        return (
+            [self.wi_0.kernel[...], self.wi_1.kernel[...]] if self.gated else [self.wi.kernel[...]]
+        )
 
-    def _hidden(self, projections):
-        h = activation(self.activations[0])(projections[0])
+    def _apply(self, x: jax.Array, matmul) -> jax.Array:
+        """``act_0(x·wi_0) * act_1(x·wi_1) · wo``, where ``matmul(a, stacked_kernel)`` does the
+        expert contraction for the caller's layout (and casts the kernel to ``a.dtype``)."""
+        proj = [matmul(x, w) for w in self._input_kernels()]
+        h = activation(self.activations[0])(proj[0])
         if self.gated:
-            h = h * activation(self.activations[1])(projections[1])
-        return h
+            h = h * activation(self.activations[1])(proj[1])
+        return matmul(h, self.wo.kernel[...])
 
     def __call__(self, x_GECd: jax.Array) -> jax.Array:
         """Expert e applied to every buffer slot ``x[:, e]``: [G, E, C, d] -> [G, E, C, d]."""
-        dtype = x_GECd.dtype
-        proj = [jnp.einsum("gecd,edf->gecf", x_GECd, w.astype(dtype)) for w in self._input_kernels()]
-        return jnp.einsum("gecf,efd->gecd", self._hidden(proj), self.wo.kernel[...].astype(dtype))
-
-    def grouped(self, x_Nd: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-        """Rows sorted by expert, ``group_sizes_E[e]`` rows for expert e (rows past the total are
-        not computed and come back zero): one grouped matmul per projection."""
-        dtype = x_Nd.dtype
-        proj = [jax.lax.ragged_dot(x_Nd, w.astype(dtype), group_sizes_E)
-                for w in self._input_kernels()]
-        return jax.lax.ragged_dot(self._hidden(proj), self.wo.kernel[...].astype(dtype),
-                                  group_sizes_E)
+        return self._apply(x_GECd, lambda a, w: jnp.einsum("gecd,edf->gecf", a, w.astype(a.dtype)))
 
     def all_tokens(self, x_GSd: jax.Array) -> jax.Array:
         """Every expert on every token, [G, S, d] -> [G, S, E, d] (dropless reference only)."""
-        dtype = x_GSd.dtype
-        proj = [jnp.einsum("gsd,edf->gsef", x_GSd, w.astype(dtype)) for w in self._input_kernels()]
-        return jnp.einsum("gsef,efd->gsed", self._hidden(proj), self.wo.kernel[...].astype(dtype))
+        g, s, d = x_GSd.shape
+        x_GSEd = jnp.broadcast_to(x_GSd[:, :, None], (g, s, self.num_experts, d))
+        return self._apply(x_GSEd, lambda a, w: jnp.einsum("gsed,edf->gsef", a, w.astype(a.dtype)))
+
+    @property
+    def num_experts(self) -> int:
+        return self.wo.kernel.shape[0]
+
+    def grouped(
+        self, x_Nd: jax.Array, group_sizes_E: jax.Array, impl: str = "ragged_dot", block: int = 128
+    ) -> jax.Array:
+        """Rows sorted by expert, ``group_sizes_E[e]`` rows for expert e; rows past the total
+        are not computed and come back zero.
+
+        ``impl="ragged_dot"``: one ``jax.lax.ragged_dot`` grouped matmul per projection (fast
+        on TPU/GPU; XLA:CPU lowers it to a dense masked matmul, E times the FLOPs).
+        ``impl="blocked"``: block-sparse in the manner of MegaBlocks (Gale et al. 2022, §5):
+        each expert's rows are padded to a multiple of ``block``, and a scan runs one
+        [block, d] x [d, f] matmul per used block with that block's expert weights. At most
+        E·(block-1) padding rows are computed; unused blocks are skipped.
+        """
+        if impl == "ragged_dot":
+            return self._apply(
+                x_Nd, lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes_E)
+            )
+        if impl != "blocked":
+            raise ValueError(f"grouped matmul impl must be ragged_dot or blocked, got {impl!r}")
+        n, d = x_Nd.shape
+        e = group_sizes_E.shape[0]
+        padded = -(-group_sizes_E // block) * block
+        padded_end = jnp.cumsum(padded)
+        raw_end = jnp.cumsum(group_sizes_E)
+        rows = -(-(n + e * (block - 1)) // block) * block  # static bound on padded rows
+        row_expert = jnp.searchsorted(raw_end, jnp.arange(n), side="right")  # E past the total
+        safe = jnp.minimum(row_expert, e - 1)
+        dest = (padded_end - padded)[safe] + jnp.arange(n) - (raw_end - group_sizes_E)[safe]
+        dest = jnp.where(row_expert < e, dest, rows)  # out of range: dropped below
+        x_blocks = jnp.zeros((rows, d), x_Nd.dtype).at[dest].set(x_Nd, mode="drop")
+        x_blocks = x_blocks.reshape(rows // block, block, d)
+        block_expert = jnp.searchsorted(padded_end, jnp.arange(rows // block) * block, "right")
+
+        def one_block(_, xs):
+            x_bd, expert = xs
+
+            def compute():
+                return self._apply(
+                    x_bd, lambda a, w: a @ w[jnp.minimum(expert, e - 1)].astype(a.dtype)
+                )
+
+            return None, jax.lax.cond(expert < e, compute, lambda: jnp.zeros_like(x_bd))
+
+        _, y_blocks = jax.lax.scan(one_block, None, (x_blocks, block_expert))
+        return y_blocks.reshape(rows, d).at[dest].get(mode="fill", fill_value=0)
 
 
 class RouterWeights(nnx.Module):
@@ -127,7 +194,7 @@ def _slot_moe(experts: ExpertMlp, x_GSd, decision: routing.SlotDecision):
     return combine_slots(experts(dispatch_slots(x_GSd, decision)), decision)
 
 
-def _dropless_moe(experts: ExpertMlp, x_GSd, decision: routing.DroplessDecision):
+def _dropless_moe(experts: ExpertMlp, x_GSd, decision: routing.DroplessDecision, impl: str):
     g, s, d = x_GSd.shape
     k = decision.expert_index.shape[-1]
     expert_N = decision.expert_index.reshape(-1)  # N = G·S·K assignments; padding has id E
@@ -135,7 +202,7 @@ def _dropless_moe(experts: ExpertMlp, x_GSd, decision: routing.DroplessDecision)
     token_N = jnp.arange(g * s * k) // k
     x_sorted = x_GSd.reshape(g * s, d)[token_N[order]]
     group_sizes = jnp.sum(jax.nn.one_hot(expert_N, decision.num_experts, dtype=jnp.int32), axis=0)
-    y_sorted = experts.grouped(x_sorted, group_sizes)
+    y_sorted = experts.grouped(x_sorted, group_sizes, impl)
     y_N = jnp.zeros_like(y_sorted).at[order].set(y_sorted)  # unsort
     w = decision.combine_weight.astype(y_N.dtype).reshape(g * s, k, 1)
     return jnp.sum(y_N.reshape(g * s, k, d) * w, axis=1).reshape(g, s, d)
@@ -171,14 +238,27 @@ class MoeMlp(nnx.Module):
       router_init_std: std of the router kernel's normal init.
       jitter_eps: multiplicative router-input noise in training (needs ``rng``).
       dispatch: "index" (gather/scatter or grouped matmul) or "onehot" (reference einsums).
+      grouped_matmul: dropless expert computation, "auto" | "ragged_dot" | "blocked" (see
+        ``ExpertMlp.grouped``).
       dtype: activation dtype of the experts; the router always computes in float32.
     """
 
-    def __init__(self, emb_dim: int, mlp_dim: int, router: routing.Router, *,
-                 activations=("gelu", "linear"), group_size: int = 4096,
-                 router_init_std: float = 0.02, jitter_eps: float = 0.0,
-                 dispatch: str = "index", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        emb_dim: int,
+        mlp_dim: int,
+        router: routing.Router,
+        *,
+        activations=("gelu", "linear"),
+        group_size: int = 4096,
+        router_init_std: float = 0.02,
+        jitter_eps: float = 0.0,
+        dispatch: str = "index",
+        grouped_matmul: str = "auto",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
         if group_size < 1:
@@ -187,10 +267,12 @@ class MoeMlp(nnx.Module):
         self.group_size = group_size
         self.jitter_eps = jitter_eps
         self.dispatch = dispatch
+        self.grouped_matmul = resolve_grouped_matmul(grouped_matmul)
         self.dtype = dtype
         self.router = RouterWeights(emb_dim, router.num_experts, router_init_std, rngs=rngs)
-        self.expert = ExpertMlp(router.num_experts, emb_dim, mlp_dim, activations, rngs=rngs,
-                                param_dtype=param_dtype)
+        self.expert = ExpertMlp(
+            router.num_experts, emb_dim, mlp_dim, activations, rngs=rngs, param_dtype=param_dtype
+        )
 
     def groups(self, num_tokens: int) -> tuple[int, int]:
         """(G, S) for ``num_tokens`` tokens."""
@@ -198,12 +280,14 @@ class MoeMlp(nnx.Module):
         return math.ceil(num_tokens / s), s
 
     def route(self, x_GSd, token_mask_GS=None, *, rng=None) -> routing.RoutingDecision:
-        logits = routing.router_logits(x_GSd, self.router.w.kernel[...],
-                                       jitter_eps=self.jitter_eps, rng=rng)
+        logits = routing.router_logits(
+            x_GSd, self.router.w.kernel[...], jitter_eps=self.jitter_eps, rng=rng
+        )
         return self.routing_policy.route(logits, token_mask_GS)
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *,
-                 rng: jax.Array | None = None) -> tuple[jax.Array, routing.RouterMetrics]:
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array | None = None, *, rng: jax.Array | None = None
+    ) -> tuple[jax.Array, routing.RouterMetrics]:
         """x: [..., d] (usually [B, L, d]); token_mask: x.shape[:-1], True = real token.
 
         Returns the layer output (same shape as x, dtype ``self.dtype``) and the router metrics.
@@ -223,7 +307,7 @@ class MoeMlp(nnx.Module):
         if self.dispatch == "onehot":
             y = _onehot_moe(self.expert, x_GSd, decision)
         elif isinstance(decision, routing.DroplessDecision):
-            y = _dropless_moe(self.expert, x_GSd, decision)
+            y = _dropless_moe(self.expert, x_GSd, decision, self.grouped_matmul)
         else:
             y = _slot_moe(self.expert, x_GSd, decision)
         return y.reshape(g * s, d)[:t].reshape(*lead, d), decision.metrics

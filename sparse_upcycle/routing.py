@@ -62,7 +62,10 @@ def expert_choice_capacity(
 def top_k_capacity(
     group_size: int, num_experts: int, k: int, capacity_factor: float | None, multiple: int = 1
 ) -> int | None:
-    """Slots per expert for top-K: ceil(C·S·K/E), rounded up to ``multiple``, ≤ S; None = dropless."""
+    """Slots per expert for top-K: ceil(C·S·K/E), rounded up to ``multiple``, ≤ S.
+
+    None when ``capacity_factor`` is None (dropless).
+    """
     if capacity_factor is None:
         return None
     return _round_capacity(capacity_factor * group_size * k / num_experts, multiple, group_size)
@@ -213,9 +216,7 @@ class ExpertChoiceRouter:
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not self.capacity_factor or self.capacity_factor <= 0:
-            raise ValueError(
-                f"expert choice needs capacity_factor > 0, got {self.capacity_factor}"
-            )
+            raise ValueError(f"expert choice needs capacity_factor > 0, got {self.capacity_factor}")
         if self.capacity_multiple < 1:
             raise ValueError(f"capacity_multiple must be >= 1, got {self.capacity_multiple}")
 
@@ -237,11 +238,15 @@ class ExpertChoiceRouter:
         valid = top_p >= 0.0
         weight = jnp.where(valid, top_p, 0.0)
 
-        reached_GS = jax.vmap(lambda t, v: jnp.zeros(s, jnp.float32).at[t.reshape(-1)].add(
-            v.reshape(-1).astype(jnp.float32)))(token_index, valid)
+        reached_GS = jax.vmap(
+            lambda t, v: (
+                jnp.zeros(s, jnp.float32).at[t.reshape(-1)].add(v.reshape(-1).astype(jnp.float32))
+            )
+        )(token_index, valid)
         if self.normalize_combine_weights:
-            denom_GS = jax.vmap(lambda t, w: jnp.zeros(s, jnp.float32).at[t.reshape(-1)].add(
-                w.reshape(-1)))(token_index, weight)
+            denom_GS = jax.vmap(
+                lambda t, w: jnp.zeros(s, jnp.float32).at[t.reshape(-1)].add(w.reshape(-1))
+            )(token_index, weight)
             denom = jnp.take_along_axis(denom_GS[:, None, :], token_index, axis=2)
             weight = jnp.where(valid, weight / jnp.maximum(denom, 1e-30), 0.0)
 
@@ -292,8 +297,9 @@ class TopKRouter:
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.k <= self.num_experts:
-            raise ValueError(f"top-K needs 1 <= k <= num_experts, got k={self.k}, "
-                             f"num_experts={self.num_experts}")
+            raise ValueError(
+                f"top-K needs 1 <= k <= num_experts, got k={self.k}, num_experts={self.num_experts}"
+            )
         if self.ordering not in ORDERINGS:
             raise ValueError(f"ordering must be one of {ORDERINGS}, got {self.ordering!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -348,8 +354,9 @@ class TopKRouter:
         if self.dropless:
             expert_GSK = jnp.where(mask[..., None], expert_GSK, e).astype(jnp.int32)
             kept_GE = jnp.where(mask[..., None], chose_GSE, 0.0).sum(axis=1)
-            metrics = RouterMetrics(lb_loss, z_loss, _expert_load(kept_GE),
-                                    jnp.zeros((), jnp.float32), entropy, top1)
+            metrics = RouterMetrics(
+                lb_loss, z_loss, _expert_load(kept_GE), jnp.zeros((), jnp.float32), entropy, top1
+            )
             return DroplessDecision(expert_GSK, weight_GSK, metrics, e)
 
         cap = self.capacity(s)
@@ -362,8 +369,9 @@ class TopKRouter:
         # Assignments in priority order, k-major: [G, K, S] -> [G, K*S].
         expert_ordered = jnp.take_along_axis(expert_GSK, order_GS[..., None], axis=1)
         real_ordered = jnp.take_along_axis(mask, order_GS, axis=1)
-        onehot = jax.nn.one_hot(expert_ordered.transpose(0, 2, 1).reshape(g, k * s), e,
-                                dtype=jnp.int32)
+        onehot = jax.nn.one_hot(
+            expert_ordered.transpose(0, 2, 1).reshape(g, k * s), e, dtype=jnp.int32
+        )
         onehot = onehot * jnp.tile(real_ordered, (1, k))[..., None]
         position = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)  # [G, K*S]
         position = position.reshape(g, k, s).transpose(0, 2, 1)  # [G, S(ordered), K]
