@@ -1,6 +1,6 @@
 """Benchmark the MoE layer's data movement against the bare expert matmuls and the one-hot path.
 
-Usage (prints one JSON object; ~3 minutes on a 2-core CPU):
+Usage (prints one JSON object; ~5 minutes on a 2-core CPU):
 
     python scripts/bench_moe.py [--repeats 5] [--tokens 4096] [--out bench_moe.json]
 
@@ -14,6 +14,11 @@ parameters and the input), median of ``--repeats`` runs after a warm-up, all in 
 * ``ratio_vs_matmul = moe_s / expert_matmul_s`` (goal <= 1.15)
 * ``speedup_vs_onehot = onehot_s / moe_s`` (goal >= 3)
 * ``achieved_gflops``  expert FLOPs (fwd + bwd = 3x forward) / moe_s
+
+Dropless top-K uses the layer's ``grouped_matmul="auto"`` choice (``blocked`` on CPU) for
+``moe_s``; ``ragged_dot_s`` times ``jax.lax.ragged_dot`` in the same run, which XLA:CPU lowers
+to a dense masked matmul. The dropless ``expert_matmul_s`` assumes perfectly balanced loads
+(S·K/E rows per expert), the least work any dropless layer can do.
 """
 
 from __future__ import annotations
@@ -34,15 +39,18 @@ from sparse_upcycle import moe, routing
 E, D, F = 32, 512, 1024
 
 
-def _median_time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per function, timing them round-robin so machine noise hits all alike."""
+    for fn, args in fns.values():  # compile + warm-up
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _layer_step(layer):
@@ -76,22 +84,25 @@ def bench_case(name, router, tokens, repeats):
     key_x, key_c, key_b = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key_x, (1, tokens, D), jnp.float32)
     cot = jax.random.normal(key_c, (1, tokens, D), jnp.float32)
-    layers = {
-        mode: moe.MoeMlp(D, F, router, group_size=tokens, dispatch=mode, rngs=nnx.Rngs(0))
-        for mode in moe.DISPATCH_MODES
-    }
-    result = {"case": name}
-    for mode, layer in layers.items():
-        step, state = _layer_step(layer)
-        result[{"index": "moe_s", "onehot": "onehot_s"}[mode]] = _median_time(
-            step, (state, x, cot), repeats
-        )
+
+    def layer(**kw):
+        return moe.MoeMlp(D, F, router, group_size=tokens, rngs=nnx.Rngs(0), **kw)
+
+    fns = {}
+    for key, kw in [("moe_s", {}), ("onehot_s", {"dispatch": "onehot"})]:
+        step, state = _layer_step(layer(**kw))
+        fns[key] = (step, (state, x, cot))
     cap = router.capacity(tokens)
+    if cap is None:  # dropless: also time XLA's ragged_dot next to the "auto" choice
+        step, state = _layer_step(layer(grouped_matmul="ragged_dot"))
+        fns["ragged_dot_s"] = (step, (state, x, cot))
     rows_per_expert = cap if cap is not None else tokens * router.k // E  # dropless: balanced
     buf = jax.random.normal(key_b, (1, E, rows_per_expert, D), jnp.float32)
-    step, state = _matmul_step(layers["index"])
-    result["expert_matmul_s"] = _median_time(step, (state, buf, buf), repeats)
-    flops = 3 * (2 * E * rows_per_expert * D * F * 3)  # 3 matmuls, fwd + 2x for bwd
+    step, state = _matmul_step(layer())
+    fns["expert_matmul_s"] = (step, (state, buf, buf))
+
+    result = {"case": name, **_interleaved_medians(fns, repeats)}
+    flops = 3 * (2 * E * rows_per_expert * D * F * 3)  # 3 matmuls; backward = 2x forward
     result.update(
         capacity=cap,
         rows_computed=E * rows_per_expert,
@@ -99,6 +110,9 @@ def bench_case(name, router, tokens, repeats):
         speedup_vs_onehot=result["onehot_s"] / result["moe_s"],
         achieved_gflops=flops / result["moe_s"] / 1e9,
     )
+    if cap is None:
+        result["grouped_matmul"] = moe.resolve_grouped_matmul("auto")
+        result["ragged_dot_ratio_vs_matmul"] = result["ragged_dot_s"] / result["expert_matmul_s"]
     return result
 
 

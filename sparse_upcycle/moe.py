@@ -121,8 +121,9 @@ class ExpertMlp(nnx.Module):
         on TPU/GPU; XLA:CPU lowers it to a dense masked matmul, E times the FLOPs).
         ``impl="blocked"``: block-sparse in the manner of MegaBlocks (Gale et al. 2022, §5):
         each expert's rows are padded to a multiple of ``block``, and a scan runs one
-        [block, d] x [d, f] matmul per used block with that block's expert weights. At most
-        E·(block-1) padding rows are computed; unused blocks are skipped.
+        [block, d] x [d, f] matmul per block with that block's expert weights. The block count
+        is the static bound ceil((N + E·(block-1)) / block), so up to E·block rows beyond N are
+        computed (on zeros) and thrown away.
         """
         if impl == "ragged_dot":
             return self._apply(
@@ -145,14 +146,13 @@ class ExpertMlp(nnx.Module):
         block_expert = jnp.searchsorted(padded_end, jnp.arange(rows // block) * block, "right")
 
         def one_block(_, xs):
+            # No lax.cond to skip unused blocks: under grad it costs more than the blocks.
             x_bd, expert = xs
-
-            def compute():
-                return self._apply(
-                    x_bd, lambda a, w: a @ w[jnp.minimum(expert, e - 1)].astype(a.dtype)
-                )
-
-            return None, jax.lax.cond(expert < e, compute, lambda: jnp.zeros_like(x_bd))
+            expert = jnp.minimum(expert, e - 1)
+            pick = lambda a, w: (
+                a @ jax.lax.dynamic_index_in_dim(w, expert, keepdims=False).astype(a.dtype)
+            )
+            return None, self._apply(x_bd, pick)
 
         _, y_blocks = jax.lax.scan(one_block, None, (x_blocks, block_expert))
         return y_blocks.reshape(rows, d).at[dest].get(mode="fill", fill_value=0)
@@ -178,16 +178,19 @@ def dispatch_slots(x_GSd: jax.Array, decision: routing.SlotDecision) -> jax.Arra
 
 
 def combine_slots(y_GECd: jax.Array, decision: routing.SlotDecision) -> jax.Array:
-    """Weighted scatter-add of slot outputs back to token positions: [G, E, C, d] -> [G, S, d]."""
-    weight = jnp.where(decision.slot_valid, decision.combine_weight, 0.0).astype(y_GECd.dtype)
-    y = y_GECd * weight[..., None]
+    """Weighted scatter-add of slot outputs back to token positions: [G, E, C, d] -> [G, S, d].
+
+    Sums in float32 (a token may collect up to E expert outputs) and returns y's dtype."""
+    weight = jnp.where(decision.slot_valid, decision.combine_weight, 0.0)
+    y = jnp.where(decision.slot_valid[..., None], y_GECd.astype(jnp.float32), 0.0)
+    y = y * weight[..., None]
     g, e, c, d = y.shape
 
     def one_group(y_ECd, tok_EC):
-        out = jnp.zeros((decision.group_size, d), y.dtype)
+        out = jnp.zeros((decision.group_size, d), jnp.float32)
         return out.at[tok_EC.reshape(-1)].add(y_ECd.reshape(e * c, d))
 
-    return jax.vmap(one_group)(y, decision.token_index)
+    return jax.vmap(one_group)(y, decision.token_index).astype(y_GECd.dtype)
 
 
 def _slot_moe(experts: ExpertMlp, x_GSd, decision: routing.SlotDecision):
@@ -203,9 +206,14 @@ def _dropless_moe(experts: ExpertMlp, x_GSd, decision: routing.DroplessDecision,
     x_sorted = x_GSd.reshape(g * s, d)[token_N[order]]
     group_sizes = jnp.sum(jax.nn.one_hot(expert_N, decision.num_experts, dtype=jnp.int32), axis=0)
     y_sorted = experts.grouped(x_sorted, group_sizes, impl)
+    # Rows past the routed total (padding assignments) are zeroed explicitly: backends are not
+    # bound to zero them, and garbage times a zero weight can still be NaN.
+    routed = jnp.arange(y_sorted.shape[0])[:, None] < group_sizes.sum()
+    y_sorted = jnp.where(routed, y_sorted, 0).astype(jnp.float32)
     y_N = jnp.zeros_like(y_sorted).at[order].set(y_sorted)  # unsort
-    w = decision.combine_weight.astype(y_N.dtype).reshape(g * s, k, 1)
-    return jnp.sum(y_N.reshape(g * s, k, d) * w, axis=1).reshape(g, s, d)
+    w = decision.combine_weight.reshape(g * s, k, 1)
+    y = jnp.sum(y_N.reshape(g * s, k, d) * w, axis=1)
+    return y.reshape(g, s, d).astype(x_GSd.dtype)
 
 
 def _onehot_moe(experts: ExpertMlp, x_GSd, decision: routing.RoutingDecision):
@@ -296,14 +304,18 @@ class MoeMlp(nnx.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         t = math.prod(lead)
         g, s = self.groups(t)
-        x_Td = x.reshape(t, d).astype(self.dtype)
         mask_T = jnp.ones(t, bool) if token_mask is None else token_mask.reshape(t).astype(bool)
+        # Padding rows are zeroed so that whatever they hold (NaN from a fully masked attention
+        # row, say) cannot reach the router, the experts or the gradients.
+        x_Td = jnp.where(mask_T[:, None], x.reshape(t, d), 0)
         pad = g * s - t
         if pad:
             x_Td = jnp.pad(x_Td, ((0, pad), (0, 0)))
             mask_T = jnp.pad(mask_T, (0, pad))
         x_GSd = x_Td.reshape(g, s, d)
+        # The router sees the input as given (fp32 math), the experts see it in self.dtype.
         decision = self.route(x_GSd, mask_T.reshape(g, s), rng=rng)
+        x_GSd = x_GSd.astype(self.dtype)
         if self.dispatch == "onehot":
             y = _onehot_moe(self.expert, x_GSd, decision)
         elif isinstance(decision, routing.DroplessDecision):

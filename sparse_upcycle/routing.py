@@ -12,7 +12,8 @@ Capacity formulas (the only place they are written down; ``inspect`` prints them
 * expert choice:  ``capacity = ceil(C * S / E)``
 * top-K:          ``capacity = ceil(C * S * K / E)``; ``capacity_factor=None`` means dropless
 * then rounded up to a multiple of ``capacity_multiple`` and clipped to ``S`` (an expert never
-  holds more tokens than a group has; a token never picks the same expert twice).
+  holds more tokens than a group has; a token never picks the same expert twice). The clip
+  wins over the multiple: for S=6 and multiple 4, a raw capacity of 5 becomes 6.
 
 Ties are broken towards the lower index everywhere (lower expert id when a token picks experts,
 lower token position when an expert picks tokens or when priorities are equal).
@@ -78,11 +79,17 @@ def top_k_capacity(
 
 @struct.dataclass
 class RouterMetrics:
-    """Losses and diagnostics of one routing decision (per group, then mean over groups).
+    """Losses and diagnostics of one routing decision, over real tokens only.
+
+    Token statistics (z-loss, entropy, top-1) are means over all real tokens of the call; counts
+    (load, drops) are pooled over groups; the load-balancing loss is computed per group and
+    averaged with each group weighted by its number of real tokens. So padding never counts,
+    and a partly padded last group weighs what its real tokens weigh.
 
     Attributes:
       load_balancing_loss: Switch loss E·Σ_e f_e·P_e (Fedus et al. 2021, eq. 4); zero for expert
-        choice, which is balanced by construction.
+        choice, which is balanced by construction. f_e counts tokens with e among their top-K,
+        so Σ_e f_e = K and a perfectly balanced router scores K (as flaxformer/T5X).
       z_loss: router z-loss mean(logsumexp(logits)²) (Zoph et al. 2022, ST-MoE eq. 5).
       expert_load: [E] fraction of kept assignments handled by each expert (sums to 1).
       dropped_fraction: top-K: fraction of assignments dropped by capacity; expert choice:
@@ -162,25 +169,24 @@ def router_logits(
     )
 
 
-def _masked_group_mean(values_GS: jax.Array, mask_GS: jax.Array) -> jax.Array:
-    """Mean over real tokens per group, then over groups."""
-    n = jnp.maximum(mask_GS.sum(axis=1), 1)
-    return jnp.mean(jnp.where(mask_GS, values_GS, 0.0).sum(axis=1) / n)
+def _token_mean(values_GS: jax.Array, mask_GS: jax.Array) -> jax.Array:
+    """Mean over the real tokens of all groups."""
+    return jnp.where(mask_GS, values_GS, 0.0).sum() / jnp.maximum(mask_GS.sum(), 1)
 
 
 def _token_stats(logits_GSE, probs_GSE, mask_GS):
     z = jax.nn.logsumexp(logits_GSE, axis=-1)
     entropy = -jnp.sum(probs_GSE * jnp.log(jnp.clip(probs_GSE, 1e-30)), axis=-1)
     return (
-        _masked_group_mean(z**2, mask_GS),
-        _masked_group_mean(entropy, mask_GS),
-        _masked_group_mean(probs_GSE.max(axis=-1), mask_GS),
+        _token_mean(z**2, mask_GS),
+        _token_mean(entropy, mask_GS),
+        _token_mean(probs_GSE.max(axis=-1), mask_GS),
     )
 
 
 def _expert_load(kept_per_expert_GE: jax.Array) -> jax.Array:
-    total = jnp.maximum(kept_per_expert_GE.sum(axis=-1, keepdims=True), 1)
-    return jnp.mean(kept_per_expert_GE / total, axis=0)
+    kept_E = kept_per_expert_GE.sum(axis=0)
+    return kept_E / jnp.maximum(kept_E.sum(), 1)
 
 
 def _prepare(logits_GSE, token_mask):
@@ -256,7 +262,7 @@ class ExpertChoiceRouter:
             load_balancing_loss=jnp.zeros((), jnp.float32),
             z_loss=z_loss,
             expert_load=_expert_load(valid.sum(axis=-1).astype(jnp.float32)),
-            dropped_fraction=jnp.mean(unreached / jnp.maximum(mask.sum(axis=1), 1)),
+            dropped_fraction=unreached.sum() / jnp.maximum(mask.sum(), 1),
             entropy=entropy,
             top1_prob=top1,
         )
@@ -279,7 +285,8 @@ class TopKRouter:
     * capacity ``ceil(C·S·K/E)``; ``capacity_factor=None`` is dropless.
     * Buffers fill in priority order: k-major (every token's 1st choice before any token's
       2nd), then by position; ``batch_prioritized`` (BPR, Riquelme et al. 2021, §3.2) orders
-      tokens within each k by top-1 probability instead. BPR looks at later tokens' scores, so
+      tokens within each k by top-1 probability (max of the softmax over all E, whatever the
+      ordering) instead. BPR looks at later tokens' scores, so
       it is refused for causal decoders (``causal=True``).
     * A dropped assignment contributes nothing: the residual connection carries the token.
     """
@@ -348,7 +355,8 @@ class TopKRouter:
         n_real = jnp.maximum(mask.sum(axis=1), 1)[:, None]
         f_GE = jnp.where(mask[..., None], chose_GSE, 0.0).sum(axis=1) / n_real
         p_GE = jnp.where(mask[..., None], probs, 0.0).sum(axis=1) / n_real
-        lb_loss = jnp.mean(e * jnp.sum(f_GE * p_GE, axis=-1))
+        n_G = mask.sum(axis=1)
+        lb_loss = jnp.sum(n_G * e * jnp.sum(f_GE * p_GE, axis=-1)) / jnp.maximum(n_G.sum(), 1)
         z_loss, entropy, top1 = _token_stats(logits, probs, mask)
 
         if self.dropless:
@@ -395,7 +403,7 @@ class TopKRouter:
         token_index, weight, valid = jax.vmap(fill)(expert_GSK, slot, weight_GSK, kept_GSK)
         kept_GE = valid.sum(axis=-1).astype(jnp.float32)
         n_assign = mask.sum(axis=1) * k
-        dropped = jnp.mean((n_assign - kept_GE.sum(axis=-1)) / jnp.maximum(n_assign, 1))
+        dropped = (n_assign.sum() - kept_GE.sum()) / jnp.maximum(n_assign.sum(), 1)
         metrics = RouterMetrics(lb_loss, z_loss, _expert_load(kept_GE), dropped, entropy, top1)
         return SlotDecision(token_index, weight, valid, metrics, s)
 

@@ -2,7 +2,9 @@
 
 The reference below was written from the written routing formulas only (expert
 choice, top-K token choice, capacity rounding, priority order, metrics), not from
-the implementation, and the JAX routers are compared against it.
+the implementation, and the JAX routers are compared against it. Metrics are over real
+tokens only: token means, pooled counts, and the per-group load-balancing loss weighted by
+each group's real-token count (see ``routing.RouterMetrics``).
 """
 
 import functools
@@ -34,8 +36,8 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def _group_metrics(logits, probs, m, lb, counts, dropped):
-    """Metrics of one group over its real tokens ``m``; None for an empty group."""
+def _group_metrics(logits, probs, m, lb, counts, dropped, n_assign):
+    """Sums of one group's real tokens ``m``, pooled by ``_pool``; None for an empty group."""
     if not m.any():
         return None
     x, p = logits[m].astype(np.float64), probs[m].astype(np.float64)
@@ -43,18 +45,26 @@ def _group_metrics(logits, probs, m, lb, counts, dropped):
     lse = mx + np.log(np.exp(x - mx[:, None]).sum(-1))
     plogp = p * np.log(np.where(p > 0, p, 1.0))
     return {
-        "load_balancing_loss": lb,
-        "z_loss": np.mean(lse**2),
-        "expert_load": counts / counts.sum(),
-        "dropped_fraction": dropped,
-        "entropy": np.mean(-plogp.sum(-1)),
-        "top1_prob": np.mean(p.max(-1)),
+        "n": m.sum(),
+        "load_balancing_loss": lb * m.sum(),  # weighted by the group's real tokens
+        "z_loss": np.sum(lse**2),
+        "expert_load": counts.astype(np.float64),
+        "dropped": dropped,
+        "n_assign": n_assign,
+        "entropy": np.sum(-plogp.sum(-1)),
+        "top1_prob": np.sum(p.max(-1)),
     }
 
 
-def _mean_over_groups(per_group):
+def _pool(per_group):
+    """Metrics over real tokens: token means, pooled counts, token-weighted per-group loss."""
     per_group = [d for d in per_group if d is not None]
-    return {k: np.mean([d[k] for d in per_group], axis=0) for k in METRICS}
+    total = {k: np.sum([d[k] for d in per_group], axis=0) for k in per_group[0]}
+    out = {k: total[k] / total["n"] for k in ("load_balancing_loss", "z_loss", "entropy")}
+    out["top1_prob"] = total["top1_prob"] / total["n"]
+    out["expert_load"] = total["expert_load"] / total["expert_load"].sum()
+    out["dropped_fraction"] = total["dropped"] / total["n_assign"]
+    return out
 
 
 def ref_expert_choice(logits, mask, c, multiple, normalize):
@@ -70,12 +80,14 @@ def ref_expert_choice(logits, mask, c, multiple, normalize):
                 if mask[g, s]:
                     dense[g, s, e] = probs[g, s, e]
         counts = (dense[g] > 0).sum(0)
-        unreached = np.mean(~(dense[g] > 0).any(-1)[mask[g]]) if mask[g].any() else 0
-        per_group.append(_group_metrics(logits[g], probs[g], mask[g], 0.0, counts, unreached))
+        unreached = np.sum(~(dense[g] > 0).any(-1)[mask[g]])
+        per_group.append(
+            _group_metrics(logits[g], probs[g], mask[g], 0.0, counts, unreached, mask[g].sum())
+        )
     if normalize:
         denom = dense.sum(-1, keepdims=True)
         dense = np.divide(dense, denom, out=np.zeros_like(dense), where=denom > 0)
-    return dense, _mean_over_groups(per_group), cap
+    return dense, _pool(per_group), cap
 
 
 def ref_topk(logits, mask, k, c, multiple, ordering, renormalize, bpr):
@@ -113,9 +125,9 @@ def ref_topk(logits, mask, k, c, multiple, ordering, renormalize, bpr):
         f = np.zeros(E)
         np.add.at(f, choice[real].ravel(), 1.0 / n)
         lb = E * np.sum(f * probs[g, real].astype(np.float64).mean(0)) if len(real) else 0
-        metrics = _group_metrics(logits[g], probs[g], mask[g], lb, counts, dropped / (n * k))
+        metrics = _group_metrics(logits[g], probs[g], mask[g], lb, counts, dropped, n * k)
         per_group.append(metrics)
-    return dense, _mean_over_groups(per_group), cap
+    return dense, _pool(per_group), cap
 
 
 # ---------------------------------------------------------------- harness
@@ -258,12 +270,15 @@ def test_topk_metrics(o, rn, k, c, mult, bpr, masked):
 @pytest.mark.parametrize("kind", ["ec", TS, SM])
 def test_fully_padded_group_gets_zero_weight(kind):
     if kind == "ec":
-        r, mask, (dense, _), (ref_dense, _, cap) = run_ec(False, 1.0, 1, 0, True, seed=5)
+        r, mask, (dense, ours), (ref_dense, ref, cap) = run_ec(False, 1.0, 1, 0, True, seed=5)
     else:
-        r, mask, (dense, _), (ref_dense, _, cap) = run_topk(kind, 0, 2, 1.0, 1, 1, 0, True, 7)
+        r, mask, (dense, ours), (ref_dense, ref, cap) = run_topk(kind, 0, 2, 1.0, 1, 1, 0, True, 7)
     assert not mask[-1].any()
     assert np.all(dense[-1] == 0)
     _check_dense(r, mask, dense, ref_dense, cap)
+    # An all-padding group neither dilutes the losses nor the load fractions.
+    _check_metrics(ours, ref)
+    np.testing.assert_allclose(np.sum(ours["expert_load"]), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("o", [SM, TS])
