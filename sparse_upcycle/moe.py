@@ -181,9 +181,10 @@ def combine_slots(y_GECd: jax.Array, decision: routing.SlotDecision) -> jax.Arra
     """Weighted scatter-add of slot outputs back to token positions: [G, E, C, d] -> [G, S, d].
 
     Sums in float32 (a token may collect up to E expert outputs) and returns y's dtype."""
+    # Empty slots have weight 0 and hold a zeroed padding token or a real (finite) one, so a
+    # plain product is safe.
     weight = jnp.where(decision.slot_valid, decision.combine_weight, 0.0)
-    y = jnp.where(decision.slot_valid[..., None], y_GECd.astype(jnp.float32), 0.0)
-    y = y * weight[..., None]
+    y = y_GECd.astype(jnp.float32) * weight[..., None]
     g, e, c, d = y.shape
 
     def one_group(y_ECd, tok_EC):
