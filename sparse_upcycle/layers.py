@@ -43,10 +43,16 @@ def logical_param(
 
 
 class Kernel(nnx.Module):
-    """A bare weight at ``<name>/kernel``: the path T5X and big_vision use for dense layers."""
+    """A weight at ``<name>/kernel`` (the path T5X and big_vision use for dense layers), with a
+    zero-initialised ``<name>/bias`` when ``bias_axes`` are given."""
 
-    def __init__(self, init, shape, axes, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, init, shape, axes, *, rngs: nnx.Rngs, dtype=jnp.float32, bias_axes=None):
         self.kernel = logical_param(init, rngs.params(), shape, axes, dtype)
+        if bias_axes is not None:
+            bias_shape = [shape[i] for i, a in enumerate(axes) if a in bias_axes]
+            self.bias = logical_param(
+                nnx.initializers.zeros, rngs.params(), bias_shape, bias_axes, dtype
+            )
 
 
 def fan_in_init(in_axis: int = -2, out_axis: int = -1, batch_axis: Sequence[int] = ()):

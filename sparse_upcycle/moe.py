@@ -44,10 +44,19 @@ def resolve_grouped_matmul(impl: str) -> str:
     return impl
 
 
+# Parameter names of each ecosystem's MLP: (gated input names, plain input name, output name).
+EXPERT_NAMING = {
+    "t5x": (("wi_0", "wi_1"), "wi", "wo"),
+    "big_vision": (None, "Dense_0", "Dense_1"),
+}
+
+
 class ExpertMlp(nnx.Module):
-    """E stacked T5X-style MLPs. ``activations`` has one name (non-gated: ``wi``) or two (gated:
-    ``act_0(x·wi_0) * act_1(x·wi_1)``, e.g. ("gelu", "linear") for T5 v1.1, ("silu", "linear")
-    for SwiGLU)."""
+    """E stacked MLPs. ``activations`` has one name (plain: ``act(x·wi)·wo``) or two (gated:
+    ``act_0(x·wi_0) * act_1(x·wi_1) · wo``, e.g. ("gelu", "linear") for T5 v1.1, ("silu",
+    "linear") for SwiGLU). ``naming`` picks the parameter names of the dense MLP being
+    mirrored: "t5x" (wi_0/wi_1/wi/wo) or "big_vision" (Dense_0/Dense_1, plain MLPs only).
+    ``use_bias`` adds per-expert biases [E, f] and [E, d] (ViT)."""
 
     def __init__(
         self,
@@ -56,60 +65,92 @@ class ExpertMlp(nnx.Module):
         mlp_dim,
         activations=("gelu", "linear"),
         *,
+        naming: str = "t5x",
+        use_bias: bool = False,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
     ):
         if len(activations) not in (1, 2):
             raise ValueError(f"activations must have 1 (plain) or 2 (gated) names: {activations}")
+        if naming not in EXPERT_NAMING:
+            raise ValueError(f"naming must be one of {sorted(EXPERT_NAMING)}, got {naming!r}")
         self.activations = tuple(activations)
         for name in self.activations:
             activation(name)  # fail early on an unknown name
+        gated_names, plain_name, out_name = EXPERT_NAMING[naming]
+        if self.gated and gated_names is None:
+            raise ValueError(f"{naming} naming has no gated MLP; use one activation")
+        self.input_names = gated_names if self.gated else (plain_name,)
+        self.output_name = out_name
         init = fan_in_init(batch_axis=(0,))
-        shape_in, axes_in = (num_experts, emb_dim, mlp_dim), ("expert", "embed", "mlp")
-        if self.gated:
-            self.wi_0 = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
-            self.wi_1 = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
-        else:
-            self.wi = Kernel(init, shape_in, axes_in, rngs=rngs, dtype=param_dtype)
-        self.wo = Kernel(
-            init,
-            (num_experts, mlp_dim, emb_dim),
-            ("expert", "mlp", "embed"),
-            rngs=rngs,
-            dtype=param_dtype,
+        e, d, f = num_experts, emb_dim, mlp_dim
+        for name in self.input_names:
+            setattr(
+                self,
+                name,
+                Kernel(
+                    init,
+                    (e, d, f),
+                    ("expert", "embed", "mlp"),
+                    rngs=rngs,
+                    dtype=param_dtype,
+                    bias_axes=("expert", "mlp") if use_bias else None,
+                ),
+            )
+        setattr(
+            self,
+            out_name,
+            Kernel(
+                init,
+                (e, f, d),
+                ("expert", "mlp", "embed"),
+                rngs=rngs,
+                dtype=param_dtype,
+                bias_axes=("expert", "embed") if use_bias else None,
+            ),
         )
 
     @property
     def gated(self) -> bool:
         return len(self.activations) == 2
 
-    def _input_kernels(self):
-        return (
-            [self.wi_0.kernel[...], self.wi_1.kernel[...]] if self.gated else [self.wi.kernel[...]]
-        )
+    @property
+    def num_experts(self) -> int:
+        return getattr(self, self.output_name).kernel.shape[0]
 
     def _apply(self, x: jax.Array, matmul) -> jax.Array:
-        """``act_0(x·wi_0) * act_1(x·wi_1) · wo``, where ``matmul(a, stacked_kernel)`` does the
-        expert contraction for the caller's layout (and casts the kernel to ``a.dtype``)."""
-        proj = [matmul(x, w) for w in self._input_kernels()]
-        h = activation(self.activations[0])(proj[0])
+        """The MLP, where ``matmul(a, kernel, bias_or_None)`` does the expert contraction (and
+        bias) for the caller's layout, casting parameters to ``a.dtype``."""
+
+        def proj(a, name):
+            layer = getattr(self, name)
+            bias = layer.bias[...] if hasattr(layer, "bias") else None
+            return matmul(a, layer.kernel[...], bias)
+
+        h = activation(self.activations[0])(proj(x, self.input_names[0]))
         if self.gated:
-            h = h * activation(self.activations[1])(proj[1])
-        return matmul(h, self.wo.kernel[...])
+            h = h * activation(self.activations[1])(proj(x, self.input_names[1]))
+        return proj(h, self.output_name)
 
     def __call__(self, x_GECd: jax.Array) -> jax.Array:
         """Expert e applied to every buffer slot ``x[:, e]``: [G, E, C, d] -> [G, E, C, d]."""
-        return self._apply(x_GECd, lambda a, w: jnp.einsum("gecd,edf->gecf", a, w.astype(a.dtype)))
+
+        def matmul(a, w, b):
+            y = jnp.einsum("gecd,edf->gecf", a, w.astype(a.dtype))
+            return y if b is None else y + b[None, :, None, :].astype(a.dtype)
+
+        return self._apply(x_GECd, matmul)
 
     def all_tokens(self, x_GSd: jax.Array) -> jax.Array:
         """Every expert on every token, [G, S, d] -> [G, S, E, d] (dropless reference only)."""
         g, s, d = x_GSd.shape
         x_GSEd = jnp.broadcast_to(x_GSd[:, :, None], (g, s, self.num_experts, d))
-        return self._apply(x_GSEd, lambda a, w: jnp.einsum("gsed,edf->gsef", a, w.astype(a.dtype)))
 
-    @property
-    def num_experts(self) -> int:
-        return self.wo.kernel.shape[0]
+        def matmul(a, w, b):
+            y = jnp.einsum("gsed,edf->gsef", a, w.astype(a.dtype))
+            return y if b is None else y + b[None, None].astype(a.dtype)
+
+        return self._apply(x_GSEd, matmul)
 
     def grouped(
         self, x_Nd: jax.Array, group_sizes_E: jax.Array, impl: str = "ragged_dot", block: int = 128
@@ -126,9 +167,15 @@ class ExpertMlp(nnx.Module):
         computed (on zeros) and thrown away.
         """
         if impl == "ragged_dot":
-            return self._apply(
-                x_Nd, lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes_E)
-            )
+            n = x_Nd.shape[0]
+            row_expert = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(n), side="right")
+            row_expert = jnp.minimum(row_expert, group_sizes_E.shape[0] - 1)
+
+            def ragged(a, w, b):
+                y = jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes_E)
+                return y if b is None else y + b[row_expert].astype(a.dtype)
+
+            return self._apply(x_Nd, ragged)
         if impl != "blocked":
             raise ValueError(f"grouped matmul impl must be ragged_dot or blocked, got {impl!r}")
         n, d = x_Nd.shape
@@ -149,9 +196,13 @@ class ExpertMlp(nnx.Module):
             # No lax.cond to skip unused blocks: under grad it costs more than the blocks.
             x_bd, expert = xs
             expert = jnp.minimum(expert, e - 1)
-            pick = lambda a, w: (
-                a @ jax.lax.dynamic_index_in_dim(w, expert, keepdims=False).astype(a.dtype)
-            )
+
+            def pick(a, w, b):
+                y = a @ jax.lax.dynamic_index_in_dim(w, expert, keepdims=False).astype(a.dtype)
+                if b is None:
+                    return y
+                return y + jax.lax.dynamic_index_in_dim(b, expert, keepdims=False).astype(a.dtype)
+
             return None, self._apply(x_bd, pick)
 
         _, y_blocks = jax.lax.scan(one_block, None, (x_blocks, block_expert))
@@ -242,7 +293,7 @@ class MoeMlp(nnx.Module):
     Args:
       emb_dim, mlp_dim: d and f (f is each expert's hidden width).
       router: an ``ExpertChoiceRouter`` or ``TopKRouter`` (its ``num_experts`` sets E).
-      activations: as ``ExpertMlp``.
+      activations, naming, use_bias: as ``ExpertMlp``.
       group_size: tokens per routing group (see module docstring for ragged counts).
       router_init_std: std of the router kernel's normal init.
       jitter_eps: multiplicative router-input noise in training (needs ``rng``).
@@ -259,6 +310,8 @@ class MoeMlp(nnx.Module):
         router: routing.Router,
         *,
         activations=("gelu", "linear"),
+        naming: str = "t5x",
+        use_bias: bool = False,
         group_size: int = 4096,
         router_init_std: float = 0.02,
         jitter_eps: float = 0.0,
@@ -280,7 +333,14 @@ class MoeMlp(nnx.Module):
         self.dtype = dtype
         self.router = RouterWeights(emb_dim, router.num_experts, router_init_std, rngs=rngs)
         self.expert = ExpertMlp(
-            router.num_experts, emb_dim, mlp_dim, activations, rngs=rngs, param_dtype=param_dtype
+            router.num_experts,
+            emb_dim,
+            mlp_dim,
+            activations,
+            naming=naming,
+            use_bias=use_bias,
+            rngs=rngs,
+            param_dtype=param_dtype,
         )
 
     def groups(self, num_tokens: int) -> tuple[int, int]:

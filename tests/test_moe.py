@@ -1,5 +1,7 @@
 """MoE layer: index dispatch vs the one-hot reference, function preservation, dtypes, sharding."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,3 +239,44 @@ def test_parameter_paths_and_logical_axes():
     router = moe.RouterWeights(256, 32, router_init_std=0.02, rngs=nnx.Rngs(0))
     kernel = np.asarray(router.w.kernel[...])
     assert 0.019 < kernel.std() < 0.021 and abs(kernel.mean()) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["expert_choice_norm", "top2_capacity", "top2_dropless"])
+def test_big_vision_experts_with_bias_match_reference_and_preserve_dense(name):
+    """ViT-style experts (Dense_0/Dense_1 with biases): index paths == one-hot reference, and
+    copies of one dense MLP (biases included) + a weight-preserving router give the dense MLP."""
+    router = ROUTERS[name]
+    kw = dict(activations=("gelu_exact",), naming="big_vision", use_bias=True)
+    x = jax.random.normal(jax.random.key(9), (2, 8, D))
+    impls = ("ragged_dot", "blocked") if router.capacity(8) is None else ("auto",)
+    ref_layer = _layer(router, "onehot", **kw)
+    rng = np.random.default_rng(3)
+    for module in (ref_layer.expert.Dense_0, ref_layer.expert.Dense_1):  # nonzero biases
+        module.bias[...] = jnp.asarray(rng.normal(size=module.bias.shape), jnp.float32)
+    l_ref, (g_ref, _) = _loss_and_grads(ref_layer, x)
+    for impl in impls:
+        layer = _layer(router, "index", grouped_matmul=impl, **kw)
+        nnx.update(layer, nnx.state(ref_layer))
+        loss, (grads, _) = _loss_and_grads(layer, x)
+        np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert set(nnx.to_pure_dict(nnx.state(layer))["expert"]) == {"Dense_0", "Dense_1"}
+
+    preserving = {
+        "expert_choice_norm": routing.ExpertChoiceRouter(E, E, normalize_combine_weights=True),
+        "top2_capacity": routing.TopKRouter(E, k=2, capacity_factor=2.0, renormalize=True),
+        "top2_dropless": routing.TopKRouter(E, k=2, capacity_factor=None, renormalize=True),
+    }[name]
+    layer = _layer(preserving, **kw)
+    w0, b0 = rng.normal(size=(D, F)) / 4, rng.normal(size=F)
+    w1, b1 = rng.normal(size=(F, D)) / 5, rng.normal(size=D)
+    for module, (w, b) in ((layer.expert.Dense_0, (w0, b0)), (layer.expert.Dense_1, (w1, b1))):
+        module.kernel[...] = jnp.asarray(np.broadcast_to(w, (E, *w.shape)), jnp.float32)
+        module.bias[...] = jnp.asarray(np.broadcast_to(b, (E, *b.shape)), jnp.float32)
+    xn = np.asarray(x, np.float64)
+    h = xn @ w0 + b0
+    erf = np.vectorize(math.erf)
+    dense = (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ w1 + b1
+    y, _ = layer(x)
+    np.testing.assert_allclose(y, dense, rtol=1e-4, atol=1e-4)
