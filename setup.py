@@ -21,9 +21,15 @@ setup(
         "tqdm>=4.66,<5",
     ],
     extras_require={
+        # torch==2.13.0 is pinned exactly: it is the CPU build on the development machines (a
+        # looser range would pull a multi-GB CUDA build); HF transformers is the independent
+        # implementation our parity tests compare against.
         "test": [
             "pytest>=8,<10",
             "ruff>=0.15,<0.18",
+            "torch==2.13.0",
+            "transformers>=5.0,<6",
+            "safetensors>=0.4,<1",
         ],
     },
     entry_points={"console_scripts": ["sparse-upcycle=sparse_upcycle.cli:main"]},

@@ -293,6 +293,8 @@ class MoeMlp(nnx.Module):
     Args:
       emb_dim, mlp_dim: d and f (f is each expert's hidden width).
       router: an ``ExpertChoiceRouter`` or ``TopKRouter`` (its ``num_experts`` sets E).
+      eval_router: the same router with the evaluation capacity (default: ``router``); used
+        when the layer is called with ``train=False``.
       activations, naming, use_bias: as ``ExpertMlp``.
       group_size: tokens per routing group (see module docstring for ragged counts).
       router_init_std: std of the router kernel's normal init.
@@ -309,6 +311,7 @@ class MoeMlp(nnx.Module):
         mlp_dim: int,
         router: routing.Router,
         *,
+        eval_router: routing.Router | None = None,
         activations=("gelu", "linear"),
         naming: str = "t5x",
         use_bias: bool = False,
@@ -325,7 +328,10 @@ class MoeMlp(nnx.Module):
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if eval_router is not None and eval_router.num_experts != router.num_experts:
+            raise ValueError("train and eval routers must have the same number of experts")
         self.routing_policy = router
+        self.eval_routing_policy = eval_router or router
         self.group_size = group_size
         self.jitter_eps = jitter_eps
         self.dispatch = dispatch
@@ -348,19 +354,26 @@ class MoeMlp(nnx.Module):
         s = min(self.group_size, num_tokens)
         return math.ceil(num_tokens / s), s
 
-    def route(self, x_GSd, token_mask_GS=None, *, rng=None) -> routing.RoutingDecision:
+    def route(self, x_GSd, token_mask_GS=None, *, rng=None, train=True) -> routing.RoutingDecision:
         logits = routing.router_logits(
             x_GSd, self.router.w.kernel[...], jitter_eps=self.jitter_eps, rng=rng
         )
-        return self.routing_policy.route(logits, token_mask_GS)
+        policy = self.routing_policy if train else self.eval_routing_policy
+        return policy.route(logits, token_mask_GS)
 
     def __call__(
-        self, x: jax.Array, token_mask: jax.Array | None = None, *, rng: jax.Array | None = None
+        self,
+        x: jax.Array,
+        token_mask: jax.Array | None = None,
+        *,
+        rng: jax.Array | None = None,
+        train: bool = True,
     ) -> tuple[jax.Array, routing.RouterMetrics]:
         """x: [..., d] (usually [B, L, d]); token_mask: x.shape[:-1], True = real token.
 
         Returns the layer output (same shape as x, dtype ``self.dtype``) and the router metrics.
-        Pass ``rng`` only in training (router jitter).
+        Pass ``rng`` only in training (router jitter); ``train=False`` routes with
+        ``eval_router`` (the evaluation capacity factor).
         """
         lead, d = x.shape[:-1], x.shape[-1]
         t = math.prod(lead)
@@ -375,7 +388,7 @@ class MoeMlp(nnx.Module):
             mask_T = jnp.pad(mask_T, (0, pad))
         x_GSd = x_Td.reshape(g, s, d)
         # The router sees the input as given (fp32 math), the experts see it in self.dtype.
-        decision = self.route(x_GSd, mask_T.reshape(g, s), rng=rng)
+        decision = self.route(x_GSd, mask_T.reshape(g, s), rng=rng, train=train)
         x_GSd = x_GSd.astype(self.dtype)
         if self.dispatch == "onehot":
             y = _onehot_moe(self.expert, x_GSd, decision)

@@ -1,0 +1,140 @@
+"""The ``moe`` block of a model config: which MLP blocks become MoE layers, and how they route.
+
+Every model config (T5, ViT, decoder) holds one ``MoeConfig`` per stack. ``layers`` says which
+0-indexed blocks are sparse:
+
+* ``"every_other"``: blocks 1, 3, 5, … (half the MLP blocks, as in Komatsuzaki et al. 2023)
+* ``"last_n:N"``: the last N blocks
+* a list/tuple of block indices
+* ``"none"`` (or ``num_experts=0``): a dense model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_upcycle import moe, routing
+
+ROUTER_KINDS = ("expert_choice", "top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    num_experts: int = 0
+    layers: str | tuple[int, ...] = "every_other"
+    router: str = "top_k"  # "expert_choice" | "top_k"
+    k: int = 2  # top-K only
+    capacity_factor: float | None = 1.25  # training; None = dropless (top-K only)
+    eval_capacity_factor: float | None = 2.0  # evaluation / inference
+    capacity_multiple: int = 1
+    group_size: int = 4096
+    ordering: str = "softmax_then_topk"
+    renormalize: bool = False
+    batch_prioritized: bool = False
+    normalize_combine_weights: bool = False  # expert choice only
+    router_init_std: float = 0.02
+    jitter_eps: float = 0.0
+    aux_loss_weight: float = 0.01
+    router_z_loss_weight: float = 0.001
+    dispatch: str = "index"
+    grouped_matmul: str = "auto"
+
+    def __post_init__(self):
+        if self.router not in ROUTER_KINDS:
+            raise ValueError(f"moe.router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The 0-indexed blocks that are MoE layers, for a stack of ``num_layers`` blocks."""
+        spec = self.layers
+        if self.num_experts == 0 or spec == "none":
+            return ()
+        if spec == "every_other":
+            return tuple(range(1, num_layers, 2))
+        if isinstance(spec, str) and spec.startswith("last_n:"):
+            try:
+                n = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(
+                    f"moe.layers {spec!r}: expected last_n:N with an integer N"
+                ) from None
+            if not 0 <= n <= num_layers:
+                raise ValueError(f"moe.layers {spec!r}: N must be in [0, {num_layers}]")
+            return tuple(range(num_layers - n, num_layers))
+        if isinstance(spec, str):
+            raise ValueError(
+                f"moe.layers {spec!r}: expected every_other, last_n:N, none or a list of indices"
+            )
+        layers = tuple(sorted(set(int(i) for i in spec)))
+        if layers and not (0 <= layers[0] and layers[-1] < num_layers):
+            raise ValueError(f"moe.layers {spec}: indices must be in [0, {num_layers})")
+        return layers
+
+    def make_router(self, capacity_factor: float | None, *, causal: bool) -> routing.Router:
+        if self.router == "expert_choice":
+            if capacity_factor is None:
+                raise ValueError("expert choice needs a capacity factor (it has no dropless form)")
+            return routing.ExpertChoiceRouter(
+                self.num_experts,
+                capacity_factor,
+                self.capacity_multiple,
+                self.normalize_combine_weights,
+            )
+        return routing.TopKRouter(
+            self.num_experts,
+            self.k,
+            capacity_factor,
+            self.capacity_multiple,
+            self.ordering,
+            self.renormalize,
+            self.batch_prioritized,
+            causal,
+        )
+
+    def make_layer(
+        self,
+        emb_dim: int,
+        mlp_dim: int,
+        activations: Sequence[str],
+        *,
+        causal: bool,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        naming: str = "t5x",
+        use_bias: bool = False,
+    ) -> moe.MoeMlp:
+        return moe.MoeMlp(
+            emb_dim,
+            mlp_dim,
+            self.make_router(self.capacity_factor, causal=causal),
+            eval_router=self.make_router(self.eval_capacity_factor, causal=causal),
+            activations=activations,
+            naming=naming,
+            use_bias=use_bias,
+            group_size=self.group_size,
+            router_init_std=self.router_init_std,
+            jitter_eps=self.jitter_eps,
+            dispatch=self.dispatch,
+            grouped_matmul=self.grouped_matmul,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+
+def average_metrics(metrics: Sequence[routing.RouterMetrics]) -> dict[str, jax.Array]:
+    """Mean over MoE layers of each scalar (as T5X does) and per-layer ``expert_load``
+    [num_moe_layers, E]; an empty dict for a dense model."""
+    if not metrics:
+        return {}
+    out = {
+        name: jnp.mean(jnp.stack([getattr(m, name) for m in metrics]))
+        for name in ("load_balancing_loss", "z_loss", "dropped_fraction", "entropy", "top1_prob")
+    }
+    out["expert_load"] = jnp.stack([m.expert_load for m in metrics])
+    return out
