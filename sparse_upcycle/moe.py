@@ -84,31 +84,14 @@ class ExpertMlp(nnx.Module):
         self.output_name = out_name
         init = fan_in_init(batch_axis=(0,))
         e, d, f = num_experts, emb_dim, mlp_dim
+
+        def stacked(shape, axes):
+            bias_axes = (axes[0], axes[2]) if use_bias else None
+            return Kernel(init, shape, axes, rngs=rngs, dtype=param_dtype, bias_axes=bias_axes)
+
         for name in self.input_names:
-            setattr(
-                self,
-                name,
-                Kernel(
-                    init,
-                    (e, d, f),
-                    ("expert", "embed", "mlp"),
-                    rngs=rngs,
-                    dtype=param_dtype,
-                    bias_axes=("expert", "mlp") if use_bias else None,
-                ),
-            )
-        setattr(
-            self,
-            out_name,
-            Kernel(
-                init,
-                (e, f, d),
-                ("expert", "mlp", "embed"),
-                rngs=rngs,
-                dtype=param_dtype,
-                bias_axes=("expert", "embed") if use_bias else None,
-            ),
-        )
+            setattr(self, name, stacked((e, d, f), ("expert", "embed", "mlp")))
+        setattr(self, out_name, stacked((e, f, d), ("expert", "mlp", "embed")))
 
     @property
     def gated(self) -> bool:
