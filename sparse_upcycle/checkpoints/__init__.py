@@ -1,0 +1,1 @@
+"""Checkpoint readers and writers: each format <-> a pure nested dict of arrays."""
