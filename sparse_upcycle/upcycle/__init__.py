@@ -1,0 +1,1 @@
+"""Upcycling: dense checkpoints to MoE (methods.py: copy, virtual_group, drop)."""

@@ -1,0 +1,203 @@
+"""Upcycling methods: one dense MLP (numpy arrays) -> E stacked experts, deterministically.
+
+A dense MLP is given as ``{name: array}`` with input kernels [d, f] (``wi_0``/``wi_1``, ``wi``
+or ``Dense_0``), optional input biases [f], an output kernel [f, d] (``wo`` or ``Dense_1``) and
+an optional output bias [d]; ``MlpNames`` says which is which. Every method returns the same
+names with a leading expert axis.
+
+* ``copy_experts`` — Komatsuzaki et al. 2023 (Sparse Upcycling, §3.1): every expert is the
+  dense MLP, optionally plus N(0, noise_std²) noise.
+* ``virtual_group_experts`` — He et al. 2024 ("Upcycling Large Language Models into Mixture of
+  Experts", §3): E = E_x·G fine-grained experts of width f/G. Shard s of the dense hidden
+  units (columns of the input kernels, rows of the output kernel) goes to every expert j with
+  j mod G = s, and the router's columns are repeated G times (``virtual_group_router``), so
+  the G experts of a run score alike and top-K (K % G == 0) picks whole runs, each run summing
+  to the dense MLP. Weight scaling undoes the routing weights' shrinkage at a uniform router.
+  With ``softmax_then_topk`` every expert gets p = 1/E (E = E_x·G), K/G runs are picked and
+  each run sums to the dense MLP, so the output is (K/G)·(1/E)·MLP = K/(E_x·G²)·MLP, hence
+  a = E_x·G²/K; with ``topk_then_softmax`` each of the K picks gets 1/K and the output is
+  (K/G)·(1/K)·MLP = MLP/G, hence a = G. The paper's ``scaling="paper"`` multiplies each of
+  the three gated matrices by a^(1/3) (or both matrices of a plain MLP by a^(1/2)), which is
+  exact only for homogeneous activations; ``scaling="exact"`` puts all of a on the output
+  kernel, exact for any activation.
+* ``drop_upcycle_experts`` — Nakamura et al. 2025 (Drop-Upcycling, §3): per expert, a random
+  set of ⌊r·f⌋ hidden units (one set shared by the input columns and output rows) is
+  re-initialised from N(mean, std) of the original matrix; the rest is copied.
+
+Randomness comes from ``numpy.random.default_rng([seed, layer, expert, purpose])``, so a
+recipe's seed fixes every expert of every layer, independent of processing order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+ORDERINGS = ("softmax_then_topk", "topk_then_softmax")
+SCALINGS = ("paper", "exact", "none")
+DROP_STATS = ("matrix", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpNames:
+    """Which entries of an MLP dict are input kernels, the output kernel, and biases."""
+
+    inputs: tuple[str, ...] = ("wi_0", "wi_1")
+    output: str = "wo"
+    input_biases: tuple[str, ...] = ()
+    output_bias: str | None = None
+
+    def all(self) -> tuple[str, ...]:
+        extra = (self.output_bias,) if self.output_bias else ()
+        return (*self.inputs, *self.input_biases, self.output, *extra)
+
+
+T5X_GATED = MlpNames()
+T5X_PLAIN = MlpNames(inputs=("wi",))
+BIG_VISION = MlpNames(("Dense_0",), "Dense_1", ("Dense_0_bias",), "Dense_1_bias")
+
+
+def _rng(seed: int, layer: int, expert: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([seed, layer, expert, purpose])
+
+
+def _check(mlp: Mapping[str, np.ndarray], names: MlpNames) -> tuple[int, int]:
+    missing = [n for n in names.all() if n not in mlp]
+    if missing:
+        raise ValueError(f"dense MLP lacks {missing}; has {sorted(mlp)}")
+    d, f = np.shape(mlp[names.inputs[0]])
+    for n in names.inputs:
+        if np.shape(mlp[n]) != (d, f):
+            raise ValueError(f"input kernel {n} has shape {np.shape(mlp[n])}, expected {(d, f)}")
+    if np.shape(mlp[names.output]) != (f, d):
+        raise ValueError(
+            f"output kernel {names.output} has shape {np.shape(mlp[names.output])}, "
+            f"expected {(f, d)}"
+        )
+    return d, f
+
+
+def copy_experts(
+    mlp,
+    num_experts: int,
+    names: MlpNames = T5X_GATED,
+    *,
+    noise_std: float = 0.0,
+    seed: int = 0,
+    layer: int = 0,
+) -> dict[str, np.ndarray]:
+    """Every expert a copy of the dense MLP (+ optional Gaussian noise on the kernels)."""
+    _check(mlp, names)
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    out = {}
+    for i, name in enumerate(names.all()):
+        w = np.asarray(mlp[name])
+        stacked = np.repeat(w[None], num_experts, axis=0)
+        if noise_std > 0 and name in (*names.inputs, names.output):
+            noise = _rng(seed, layer, 0, 100 + i).normal(0.0, noise_std, stacked.shape)
+            stacked = (stacked + noise).astype(w.dtype)
+        out[name] = stacked
+    return out
+
+
+def virtual_group_scale(expansion: int, granularity: int, k: int, ordering: str) -> float:
+    """The activation scale a of He et al. 2024 (see module docstring)."""
+    if ordering not in ORDERINGS:
+        raise ValueError(f"ordering must be one of {ORDERINGS}, got {ordering!r}")
+    if ordering == "softmax_then_topk":
+        return expansion * granularity**2 / k
+    return float(granularity)
+
+
+def recipe_name(expansion: int, granularity: int, k: int) -> str:
+    """The paper's notation, e.g. E8G1T2."""
+    return f"E{expansion}G{granularity}T{k}"
+
+
+def virtual_group_experts(
+    mlp,
+    expansion: int,
+    granularity: int,
+    k: int,
+    names: MlpNames = T5X_GATED,
+    *,
+    ordering: str = "softmax_then_topk",
+    scaling: str = "paper",
+) -> dict[str, np.ndarray]:
+    """E_x·G experts of width f/G; expert j holds hidden shard j mod G, scaled by ``scaling``."""
+    d, f = _check(mlp, names)
+    if names.input_biases or names.output_bias:
+        raise ValueError("virtual_group is defined for bias-free (LLM) MLPs")
+    if expansion < 1 or granularity < 1:
+        raise ValueError(f"expansion and granularity must be >= 1, got {expansion}, {granularity}")
+    if k % granularity:
+        raise ValueError(
+            f"virtual groups need top-K with K % G == 0 so that whole groups are "
+            f"picked; got K={k}, G={granularity}"
+        )
+    if f % granularity:
+        raise ValueError(f"the dense hidden width f={f} must be divisible by G={granularity}")
+    if not 1 <= k <= expansion * granularity:
+        raise ValueError(f"K={k} must be in [1, E_x·G={expansion * granularity}]")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    a = virtual_group_scale(expansion, granularity, k, ordering) if scaling != "none" else 1.0
+    n_mats = len(names.inputs) + 1
+    per_matrix = a ** (1.0 / n_mats) if scaling == "paper" else 1.0
+    fs = f // granularity
+    num_experts = expansion * granularity
+    shard = np.arange(num_experts) % granularity
+    out = {}
+    for name in names.inputs:
+        w = np.asarray(mlp[name])
+        shards = w.reshape(d, granularity, fs).transpose(1, 0, 2)  # [G, d, f/G]
+        out[name] = (shards[shard] * per_matrix).astype(w.dtype)
+    wo = np.asarray(mlp[names.output])
+    shards = wo.reshape(granularity, fs, d)
+    out_scale = a if scaling == "exact" else per_matrix
+    out[names.output] = (shards[shard] * out_scale).astype(wo.dtype)
+    return out
+
+
+def virtual_group_router(kernel_dEx: np.ndarray, granularity: int) -> np.ndarray:
+    """Repeat each router column G times: [d, E_x] -> [d, E_x·G], runs of G share a column."""
+    return np.repeat(np.asarray(kernel_dEx), granularity, axis=1)
+
+
+def drop_upcycle_experts(
+    mlp,
+    num_experts: int,
+    ratio: float,
+    names: MlpNames = T5X_GATED,
+    *,
+    seed: int = 0,
+    layer: int = 0,
+    stats: str = "matrix",
+) -> dict[str, np.ndarray]:
+    """Copy, then re-initialise ⌊ratio·f⌋ hidden units per expert (Drop-Upcycling).
+
+    ``stats="matrix"`` draws from N(mean, std) of each original matrix (the paper's choice);
+    ``"none"`` from N(0, std). Biases of dropped units are re-initialised to zero."""
+    _, f = _check(mlp, names)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"drop ratio r must be in [0, 1], got {ratio}")
+    if stats not in DROP_STATS:
+        raise ValueError(f"stats must be one of {DROP_STATS}, got {stats!r}")
+    out = copy_experts(mlp, num_experts, names)
+    n_drop = int(np.floor(ratio * f))
+    for e in range(num_experts):
+        units = np.sort(_rng(seed, layer, e, 0).choice(f, size=n_drop, replace=False))
+        for i, name in enumerate((*names.inputs, names.output)):
+            w = np.asarray(mlp[name], np.float64)
+            mean = w.mean() if stats == "matrix" else 0.0
+            draw = _rng(seed, layer, e, 1 + i)
+            if name == names.output:
+                out[name][e, units, :] = draw.normal(mean, w.std(), (n_drop, w.shape[1]))
+            else:
+                out[name][e, :, units] = draw.normal(mean, w.std(), (n_drop, w.shape[0]))
+        for name in names.input_biases:
+            out[name][e, units] = 0.0
+    return out
