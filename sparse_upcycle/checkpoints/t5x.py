@@ -24,6 +24,7 @@ import tensorstore as ts
 from flax import serialization
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.tree import unflatten
 
 CHECKPOINT_FILE = "checkpoint"
 
@@ -145,17 +146,6 @@ class T5XCheckpoint:
         return self.read(key, self._opt_state)
 
 
-def _unflatten(flat: Mapping[str, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def write_t5x(
     step_dir: str,
     params: Mapping[str, np.ndarray],
@@ -191,7 +181,7 @@ def write_t5x(
             absolute = dict(spec, kvstore={"driver": "file", "path": os.path.join(step_dir, name)})
             ts.open(absolute, create=True, delete_existing=True).result().write(arr).result()
             out[path] = spec
-        return _unflatten(out)
+        return unflatten(out)
 
     state = {
         "optimizer": {
