@@ -1,0 +1,54 @@
+"""big_vision / vit_jax ``.npz`` checkpoints: one array per flattened ``a/b/c`` key.
+
+``np.load`` reads members lazily, so tensors are read one at a time. Keys saved by
+big_vision's ``save_checkpoint`` may carry a ``params/`` prefix; ``NpzCheckpoint`` strips it
+(and refuses object arrays: nothing here unpickles)."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from sparse_upcycle.checkpoints.errors import CheckpointError
+
+
+class NpzCheckpoint:
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such .npz file")
+        try:
+            self._npz = np.load(path, allow_pickle=False)
+            names = list(self._npz.files)
+        except (zipfile.BadZipFile, ValueError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable .npz archive ({e})") from None
+        prefix = "params/" if names and all(n.startswith("params/") for n in names) else ""
+        self._names = {n[len(prefix) :]: n for n in names}
+        self.path = path
+        self.step = None
+
+    def keys(self) -> list[str]:
+        return sorted(self._names)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._names
+
+    def read(self, key: str) -> np.ndarray:
+        try:
+            return np.asarray(self._npz[self._names[key]])
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
+        except ValueError as e:  # e.g. an object array, which would need pickle
+            raise CheckpointError(f"{self.path}: cannot read {key!r} ({e})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.read(key).shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.read(key).dtype
+
+
+def write_npz(path: str, params: dict[str, np.ndarray]) -> None:
+    """Write flat ``a/b/c`` keys as big_vision does (uncompressed ``np.savez``)."""
+    np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
