@@ -1,0 +1,480 @@
+"""Llama-style decoder-only language model, dense or with sparse MoE MLP blocks (Flax NNX).
+
+Architecture (Touvron et al. 2023, "Llama 2", §2.2; Grattafiori et al. 2024, "The Llama 3 Herd
+of Models", §3.1.1): pre-norm residual blocks ``h = x + Attn(RMSNorm(x))``,
+``y = h + MLP(RMSNorm(h))``, RMSNorm (Zhang & Sennrich 2019), rotary positions (Su et al. 2021)
+in HF's half-split layout (``layers.apply_rope``), grouped-query attention (Ainslie et al.
+2023) scaled by ``head_dim**-0.5``, SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (Shazeer 2020),
+a final RMSNorm and logits from ``logits_dense`` or, when ``tie_word_embeddings``, from the
+token embedding. No biases anywhere. MoE blocks (``config.moe``) replace the MLP with
+``MoeConfig.make_layer(..., causal=True)``; the default routing is Mixtral's (Jiang et al. 2024,
+§2.1): top-2 token choice, softmax over the two chosen logits, dropless.
+
+Parameter paths (pure dict), one-to-one with HF ``LlamaForCausalLM`` / ``MixtralForCausalLM``
+(``checkpoints/hf_llama.py`` has the transposes):
+
+======================================  =========  ===================================
+ours (``L`` = ``layers_{i}``)           shape      HF (``M`` = ``model.layers.{i}``)
+======================================  =========  ===================================
+``token_embedder/embedding``            [V, d]     ``model.embed_tokens.weight``
+``L/pre_attention_norm/scale``          [d]        ``M.input_layernorm.weight``
+``L/attention/query/kernel``            [d, H·Dh]  ``M.self_attn.q_proj.weight``
+``L/attention/{key,value}/kernel``      [d, K·Dh]  ``M.self_attn.{k,v}_proj.weight``
+``L/attention/out/kernel``              [H·Dh, d]  ``M.self_attn.o_proj.weight``
+``L/pre_mlp_norm/scale``                [d]        ``M.post_attention_layernorm.weight``
+``L/mlp/{wi_0,wi_1}/kernel``            [d, f]     ``M.mlp.{gate,up}_proj.weight``
+``L/mlp/wo/kernel``                     [f, d]     ``M.mlp.down_proj.weight``
+``L/mlp/router/w/kernel`` (MoE)         [d, E]     ``M.mlp.gate.weight``
+``L/mlp/expert/{wi_0,wi_1}/kernel``     [E, d, f]  ``M.mlp.experts.gate_up_proj``
+``L/mlp/expert/wo/kernel``              [E, f, d]  ``M.mlp.experts.down_proj``
+``final_norm/scale``                    [d]        ``model.norm.weight``
+``logits_dense/kernel`` (untied only)   [d, V]     ``lm_head.weight``
+======================================  =========  ===================================
+
+Parameters are float32; ``config.dtype`` is the activation dtype. Attention softmax, norms,
+RoPE and the router compute in float32 whatever it is; logits come back as float32.
+
+Decoding: ``init_cache`` makes a ``DecodeCache``, ``extend`` runs a chunk of one or more tokens
+against it (prefill, then one token at a time) and ``generate`` does greedy or temperature
+sampling. With dropless routing the cached path computes the same function as the full
+forward. With capacity-limited top-K it does not (a token's slot depends on which tokens share
+its routing group, and a one-token step is a different group), so use dropless for inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from sparse_upcycle import routing
+from sparse_upcycle.layers import Attention, Dense, Embed, RMSNorm, activation
+from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
+
+SWIGLU = ("silu", "linear")
+
+# Decoder MoE default: Mixtral / Llama-3-MoE routing (top-2, softmax over the chosen two so
+# the weights sum to 1, dropless). num_experts=0 keeps the model dense until asked otherwise.
+DEFAULT_MOE = MoeConfig(
+    num_experts=0,
+    router="top_k",
+    k=2,
+    ordering="topk_then_softmax",
+    capacity_factor=None,
+    eval_capacity_factor=None,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Model dimensions with HF ``LlamaConfig`` field names (defaults are HF's: Llama-7B).
+
+    ``num_key_value_heads`` defaults to ``num_attention_heads`` (plain multi-head attention),
+    ``head_dim`` to ``hidden_size // num_attention_heads``. ``dtype`` is the activation dtype
+    ("float32", "bfloat16"); parameters are always float32. ``initializer_range`` is the std
+    of the embedding init (other kernels use T5X's fan-in init, as the experts do). ``moe``
+    may be given as a dict of ``MoeConfig`` fields, merged over ``DEFAULT_MOE``.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    moe: MoeConfig = DEFAULT_MOE
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", dataclasses.replace(DEFAULT_MOE, **self.moe))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_hidden_layers < 0:
+            raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.moe.sparse_layers(self.num_hidden_layers) and self.moe.router != "top_k":
+            # Expert choice lets each expert pick tokens from the whole group, so a token's
+            # output would depend on later tokens: not a causal language model.
+            raise ValueError(
+                f"moe.router={self.moe.router!r} is not causal; a decoder needs moe.router='top_k'"
+            )
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return self.moe.sparse_layers(self.num_hidden_layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Named sizes.
+# --------------------------------------------------------------------------------------------
+
+_TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=128,
+)
+# Llama 3.2 1B (meta-llama/Llama-3.2-1B config.json): 1,235,814,400 parameters. Its "llama3"
+# RoPE frequency scaling (for contexts beyond 8k) is not implemented: plain RoPE here.
+_LLAMA3_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    dtype="bfloat16",
+)
+# Llama 2 7B (meta-llama/Llama-2-7b-hf config.json): 6,738,415,616 parameters.
+_LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
+    dtype="bfloat16",
+)
+_MOE_8X_TOP2 = dict(num_experts=8, layers="every_other")
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": _TINY,
+    "llama-moe-8x-top2-tiny": {**_TINY, "moe": _MOE_8X_TOP2},
+    "llama3-1b": _LLAMA3_1B,
+    "llama3-1b-moe-8x-top2": {**_LLAMA3_1B, "moe": _MOE_8X_TOP2},
+    "llama2-7b": _LLAMA2_7B,
+}
+
+
+def config(name: str, **overrides: Any) -> DecoderConfig:
+    """A named size (``NAMED_CONFIGS``) with field overrides; ``moe=`` may be a dict of
+    ``MoeConfig`` fields, merged over the named config's MoE settings, or a ``MoeConfig``."""
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown decoder config {name!r}; known: {sorted(NAMED_CONFIGS)}")
+    fields = {f.name for f in dataclasses.fields(DecoderConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown DecoderConfig fields {unknown}; known: {sorted(fields)}")
+    kw = dict(NAMED_CONFIGS[name])
+    moe = overrides.pop("moe", None)
+    if isinstance(moe, MoeConfig):
+        kw["moe"] = moe
+    elif moe is not None:
+        kw["moe"] = {**kw.get("moe", {}), **moe}
+    kw.update(overrides)
+    return DecoderConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules.
+# --------------------------------------------------------------------------------------------
+
+
+class GatedMlp(nnx.Module):
+    """Dense gated MLP ``wo(act_0(wi_0 x) * act_1(wi_1 x))`` with T5X names; SwiGLU for
+    activations ("silu", "linear") (wi_0 = HF gate_proj, wi_1 = up_proj, wo = down_proj)."""
+
+    def __init__(self, emb_dim: int, mlp_dim: int, activations=SWIGLU, *, rngs: nnx.Rngs):
+        self.activations = tuple(activations)
+        self.wi_0 = Dense(emb_dim, mlp_dim, ("embed", "mlp"), rngs=rngs)
+        self.wi_1 = Dense(emb_dim, mlp_dim, ("embed", "mlp"), rngs=rngs)
+        self.wo = Dense(mlp_dim, emb_dim, ("mlp", "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act_0, act_1 = (activation(a) for a in self.activations)
+        return self.wo(act_0(self.wi_0(x)) * act_1(self.wi_1(x)))
+
+
+class DecoderBlock(nnx.Module):
+    """One pre-norm block: attention, then a dense or MoE MLP, each with a residual."""
+
+    def __init__(self, config: DecoderConfig, sparse: bool, *, rngs: nnx.Rngs):
+        c = config
+        self.rope_theta = c.rope_theta
+        self.sparse = sparse
+        self.pre_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs)
+        self.attention = Attention(
+            c.hidden_size,
+            c.num_attention_heads,
+            c.head_dim,
+            num_kv_heads=c.num_key_value_heads,
+            scale=c.head_dim**-0.5,
+            rngs=rngs,
+        )
+        self.pre_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs)
+        if sparse:
+            self.mlp = c.moe.make_layer(
+                c.hidden_size,
+                c.intermediate_size,
+                SWIGLU,
+                causal=True,
+                rngs=rngs,
+                dtype=jnp.dtype(c.dtype),
+            )
+        else:
+            self.mlp = GatedMlp(c.hidden_size, c.intermediate_size, SWIGLU, rngs=rngs)
+
+    def __call__(self, x, *, positions, mask, token_mask, train, rng, cache, cache_index):
+        h = self.pre_attention_norm(x)
+        h, cache = self.attention(
+            h,
+            h,
+            mask=mask,
+            rope_theta=self.rope_theta,
+            q_positions=positions,
+            kv_positions=positions,
+            cache=cache,
+            cache_index=cache_index,
+        )
+        x = x + h
+        h = self.pre_mlp_norm(x)
+        metrics = None
+        if self.sparse:
+            h, metrics = self.mlp(h, token_mask, rng=rng, train=train)
+        else:
+            h = self.mlp(h)
+        return x + h.astype(x.dtype), cache, metrics
+
+
+@struct.dataclass
+class DecodeCache:
+    """Per-layer keys/values [B, T, K, Dh] (after RoPE), which cache slots hold real tokens
+    (``key_mask`` [B, T]) and how many slots are filled (``index``, int32 scalar)."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    key_mask: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.shape[1]
+
+
+class Decoder(nnx.Module):
+    """Llama-style causal LM. See the module docstring for the parameter paths."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        self.token_embedder = Embed(
+            c.vocab_size,
+            c.hidden_size,
+            init=nnx.initializers.normal(stddev=c.initializer_range),
+            rngs=rngs,
+        )
+        sparse = set(c.sparse_layers)
+        for i in range(c.num_hidden_layers):
+            setattr(self, f"layers_{i}", DecoderBlock(c, i in sparse, rngs=rngs))
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs)
+        if not c.tie_word_embeddings:
+            self.logits_dense = Dense(c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+        train: bool = False,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits for every position.
+
+        Args:
+          tokens: int [B, L].
+          positions: int [B, L] RoPE positions (default ``arange(L)``, as HF's forward).
+          token_mask: bool [B, L], False for padding: padding keys are never attended to and
+            padding tokens are never routed or counted in router metrics.
+          train: route with the training capacity (else the evaluation one).
+          rng: router jitter noise key (training only; folded in per layer).
+
+        Returns:
+          float32 logits [B, L, V] and ``average_metrics`` of the MoE layers ({} if dense).
+        """
+        _, length = tokens.shape
+        causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+        mask = causal[None, None]
+        if token_mask is not None:
+            mask = mask & token_mask.astype(bool)[:, None, None, :]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+        logits, metrics, _ = self._run(tokens, positions, mask, token_mask, train, rng, None)
+        return logits, average_metrics(metrics)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> DecodeCache:
+        """An empty cache for ``max_len`` positions, in the activation dtype by default."""
+        c = self.config
+        shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
+        dtype = jnp.dtype(dtype or c.dtype)
+        layers = c.num_hidden_layers
+        return DecodeCache(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+            key_mask=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def extend(
+        self,
+        tokens: jax.Array,
+        cache: DecodeCache,
+        *,
+        positions: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, DecodeCache]:
+        """Runs a chunk ``tokens`` [B, L] (a prompt, or one token) after the ``cache.index``
+        tokens already cached (evaluation routing). Returns float32 logits [B, L, V] and the
+        cache with the chunk appended. ``positions`` default to the cache slots
+        ``index + arange(L)``; pass them for left-padded prompts. The caller keeps
+        ``index + L <= cache.max_len`` (``dynamic_update_slice`` would clamp silently)."""
+        _, length = tokens.shape
+        if length > cache.max_len:
+            raise ValueError(f"chunk of {length} tokens does not fit a cache of {cache.max_len}")
+        index = cache.index
+        new_mask = jnp.ones(tokens.shape, bool) if token_mask is None else token_mask.astype(bool)
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, new_mask, index, 1)
+        q_slot = index + jnp.arange(length)
+        causal = jnp.arange(cache.max_len)[None, :] <= q_slot[:, None]  # [L, T]
+        mask = causal[None, None] & key_mask[:, None, None, :]
+        if positions is None:
+            positions = jnp.broadcast_to(q_slot, tokens.shape)
+        logits, _, kv = self._run(tokens, positions, mask, token_mask, False, None, cache)
+        keys, values = zip(*kv, strict=True) if kv else ((), ())
+        return logits, DecodeCache(tuple(keys), tuple(values), key_mask, index + length)
+
+    def _run(self, tokens, positions, mask, token_mask, train, rng, cache):
+        c = self.config
+        x = self.token_embedder(tokens, jnp.dtype(c.dtype))
+        metrics: list[routing.RouterMetrics] = []
+        new_kv = []
+        for i in range(c.num_hidden_layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache, m = getattr(self, f"layers_{i}")(
+                x,
+                positions=positions,
+                mask=mask,
+                token_mask=token_mask,
+                train=train,
+                rng=None if rng is None else jax.random.fold_in(rng, i),
+                cache=layer_cache,
+                cache_index=None if cache is None else cache.index,
+            )
+            new_kv.append(layer_cache)
+            if m is not None:
+                metrics.append(m)
+        x = self.final_norm(x)
+        if c.tie_word_embeddings:
+            logits = self.token_embedder.attend(x)
+        else:
+            logits = self.logits_dense(x)
+        return logits.astype(jnp.float32), metrics, new_kv
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_tokens: jax.Array,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        rng: jax.Array | None = None,
+        *,
+        prompt_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Appends ``max_new_tokens`` tokens to each prompt: int [B, P + max_new_tokens].
+
+        ``temperature=0`` is greedy (argmax); otherwise tokens are sampled from
+        ``softmax(logits / temperature)`` with ``rng``. Prompts of different lengths are
+        left-padded, with ``prompt_mask`` [B, P] False on the padding (RoPE positions then
+        count real tokens only, as HF ``generate`` does). No stop token: every row gets
+        exactly ``max_new_tokens``.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if temperature > 0 and rng is None:
+            raise ValueError("sampling with temperature > 0 needs rng=jax.random.key(...)")
+        if prompt_mask is None:
+            prompt_mask = jnp.ones(prompt_tokens.shape, bool)
+        graphdef, state = nnx.split(self)
+        return _generate(
+            graphdef,
+            state,
+            jnp.asarray(prompt_tokens),
+            jnp.asarray(prompt_mask, bool),
+            jax.random.key(0) if rng is None else rng,
+            jnp.float32(max(temperature, 1e-30)),
+            max_new_tokens=max_new_tokens,
+            sample=temperature > 0,
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample"))
+def _generate(graphdef, state, prompt, prompt_mask, rng, temperature, *, max_new_tokens, sample):
+    model: Decoder = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt.shape
+
+    def pick(logits_BV, key):
+        if not sample:
+            return jnp.argmax(logits_BV, axis=-1).astype(prompt.dtype)
+        return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(prompt.dtype)
+
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    logits, cache = model.extend(prompt, cache, positions=positions, token_mask=prompt_mask)
+    keys = jax.random.split(rng, max_new_tokens)
+    first = pick(logits[:, -1], keys[0])
+
+    def step(carry, key):
+        cache, token, position = carry
+        logits, cache = model.extend(token[:, None], cache, positions=position[:, None])
+        return (cache, pick(logits[:, 0], key), position + 1), token
+
+    carry = (cache, first, prompt_mask.sum(axis=1).astype(jnp.int32))
+    (_, last, _), tokens = jax.lax.scan(step, carry, keys[1:])
+    new = jnp.concatenate([tokens.T, last[:, None]], axis=1)
+    return jnp.concatenate([prompt, new], axis=1)
+
+
+def abstract_params(config: DecoderConfig) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (nothing is allocated)."""
+    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
