@@ -1,0 +1,135 @@
+"""Hugging Face checkpoints: ``config.json`` + safetensors (single file or sharded with
+``model.safetensors.index.json``), for T5, ViT and Llama-family models.
+
+Tensors are opened lazily with ``safetensors.safe_open`` and renamed into our parameter paths
+by the per-model maps (``hf_t5``, ``hf_vit``, ``hf_llama``), whose docstrings hold the
+name/transpose tables. ``pytorch_model.bin`` is refused: loading it means unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+from safetensors import safe_open
+
+from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.tree import flatten
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MODEL_TYPES = {"t5": "t5", "vit": "vit", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
+
+
+def is_hf(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+class LazySafetensors(Mapping):
+    """``{hf_name: array}`` over one or more safetensors files, read on access."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, INDEX)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            self._files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        elif os.path.isfile(os.path.join(directory, SINGLE)):
+            file = os.path.join(directory, SINGLE)
+            try:
+                with safe_open(file, framework="numpy") as f:
+                    self._files = {name: file for name in f.keys()}
+            except Exception as e:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        elif any(n.endswith(".bin") for n in os.listdir(directory)):
+            raise CheckpointError(
+                f"{directory}: only pytorch_model.bin found. Loading it means unpickling, which "
+                "this tool never does; convert it to safetensors first (transformers: "
+                "model.save_pretrained(dir, safe_serialization=True))"
+            )
+        else:
+            raise CheckpointError(f"{directory}: no {SINGLE} or {INDEX}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file = self._files[name]
+        try:
+            with safe_open(file, framework="numpy") as f:
+                return f.get_tensor(name)
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{file}: missing safetensors shard (listed in the index)"
+            ) from None
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read {name!r} ({e})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _maps(model_type: str):
+    if model_type == "t5":
+        from sparse_upcycle.checkpoints import hf_t5 as m
+    elif model_type == "vit":
+        from sparse_upcycle.checkpoints import hf_vit as m
+    else:
+        from sparse_upcycle.checkpoints import hf_llama as m
+    return m
+
+
+class HFCheckpoint:
+    """A Hugging Face model directory, read into our paths; ``config`` is our model config."""
+
+    def __init__(self, path: str):
+        if not is_hf(path):
+            raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+        self.path = os.path.abspath(path)
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                self.hf_config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}/config.json: unreadable ({e})") from None
+        hf_type = self.hf_config.get("model_type")
+        if hf_type not in MODEL_TYPES:
+            raise CheckpointError(
+                f"{path}: model_type {hf_type!r} is not supported; supported: {sorted(MODEL_TYPES)}"
+            )
+        self.model_family = MODEL_TYPES[hf_type]
+        maps = _maps(self.model_family)
+        tensors = LazySafetensors(path)  # refuses .bin-only and broken directories first
+        try:
+            self.config = maps.config_from_hf(self.hf_config)
+            params = maps.from_hf(tensors, self.config)
+        except CheckpointError:
+            raise
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing {e} (in config.json or the tensors)") from None
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        self._flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+        self.step = None
+
+    def keys(self) -> list[str]:
+        return sorted(self._flat)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._flat
+
+    def read(self, key: str) -> np.ndarray:
+        try:
+            return self._flat[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.read(key).shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.read(key).dtype
