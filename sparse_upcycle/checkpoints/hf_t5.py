@@ -1,0 +1,191 @@
+"""HF ``transformers`` T5 (``T5ForConditionalGeneration`` state dict) <-> T5X parameter paths.
+
+Pure numpy: a state dict is ``{name: np.ndarray}`` (e.g. from safetensors' ``load_file`` with
+``framework="np"``); parameters are the nested pure dict of ``models/t5.py``. Dense models only
+(HF T5 has no MoE layers; upcycling turns the dense tree into an MoE one).
+
+Name table. ``{s}`` = encoder|decoder, ``i`` = block index, ``E.i`` = ``encoder.block.i.layer``,
+``D.i`` = ``decoder.block.i.layer``, ``e_i`` = ``encoder/layers_i``, ``d_i`` =
+``decoder/layers_i``, ``{qkvo}`` -> ``{query,key,value,out}``. Torch ``nn.Linear`` weights are
+[out, in] and T5X kernels [in, out]: T = transposed, = = as is::
+
+  op  HF name                                        T5X path
+  =   shared.weight [V, d]                           token_embedder/embedding [V, d]
+  =   {s}.embed_tokens.weight [V, d]                 (must equal shared.weight)
+  T   {s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets, H]
+                                                     {s}/relpos_bias/rel_embedding [H, buckets]
+  =   E.i.0.layer_norm.weight                        e_i/pre_attention_layer_norm/scale
+  T   E.i.0.SelfAttention.{qkvo}.weight              e_i/attention/{qkvo}/kernel
+  =   E.i.1.layer_norm.weight                        e_i/pre_mlp_layer_norm/scale
+  T   E.i.1.DenseReluDense.{wi_0,wi_1,wo}.weight     e_i/mlp/{wi_0,wi_1,wo}/kernel
+  =   encoder.final_layer_norm.weight                encoder/encoder_norm/scale
+  =   D.i.0.layer_norm.weight                        d_i/pre_self_attention_layer_norm/scale
+  T   D.i.0.SelfAttention.{qkvo}.weight              d_i/self_attention/{qkvo}/kernel
+  =   D.i.1.layer_norm.weight                        d_i/pre_cross_attention_layer_norm/scale
+  T   D.i.1.EncDecAttention.{qkvo}.weight            d_i/encoder_decoder_attention/{qkvo}/kernel
+  =   D.i.2.layer_norm.weight                        d_i/pre_mlp_layer_norm/scale
+  T   D.i.2.DenseReluDense.{wi_0,wi_1,wo}.weight     d_i/mlp/{wi_0,wi_1,wo}/kernel
+  =   decoder.final_layer_norm.weight                decoder/decoder_norm/scale
+  T   lm_head.weight [V, d]                          decoder/logits_dense/kernel [d, V]
+      (tied, logits_via_embedding: lm_head.weight = shared.weight, no logits_dense)
+
+A non-gated ``feed_forward_proj`` ("relu") has ``DenseReluDense.wi`` <-> ``mlp/wi``.
+
+Only block 0 of each stack holds the relative attention bias (HF passes it up the stack, T5X
+shares one table per stack). HF's q/k/v/o are T5X's flattened DenseGeneral kernels transposed;
+neither scales q·k by 1/sqrt(d_kv) (T5 folds it into the query weights), so no rescaling.
+
+transformers 5.x: ``T5Config`` turns a ``tie_word_embeddings`` kwarg into
+``scale_decoder_outputs`` and forces ``tie_word_embeddings=True``; an untied v1.1 model needs
+``cfg.tie_word_embeddings = False`` set after construction, which also unties
+``encoder.embed_tokens``/``decoder.embed_tokens`` from ``shared``. ``to_hf`` therefore writes the
+embedding under all three names (and lm_head), and ``from_hf`` refuses input embeddings that
+differ from ``shared`` (T5X has one table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sparse_upcycle.models.t5 import T5Config
+
+_ATTN = {"q": "query", "k": "key", "v": "value", "o": "out"}
+
+# feed_forward_proj activation -> our activation name. HF maps "gated-gelu" to gelu_new (the
+# tanh form) for backwards compatibility; a plain "gelu" is the exact erf form.
+_HF_ACT = {"gelu_new": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> T5Config:
+    """A ``T5Config`` from an HF T5 ``config.json`` dict (or ``T5Config.to_dict()``)."""
+    proj = hf_config.get("feed_forward_proj", "relu")
+    parts = proj.split("-")
+    gated = parts[0] == "gated"
+    act = parts[-1]
+    if gated and act == "gelu":
+        act = "gelu_new"
+    name = "gelu_exact" if act == "gelu" else _HF_ACT.get(act)
+    if name is None or len(parts) > 2 or (len(parts) == 2 and not gated):
+        raise ValueError(f"unsupported feed_forward_proj {proj!r}")
+    # transformers 5.x writes scale_decoder_outputs (= "tied v1.0 head"); older config.json files
+    # only have tie_word_embeddings (absent means tied, as in T5 v1.0).
+    tied = hf_config.get("scale_decoder_outputs", hf_config.get("tie_word_embeddings", True))
+    num_layers = hf_config.get("num_layers", 6)
+    return T5Config(
+        vocab_size=hf_config.get("vocab_size", 32128),
+        emb_dim=hf_config.get("d_model", 512),
+        num_heads=hf_config.get("num_heads", 8),
+        head_dim=hf_config.get("d_kv", 64),
+        mlp_dim=hf_config.get("d_ff", 2048),
+        num_encoder_layers=num_layers,
+        num_decoder_layers=hf_config.get("num_decoder_layers") or num_layers,
+        mlp_activations=(name, "linear") if gated else (name,),
+        dropout_rate=float(hf_config.get("dropout_rate", 0.1)),
+        logits_via_embedding=bool(tied),
+        relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
+        layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-6),
+    )
+
+
+def _mlp_names(config: T5Config) -> tuple[str, ...]:
+    n = len(config.mlp_activations)
+    inputs = ("wi",) if n == 1 else tuple(f"wi_{i}" for i in range(n))
+    return (*inputs, "wo")
+
+
+# Per block: (HF sub-layer, T5X pre-norm name, attention modules as (HF name, T5X name)).
+_BLOCK = {
+    "encoder": [
+        ("0", "pre_attention_layer_norm", ("SelfAttention", "attention")),
+        ("1", "pre_mlp_layer_norm", None),
+    ],
+    "decoder": [
+        ("0", "pre_self_attention_layer_norm", ("SelfAttention", "self_attention")),
+        ("1", "pre_cross_attention_layer_norm", ("EncDecAttention", "encoder_decoder_attention")),
+        ("2", "pre_mlp_layer_norm", None),
+    ],
+}
+
+
+def _table(config: T5Config) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(HF name, T5X path, transpose) for every parameter except the embedding copies."""
+    if config.encoder_moe.sparse_layers(config.num_encoder_layers) or (
+        config.decoder_moe.sparse_layers(config.num_decoder_layers)
+    ):
+        raise ValueError("HF T5 checkpoints are dense: use a config with num_experts=0")
+    rows = []
+    for stack, n_layers in (
+        ("encoder", config.num_encoder_layers),
+        ("decoder", config.num_decoder_layers),
+    ):
+        rel = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        rows.append((rel, (stack, "relpos_bias", "rel_embedding"), True))
+        for i in range(n_layers):
+            for sub, norm, attention in _BLOCK[stack]:
+                hf, path = f"{stack}.block.{i}.layer.{sub}", (stack, f"layers_{i}")
+                rows.append((f"{hf}.layer_norm.weight", (*path, norm, "scale"), False))
+                if attention is None:  # the MLP sub-layer
+                    rows += [
+                        (f"{hf}.DenseReluDense.{n}.weight", (*path, "mlp", n, "kernel"), True)
+                        for n in _mlp_names(config)
+                    ]
+                else:
+                    hf_name, name = attention
+                    rows += [
+                        (f"{hf}.{hf_name}.{k}.weight", (*path, name, v, "kernel"), True)
+                        for k, v in _ATTN.items()
+                    ]
+        norm = "encoder_norm" if stack == "encoder" else "decoder_norm"
+        rows.append((f"{stack}.final_layer_norm.weight", (stack, norm, "scale"), False))
+    if not config.logits_via_embedding:
+        rows.append(("lm_head.weight", ("decoder", "logits_dense", "kernel"), True))
+    return rows
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+_EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def from_hf(state_dict: dict[str, np.ndarray], config: T5Config) -> dict:
+    """HF T5 state dict -> T5X-path pure dict (arrays keep their dtype; kernels transposed)."""
+    missing = [n for n, _, _ in _table(config) if n not in state_dict]
+    missing += [] if "shared.weight" in state_dict else ["shared.weight"]
+    if missing:
+        raise ValueError(f"HF state dict lacks {len(missing)} T5 weights, e.g. {missing[:3]}")
+    shared = np.asarray(state_dict["shared.weight"])
+    for name in _EMBED_COPIES:
+        if name in state_dict and not np.array_equal(state_dict[name], shared):
+            raise ValueError(f"{name} differs from shared.weight; T5X has one embedding table")
+    params: dict = {"token_embedder": {"embedding": shared}}
+    for name, path, transpose in _table(config):
+        value = np.asarray(state_dict[name])
+        _set(params, path, np.ascontiguousarray(value.T) if transpose else value)
+    return params
+
+
+def to_hf(params: dict, config: T5Config) -> dict[str, np.ndarray]:
+    """T5X-path pure dict -> HF T5 state dict (embedding written under all four HF names when
+    tied, three otherwise; see the module docstring)."""
+    embedding = np.asarray(params["token_embedder"]["embedding"])
+    out = {"shared.weight": embedding}
+    out.update({name: embedding for name in _EMBED_COPIES})
+    if config.logits_via_embedding:
+        out["lm_head.weight"] = embedding
+    for name, path, transpose in _table(config):
+        value = np.asarray(_get(params, path))
+        out[name] = np.ascontiguousarray(value.T) if transpose else value
+    return out
