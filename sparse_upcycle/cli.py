@@ -1,8 +1,13 @@
-"""The ``sparse-upcycle`` command line. Subcommands register themselves in ``_build_parser``."""
+"""The ``sparse-upcycle`` command line.
+
+Expected bad input (missing or corrupt checkpoints, wrong shapes, impossible settings) prints
+one line ``sparse-upcycle: error: …`` and exits 2; nothing is half-written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from sparse_upcycle import __version__
@@ -11,19 +16,88 @@ DESCRIPTION = (
     "Sparse upcycling: turn a trained dense Transformer (T5, ViT, Llama-style decoder) into a "
     "sparse Mixture-of-Experts model and train it further."
 )
+FORMATS = ("auto", "t5x", "orbax", "npz", "hf")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-upcycle", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser(
+        "upcycle",
+        help="dense checkpoint -> MoE checkpoint (offline surgery)",
+        description="Upcycle a dense checkpoint into an MoE checkpoint. Extra "
+        "--config.<field>=<value> arguments override the config.",
+    )
+    up.add_argument("--config", required=True, help="CONFIG.py[:arg] with get_config(arg)")
+    up.add_argument("--src", required=True, help="dense checkpoint (T5X, Orbax, .npz, HF dir)")
+    up.add_argument("--dst", required=True, help="output directory (Orbax + recipe.json)")
+    up.add_argument("--format", default="auto", choices=FORMATS, help="source format")
+    up.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+
+    ver = sub.add_parser(
+        "verify",
+        help="compare dense and upcycled logits on one batch",
+        description="Run the dense and the MoE model on the same deterministic "
+        "batch; exit 1 if the recipe is meant to preserve the dense function "
+        "and the logits differ by more than the tolerance.",
+    )
+    ver.add_argument("--config", required=True, help="CONFIG.py[:arg] used for upcycle")
+    ver.add_argument("--dense", required=True, help="the dense checkpoint")
+    ver.add_argument("--moe", required=True, help="the directory written by upcycle")
+    ver.add_argument("--format", default="auto", choices=FORMATS, help="dense format")
+    ver.add_argument(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="max |Δlogits| allowed, relative to max(1, max |dense logit|)",
+    )
+
+    ins = sub.add_parser("inspect", help="format, tensors, parameter counts, recipe, capacity")
+    ins.add_argument("path", help="any checkpoint this tool reads, or an upcycle output")
+    ins.add_argument("--format", default="auto", choices=FORMATS)
     return parser
+
+
+def _run(args, overrides) -> int:
+    from sparse_upcycle import surgeon
+    from sparse_upcycle.config import load_config
+
+    if args.command == "inspect":
+        print(surgeon.inspect(args.path, args.format))
+        return 0
+    config = load_config(args.config, overrides)
+    if args.command == "upcycle":
+        info = surgeon.upcycle(
+            config, args.src, args.dst, args.format, args.overwrite, progress=sys.stderr.isatty()
+        )
+        print(
+            f"wrote {args.dst}: {info['recipe_name']} ({info['family']}, "
+            f"{info['recipe']['method']}) from {info['source']['format']} {args.src}; "
+            f"meant to preserve the dense function: {info['preserves_dense_function']}"
+        )
+        return 0
+    result = surgeon.verify(config, args.dense, args.moe, args.format, args.tol)
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return 0
+    overrides = [a for a in extra if a.startswith("--config.")]
+    unknown = [a for a in extra if not a.startswith("--config.")]
+    if unknown or (overrides and args.command == "inspect"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    from sparse_upcycle.checkpoints.errors import CheckpointError
+    from sparse_upcycle.config import ConfigError
+
+    try:
+        return _run(args, overrides)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"sparse-upcycle: error: {e}", file=sys.stderr)
+        return 2

@@ -21,7 +21,7 @@ class NpzCheckpoint:
         try:
             self._npz = np.load(path, allow_pickle=False)
             names = list(self._npz.files)
-        except (zipfile.BadZipFile, ValueError, OSError) as e:
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise CheckpointError(f"{path}: not a readable .npz archive ({e})") from None
         prefix = "params/" if names and all(n.startswith("params/") for n in names) else ""
         self._names = {n[len(prefix) :]: n for n in names}

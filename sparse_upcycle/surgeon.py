@@ -1,0 +1,361 @@
+"""The checkpoint surgeon behind ``sparse-upcycle upcycle | verify | inspect``.
+
+``upcycle`` reads a dense checkpoint (T5X, Orbax, big_vision .npz or HF safetensors), builds
+the MoE parameters with the recipe's rules (``upcycle/rules.py``) tensor by tensor, and writes
+an Orbax checkpoint ``{"params": …, "step": …}`` plus ``recipe.json`` (recipe, model config,
+source, checksums) to a temporary directory that is renamed to ``--dst`` only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.tree import flatten, unflatten
+from sparse_upcycle.config import ConfigError, model_configs
+from sparse_upcycle.upcycle.rules import Recipe, upcycle_tree
+
+FORMATS = ("auto", "t5x", "orbax", "npz", "hf")
+RECIPE_FILE = "recipe.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Sources.
+# --------------------------------------------------------------------------------------------
+
+
+def detect_format(path: str) -> str:
+    from sparse_upcycle.checkpoints.hf import is_hf
+    from sparse_upcycle.checkpoints.orbax import is_orbax
+
+    if os.path.isfile(path) and path.endswith(".npz"):
+        return "npz"
+    if os.path.basename(path) == "checkpoint" or os.path.isfile(os.path.join(path, "checkpoint")):
+        return "t5x"
+    if is_orbax(path) or os.path.isfile(os.path.join(path, RECIPE_FILE)):
+        return "orbax"
+    if is_hf(path):
+        return "hf"
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    raise CheckpointError(
+        f"{path}: cannot tell the checkpoint format; pass --format ({' | '.join(FORMATS[1:])})"
+    )
+
+
+def open_checkpoint(path: str, fmt: str = "auto"):
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "t5x":
+        from sparse_upcycle.checkpoints.t5x import T5XCheckpoint as cls
+    elif fmt == "orbax":
+        from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint as cls
+    elif fmt == "npz":
+        from sparse_upcycle.checkpoints.npz import NpzCheckpoint as cls
+    elif fmt == "hf":
+        from sparse_upcycle.checkpoints.hf import HFCheckpoint as cls
+    else:
+        raise CheckpointError(f"unknown format {fmt!r}; one of {FORMATS}")
+    ckpt = cls(path)
+    ckpt.format = fmt
+    return ckpt
+
+
+def _checksums(path: str) -> dict[str, str]:
+    """sha256 of every file of the source (a directory's files, or the file)."""
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    )
+    out = {}
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out[os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)] = (
+            digest.hexdigest()
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Models.
+# --------------------------------------------------------------------------------------------
+
+
+def family_module(family: str):
+    from sparse_upcycle.models import decoder, t5, vit
+
+    return {"t5": t5, "vit": vit, "decoder": decoder}[family]
+
+
+def model_class(family: str):
+    module = family_module(family)
+    return {"t5": "T5", "vit": "ViT", "decoder": "Decoder"}[family], module
+
+
+def build_model(family: str, config, flat_params: dict):
+    name, module = model_class(family)
+    model = getattr(module, name)(config, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, unflatten(flat_params)))
+    nnx.update(model, state)
+    return model
+
+
+def target_shapes(family: str, config) -> dict:
+    abstract = family_module(family).abstract_params(config)
+    return {p: (tuple(s.shape), np.dtype(s.dtype)) for p, s in flatten(abstract).items()}
+
+
+def recipe_from(config) -> Recipe:
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    block = dict(config.get("upcycle", {}))
+    unknown = set(block) - fields
+    if unknown:
+        raise ConfigError(f"unknown upcycle field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    try:
+        return Recipe(**block)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"upcycle recipe: {e}") from None
+
+
+def resolve_models(config, source=None):
+    """(family, dense config, MoE config, recipe) for an experiment config and source."""
+    recipe = recipe_from(config)
+    base = getattr(source, "config", None)
+    family, dense, moe = model_configs(config.model, recipe.total_experts, base)
+    return family, dense, moe, recipe
+
+
+# --------------------------------------------------------------------------------------------
+# upcycle
+# --------------------------------------------------------------------------------------------
+
+
+def upcycle(
+    config, src: str, dst: str, fmt: str = "auto", overwrite: bool = False, progress: bool = True
+) -> dict:
+    """Write the MoE checkpoint for ``config`` from the dense ``src`` to ``dst``; returns the
+    recipe.json content. Nothing is written to ``dst`` unless everything succeeded."""
+    if os.path.exists(dst) and not overwrite:
+        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    if os.path.abspath(dst) == os.path.abspath(src):
+        raise CheckpointError("--dst must differ from --src (the source is never modified)")
+    source = open_checkpoint(src, fmt)
+    family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
+    target = target_shapes(family, moe_cfg)
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".upcycle-", dir=parent)
+    try:
+        params = {}
+        stream = upcycle_tree(source.keys(), source.read, target, recipe)
+        for path, value in tqdm(
+            stream, total=len(target), desc="upcycle", unit="tensor", disable=not progress
+        ):
+            params[path] = value
+        from sparse_upcycle.checkpoints.orbax import write_orbax
+
+        step = source.step if recipe.step == "continue" else 0
+        write_orbax(os.path.join(tmp, "checkpoint"), params, step=step)
+        info = {
+            "recipe": recipe.to_dict(),
+            "recipe_name": recipe.name,
+            "family": family,
+            "model": _config_dict(moe_cfg),
+            "dense_model": _config_dict(dense_cfg),
+            "source": {
+                "path": os.path.abspath(src),
+                "format": source.format,
+                "step": source.step,
+                "sha256": _checksums(src),
+            },
+            "preserves_dense_function": recipe.preserves_dense_function,
+        }
+        with open(os.path.join(tmp, RECIPE_FILE), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, default=str)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _config_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def load_upcycled(path: str):
+    """(recipe.json dict, flat params) of a directory written by ``upcycle``."""
+    recipe_path = os.path.join(path, RECIPE_FILE)
+    if not os.path.isfile(recipe_path):
+        raise CheckpointError(f"{path}: no {RECIPE_FILE}; not written by 'sparse-upcycle upcycle'")
+    with open(recipe_path, encoding="utf-8") as f:
+        info = json.load(f)
+    from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
+
+    ckpt = OrbaxCheckpoint(os.path.join(path, "checkpoint"))
+    return info, {k: ckpt.read(k) for k in ckpt.keys()}
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------------------------
+
+
+def _batch(family: str, cfg, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    if family == "vit":
+        h, w = cfg.image_size
+        return (jnp.asarray(rng.normal(size=(2, h, w, cfg.num_channels)), jnp.float32),)
+    if family == "decoder":
+        return (jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 16))),)
+    return (
+        jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 16))),
+        jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 8))),
+    )
+
+
+def routing_preserves(moe_cfg, family: str) -> bool:
+    """Whether every MoE layer's eval routing sums each token's weights to one and drops
+    nothing, whatever the router scores (so copies of one MLP compute that MLP)."""
+    blocks = [moe_cfg.encoder_moe, moe_cfg.decoder_moe] if family == "t5" else [moe_cfg.moe]
+    for m in blocks:
+        if m.num_experts == 0:
+            continue
+        if m.router == "expert_choice":
+            if not (
+                m.normalize_combine_weights
+                and m.eval_capacity_factor is not None
+                and m.eval_capacity_factor >= m.num_experts
+            ):
+                return False
+        else:
+            sums_to_one = m.renormalize or m.ordering == "topk_then_softmax"
+            no_drops = m.eval_capacity_factor is None or (
+                m.eval_capacity_factor * m.k / m.num_experts >= 1
+            )
+            if not (sums_to_one and no_drops):
+                return False
+    return True
+
+
+def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float = 1e-4) -> dict:
+    source = open_checkpoint(dense_path, fmt)
+    info, moe_params = load_upcycled(moe_path)
+    family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
+    dense = build_model(family, dense_cfg, {k: source.read(k) for k in source.keys()})
+    moe = build_model(family, moe_cfg, moe_params)
+    batch = _batch(family, dense_cfg)
+    want, _ = dense(*batch, train=False)
+    got, aux = moe(*batch, train=False)
+    delta = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    meant = recipe.preserves_dense_function and routing_preserves(moe_cfg, family)
+    scale = float(np.max(np.abs(np.asarray(want))))
+    return {
+        "max_abs_delta": float(delta.max()),
+        "mean_abs_delta": float(delta.mean()),
+        "max_abs_dense_logit": scale,
+        "meant_to_preserve": meant,
+        "tolerance": tol * max(1.0, scale),
+        "ok": (not meant) or float(delta.max()) <= tol * max(1.0, scale),
+        "dropped_fraction": float(aux.get("dropped_fraction", 0.0)) if aux else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+
+
+def inspect(path: str, fmt: str = "auto") -> str:
+    """A human-readable report: format, tree, parameter counts, recipe, capacities."""
+    recipe_info = None
+    if os.path.isfile(os.path.join(path, RECIPE_FILE)):
+        recipe_info, flat = load_upcycled(path)
+        fmt_name = "orbax (sparse_upcycle upcycle output)"
+        shapes = {k: (v.shape, v.dtype) for k, v in flat.items()}
+    else:
+        ckpt = open_checkpoint(path, fmt)
+        fmt_name = ckpt.format
+        shapes = {k: (ckpt.shape(k), ckpt.dtype(k)) for k in ckpt.keys()}
+    lines = [f"path:    {os.path.abspath(path)}", f"format:  {fmt_name}", "tensors:"]
+    width = max((len(k) for k in shapes), default=0)
+    for key in sorted(shapes):
+        shape, dtype = shapes[key]
+        lines.append(f"  {key:<{width}}  {str(tuple(shape)):<22} {np.dtype(dtype).name}")
+    total = sum(math.prod(s) for s, _ in shapes.values())
+    expert = {k: math.prod(s) for k, (s, _) in shapes.items() if "/expert/" in k}
+    lines.append(f"parameters: {total:,} total")
+    if expert:
+        k_active, note = _active_experts(recipe_info)
+        active = (
+            total
+            - sum(expert.values())
+            + sum(n * k_active // shapes[k][0][0] for k, n in expert.items())
+        )
+        lines.append(f"            {active:,} active per token ({note})")
+    if recipe_info:
+        lines.append("recipe:  " + json.dumps(recipe_info["recipe"]))
+        lines.extend(_capacity_lines(recipe_info))
+    return "\n".join(lines)
+
+
+def _active_experts(info) -> tuple[int, str]:
+    if not info:
+        return 1, "assuming 1 expert per token"
+    moe = info["model"].get("moe") or info["model"].get("decoder_moe")
+    if moe and moe.get("router") == "top_k":
+        return int(moe["k"]), f"top-{moe['k']}"
+    if moe:  # expert choice: on average C experts per token
+        c = float(moe.get("capacity_factor") or 1)
+        return max(1, round(c)), f"expert choice: C={c:g} experts per token on average"
+    return 1, "assuming 1 expert per token"
+
+
+def _capacity_lines(info) -> list[str]:
+    from sparse_upcycle.routing import expert_choice_capacity, top_k_capacity
+
+    out = [
+        "capacity per MoE layer (expert choice ceil(C·S/E), top-K ceil(C·S·K/E); S = group size):"
+    ]
+    model = info["model"]
+    for key in ("moe", "encoder_moe", "decoder_moe"):
+        moe = model.get(key)
+        if not moe or not moe.get("num_experts"):
+            continue
+        s, e = int(moe["group_size"]), int(moe["num_experts"])
+        for phase in ("capacity_factor", "eval_capacity_factor"):
+            c = moe[phase]
+            if moe["router"] == "expert_choice":
+                cap = expert_choice_capacity(s, e, float(c), int(moe["capacity_multiple"]))
+            else:
+                cap = top_k_capacity(
+                    s,
+                    e,
+                    int(moe["k"]),
+                    None if c is None else float(c),
+                    int(moe["capacity_multiple"]),
+                )
+            label = "train" if phase == "capacity_factor" else "eval"
+            out.append(
+                f"  {key} ({moe['router']}, {label}): C={c}, S={s}, E={e} -> "
+                f"{'dropless' if cap is None else cap}"
+            )
+    return out

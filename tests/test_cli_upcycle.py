@@ -1,0 +1,143 @@
+"""``sparse-upcycle upcycle | verify | inspect`` end to end on small checkpoints in each format."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from sparse_upcycle import cli
+from sparse_upcycle.checkpoints.t5x import write_t5x
+from sparse_upcycle.checkpoints.tree import flatten
+from sparse_upcycle.models import t5, vit
+
+CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "upcycle_tiny.py")
+
+
+def _params(model):
+    return flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)) if os.path.isdir(path) else [("", [], [path])]:
+        for f in sorted(files):
+            with open(os.path.join(root, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def _upcycle_and_verify(family, src, tmp_path, capsys, *extra):
+    dst = str(tmp_path / f"{family}-moe")
+    before = _digest(src)
+    assert (
+        cli.main(["upcycle", "--config", f"{CONFIG}:{family}", "--src", src, "--dst", dst, *extra])
+        == 0
+    )
+    assert _digest(src) == before  # the source is never modified
+    info = json.load(open(os.path.join(dst, "recipe.json")))
+    assert info["recipe"]["method"] == "copy" and info["source"]["sha256"]
+    capsys.readouterr()
+    assert (
+        cli.main(["verify", "--config", f"{CONFIG}:{family}", "--dense", src, "--moe", dst, *extra])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["meant_to_preserve"] and result["ok"]
+    assert result["max_abs_delta"] < 1e-4
+    return dst
+
+
+def test_vit_from_big_vision_npz(tmp_path, capsys):
+    src = str(tmp_path / "vit.npz")
+    np.savez(src, **_params(vit.ViT(vit.config("tiny", head_zeroinit=False), rngs=nnx.Rngs(0))))
+    dst = _upcycle_and_verify("vit", src, tmp_path, capsys)
+    assert cli.main(["inspect", dst]) == 0
+    report = capsys.readouterr().out
+    assert "Transformer/encoderblock_1/MlpBlock_0/expert/Dense_0/kernel" in report
+    assert "active per token" in report and "expert_choice" in report
+    # A tampered expert must make verify fail (exit 1): verify can fail.
+    from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint, write_orbax
+
+    ckpt = OrbaxCheckpoint(os.path.join(dst, "checkpoint"))
+    flat = {k: ckpt.read(k) for k in ckpt.keys()}
+    key = "Transformer/encoderblock_1/MlpBlock_0/expert/Dense_1/kernel"
+    # Random, not constant: a constant shift of every output feature vanishes in LayerNorm.
+    flat[key][1] += np.random.default_rng(0).normal(0, 0.5, flat[key][1].shape)
+    import shutil
+
+    shutil.rmtree(os.path.join(dst, "checkpoint"))
+    write_orbax(os.path.join(dst, "checkpoint"), flat)
+    assert cli.main(["verify", "--config", f"{CONFIG}:vit", "--dense", src, "--moe", dst]) == 1
+
+
+def test_t5_from_t5x(tmp_path, capsys):
+    src = str(tmp_path / "checkpoint_100")
+    write_t5x(src, _params(t5.T5(t5.config("tiny"), rngs=nnx.Rngs(0))), step=100)
+    dst = _upcycle_and_verify("t5", src, tmp_path, capsys)
+    info = json.load(open(os.path.join(dst, "recipe.json")))
+    assert info["source"]["format"] == "t5x" and info["source"]["step"] == 100
+
+
+def test_llama_from_hf_safetensors(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    _upcycle_and_verify(
+        "decoder", str(tmp_path / "llama"), tmp_path, capsys, "--config.model.name=checkpoint"
+    )
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    src = str(tmp_path / "vit.npz")
+    np.savez(src, **_params(vit.ViT(vit.config("tiny", mlp_dim=48), rngs=nnx.Rngs(0))))
+    dst = str(tmp_path / "out")
+    cases = [
+        (["--src", str(tmp_path / "missing.npz")], "no such"),
+        (["--src", src], "model config expects"),  # mlp_dim 48 vs the config's tiny
+        (["--src", src, "--config.upcycle.method=magic"], "method must be one of"),
+        (["--src", src, "--config.upcycle.nope=1"], "no field 'nope'"),
+    ]
+    for args, message in cases:
+        code = cli.main(["upcycle", "--config", f"{CONFIG}:vit", "--dst", dst, *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not os.path.exists(dst)
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(".upcycle-")]
+    os.makedirs(dst)
+    assert cli.main(["upcycle", "--config", f"{CONFIG}:vit", "--src", src, "--dst", dst]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_entry_point_reports_errors_without_traceback(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "sparse_upcycle", "inspect", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("sparse-upcycle: error:") and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("garbage", [b"", b"PK\x03\x04broken"])
+def test_corrupt_npz_exits_2(tmp_path, capsys, garbage):
+    src = tmp_path / "bad.npz"
+    src.write_bytes(garbage)
+    code = cli.main(
+        ["upcycle", "--config", f"{CONFIG}:vit", "--src", str(src), "--dst", str(tmp_path / "out")]
+    )
+    assert code == 2 and "not a readable .npz" in capsys.readouterr().err
