@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.tree import flatten
+from sparse_upcycle.checkpoints.tree import InMemoryCheckpoint, flatten
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -84,7 +84,7 @@ def _maps(model_type: str):
     return m
 
 
-class HFCheckpoint:
+class HFCheckpoint(InMemoryCheckpoint):
     """A Hugging Face model directory, read into our paths; ``config`` is our model config."""
 
     def __init__(self, path: str):
@@ -115,21 +115,3 @@ class HFCheckpoint:
             raise CheckpointError(f"{path}: {e}") from None
         self._flat = {k: np.asarray(v) for k, v in flatten(params).items()}
         self.step = None
-
-    def keys(self) -> list[str]:
-        return sorted(self._flat)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._flat
-
-    def read(self, key: str) -> np.ndarray:
-        try:
-            return self._flat[key]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.read(key).shape)
-
-    def dtype(self, key: str) -> np.dtype:
-        return self.read(key).dtype

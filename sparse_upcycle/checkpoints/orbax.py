@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.tree import flatten, unflatten
+from sparse_upcycle.checkpoints.tree import InMemoryCheckpoint, flatten, unflatten
 
 
 def is_orbax(path: str) -> bool:
@@ -20,7 +20,7 @@ def is_orbax(path: str) -> bool:
     )
 
 
-class OrbaxCheckpoint:
+class OrbaxCheckpoint(InMemoryCheckpoint):
     """Reads the whole tree on first access (orbax restores trees, not single tensors)."""
 
     def __init__(self, path: str):
@@ -38,24 +38,6 @@ class OrbaxCheckpoint:
             step = None
         self.step = None if step is None else int(np.asarray(step))
         self._flat = {k: np.asarray(v) for k, v in flatten(tree).items()}
-
-    def keys(self) -> list[str]:
-        return sorted(self._flat)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._flat
-
-    def read(self, key: str) -> np.ndarray:
-        try:
-            return self._flat[key]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.read(key).shape)
-
-    def dtype(self, key: str) -> np.dtype:
-        return self.read(key).dtype
 
 
 def write_orbax(path: str, params: dict[str, np.ndarray], *, step: int | None = None) -> None:

@@ -25,3 +25,31 @@ def unflatten(flat: Mapping[str, object]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return tree
+
+
+class InMemoryCheckpoint:
+    """Reader interface over a flat dict held in memory (``self._flat``, ``self.path``):
+    ``keys``, ``in``, ``read``, ``shape``, ``dtype`` — the same calls the lazy readers answer."""
+
+    _flat: dict
+    path: str
+
+    def keys(self) -> list[str]:
+        return sorted(self._flat)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._flat
+
+    def read(self, key: str):
+        from sparse_upcycle.checkpoints.errors import CheckpointError
+
+        try:
+            return self._flat[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.read(key).shape)
+
+    def dtype(self, key: str):
+        return self.read(key).dtype
