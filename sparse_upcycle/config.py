@@ -6,7 +6,8 @@ A config file defines ``get_config(arg: str | None) -> ml_collections.ConfigDict
 of the family's config; ``moe`` (vit, decoder) or ``encoder_moe``/``decoder_moe`` (t5):
 ``MoeConfig`` fields) and an ``upcycle`` block (``Recipe`` fields). ``--config.a.b=v`` sets a
 field after loading; ``v`` is parsed as a Python literal when it is one (ConfigDict then checks
-the type), else kept as a string.
+the type), else kept as a string; a field the file does not list may be added, and the model
+and recipe builders reject names they do not know.
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         if name not in node:
             raise ConfigError(f"override {item!r}: no field {name!r}")
         node = node[name]
-    if leaf not in node:
-        raise ConfigError(f"override {item!r}: no field {leaf!r}; fields: {sorted(node.keys())}")
+    # A new leaf is allowed (config files list only what differs from the defaults); the
+    # model/recipe builders reject unknown names with the list of known ones.
     try:
-        node[leaf] = value
+        if leaf in node:
+            node[leaf] = value
+        else:
+            with node.unlocked():
+                node[leaf] = value
     except (TypeError, ValueError) as e:
         raise ConfigError(f"override {item!r}: {e}") from None
 
@@ -91,12 +96,16 @@ def moe_config(base: MoeConfig, block, **forced) -> MoeConfig:
         raise ConfigError(f"moe config: {e}") from None
 
 
-def model_configs(model, num_experts: int, base=None):
+MLP_WIDTH_FIELD = {"t5": "mlp_dim", "vit": "mlp_dim", "decoder": "intermediate_size"}
+
+
+def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     """(family, dense config, MoE config) for a config's ``model`` block.
 
     ``base`` is a family config to start from (e.g. the one a Hugging Face checkpoint carries)
     when ``model.name == "checkpoint"``. The MoE config gets ``num_experts`` (the recipe's
-    total); the dense one none."""
+    total); the dense one none. ``granularity`` G > 1 makes the experts f/G wide (virtual
+    groups)."""
     from sparse_upcycle.models import decoder, t5, vit
 
     family = model.get("family")
@@ -115,8 +124,14 @@ def model_configs(model, num_experts: int, base=None):
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {family}/{model.get('name')}: {e}") from None
 
+    width = getattr(start, MLP_WIDTH_FIELD[family])
+    fine = {"expert_mlp_dim": width // granularity} if granularity > 1 else {}
+
     def with_moe(n):
-        blocks = {k: moe_config(getattr(start, k), model.get(k), num_experts=n) for k in moe_keys}
+        blocks = {
+            k: moe_config(getattr(start, k), model.get(k), num_experts=n, **(fine if n else {}))
+            for k in moe_keys
+        }
         return dataclasses.replace(start, **blocks)
 
     try:

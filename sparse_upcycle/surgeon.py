@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from sparse_upcycle import __version__
 from sparse_upcycle.checkpoints.errors import CheckpointError
 from sparse_upcycle.checkpoints.tree import flatten, unflatten
 from sparse_upcycle.config import ConfigError, model_configs
@@ -137,7 +138,19 @@ def resolve_models(config, source=None):
     """(family, dense config, MoE config, recipe) for an experiment config and source."""
     recipe = recipe_from(config)
     base = getattr(source, "config", None)
-    family, dense, moe = model_configs(config.model, recipe.total_experts, base)
+    granularity = recipe.granularity if recipe.method == "virtual_group" else 1
+    family, dense, moe = model_configs(config.model, recipe.total_experts, base, granularity)
+    if recipe.method == "virtual_group":
+        blocks = [moe.encoder_moe, moe.decoder_moe] if family == "t5" else [moe.moe]
+        for block in blocks:
+            if block.sparse_layers(1_000_000) and (
+                block.router != "top_k" or block.k != recipe.k or block.ordering != recipe.ordering
+            ):
+                raise ConfigError(
+                    f"virtual_group scaling assumes top-{recipe.k} {recipe.ordering} routing; the "
+                    f"model routes {block.router} k={block.k} {block.ordering}: set model.moe "
+                    "(router, k, ordering) to match upcycle (k, ordering)"
+                )
     return family, dense, moe, recipe
 
 
@@ -173,6 +186,7 @@ def upcycle(
         step = source.step if recipe.step == "continue" else 0
         write_orbax(os.path.join(tmp, "checkpoint"), params, step=step)
         info = {
+            "package_version": __version__,
             "recipe": recipe.to_dict(),
             "recipe_name": recipe.name,
             "family": family,

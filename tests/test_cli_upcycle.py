@@ -43,7 +43,7 @@ def _upcycle_and_verify(family, src, tmp_path, capsys, *extra):
     )
     assert _digest(src) == before  # the source is never modified
     info = json.load(open(os.path.join(dst, "recipe.json")))
-    assert info["recipe"]["method"] == "copy" and info["source"]["sha256"]
+    assert info["source"]["sha256"] and info["package_version"]
     capsys.readouterr()
     assert (
         cli.main(["verify", "--config", f"{CONFIG}:{family}", "--dense", src, "--moe", dst, *extra])
@@ -102,6 +102,49 @@ def test_llama_from_hf_safetensors(tmp_path, capsys):
     )
 
 
+def test_virtual_group_exact_preserves_llama(tmp_path, capsys):
+    """E2G2T2 with exact scaling and topk_then_softmax: each picked group of G experts sums to
+    the dense MLP times its weight, for any router scores (He et al. 2024)."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    vg = [
+        "--config.model.name=checkpoint",
+        "--config.upcycle.method=virtual_group",
+        "--config.upcycle.expansion=2",
+        "--config.upcycle.granularity=2",
+        "--config.upcycle.k=2",
+        "--config.upcycle.scaling=exact",
+        "--config.upcycle.ordering=topk_then_softmax",
+        "--config.upcycle.router_init_std=1.0",
+        "--config.model.moe.ordering=topk_then_softmax",
+    ]
+    dst = _upcycle_and_verify("decoder", str(tmp_path / "llama"), tmp_path, capsys, *vg)
+    info = json.load(open(os.path.join(dst, "recipe.json")))
+    assert info["recipe_name"] == "E2G2T2" and info["preserves_dense_function"]
+    mismatch = [*vg, "--config.model.moe.k=4"]
+    code = cli.main(
+        [
+            "upcycle",
+            "--config",
+            f"{CONFIG}:decoder",
+            "--src",
+            str(tmp_path / "llama"),
+            "--dst",
+            str(tmp_path / "x"),
+            *mismatch,
+        ]
+    )
+    assert code == 2 and "virtual_group scaling assumes" in capsys.readouterr().err
+
+
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
     src = str(tmp_path / "vit.npz")
     np.savez(src, **_params(vit.ViT(vit.config("tiny", mlp_dim=48), rngs=nnx.Rngs(0))))
@@ -110,7 +153,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
         (["--src", str(tmp_path / "missing.npz")], "no such"),
         (["--src", src], "model config expects"),  # mlp_dim 48 vs the config's tiny
         (["--src", src, "--config.upcycle.method=magic"], "method must be one of"),
-        (["--src", src, "--config.upcycle.nope=1"], "no field 'nope'"),
+        (["--src", src, "--config.upcycle.nope=1"], "unknown upcycle field(s) ['nope']"),
+        (["--src", src, "--config.model.moe.capacity_factor=-1.0"], "capacity_factor > 0"),
     ]
     for args, message in cases:
         code = cli.main(["upcycle", "--config", f"{CONFIG}:vit", "--dst", dst, *args])

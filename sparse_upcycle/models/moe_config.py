@@ -43,6 +43,7 @@ class MoeConfig:
     router_z_loss_weight: float = 0.001
     dispatch: str = "index"
     grouped_matmul: str = "auto"
+    expert_mlp_dim: int | None = None  # None: the dense MLP's width (fine-grained experts: f/G)
 
     def __post_init__(self):
         if self.router not in ROUTER_KINDS:
@@ -111,7 +112,7 @@ class MoeConfig:
     ) -> moe.MoeMlp:
         return moe.MoeMlp(
             emb_dim,
-            mlp_dim,
+            self.expert_mlp_dim or mlp_dim,
             self.make_router(self.capacity_factor, causal=causal),
             eval_router=self.make_router(self.eval_capacity_factor, causal=causal),
             activations=activations,

@@ -78,9 +78,13 @@ class Recipe:
     def preserves_dense_function(self) -> bool:
         """Whether the MoE is *meant* to compute the dense function (given a router setting
         that sums each token's weights to one and drops nothing; ``verify`` checks the rest):
-        exact copies, or virtual groups with exact scaling (at a uniform router)."""
+        exact copies, or virtual groups with exact scaling and ``topk_then_softmax``, where a
+        picked group's G experts share its weight p_r/G, carry G·(shard of the MLP) each and so
+        sum to p_r·MLP for any router scores."""
         if self.method == "copy":
             return self.noise_std == 0.0
+        if self.method == "virtual_group":
+            return self.scaling == "exact" and self.ordering == "topk_then_softmax"
         return False
 
     def to_dict(self) -> dict:
