@@ -166,8 +166,9 @@ def upcycle(
     recipe.json content. Nothing is written to ``dst`` unless everything succeeded."""
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
-    if os.path.abspath(dst) == os.path.abspath(src):
-        raise CheckpointError("--dst must differ from --src (the source is never modified)")
+    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+    if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
+        raise CheckpointError("--dst must not be --src or inside it (the source is never modified)")
     source = open_checkpoint(src, fmt)
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
     target = target_shapes(family, moe_cfg)

@@ -165,6 +165,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
     os.makedirs(dst)
     assert cli.main(["upcycle", "--config", f"{CONFIG}:vit", "--src", src, "--dst", dst]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    t5x_dir = tmp_path / "checkpoint_1"
+    write_t5x(str(t5x_dir), {"a/kernel": np.ones((2, 2), np.float32)})
+    inside = str(t5x_dir / "moe")
+    assert (
+        cli.main(["upcycle", "--config", f"{CONFIG}:t5", "--src", str(t5x_dir), "--dst", inside])
+        == 2
+    )
+    assert "inside it" in capsys.readouterr().err and not os.path.exists(inside)
 
 
 def test_entry_point_reports_errors_without_traceback(tmp_path):
