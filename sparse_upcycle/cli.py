@@ -101,3 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"sparse-upcycle: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a full disk while writing: the partial output was removed
+        print(
+            f"sparse-upcycle: error: {e.strerror or e} ({e.filename or 'I/O'}); nothing was "
+            "written",
+            file=sys.stderr,
+        )
+        return 2

@@ -271,7 +271,7 @@ def routing_preserves(moe_cfg, family: str) -> bool:
     return True
 
 
-def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float = 1e-4) -> dict:
+def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float = 1e-5) -> dict:
     source = open_checkpoint(dense_path, fmt)
     info, moe_params = load_upcycled(moe_path)
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)

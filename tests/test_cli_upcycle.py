@@ -193,3 +193,66 @@ def test_corrupt_npz_exits_2(tmp_path, capsys, garbage):
         ["upcycle", "--config", f"{CONFIG}:vit", "--src", str(src), "--dst", str(tmp_path / "out")]
     )
     assert code == 2 and "not a readable .npz" in capsys.readouterr().err
+
+
+def test_corrupt_zarr_chunk_and_safetensors_exit_2(tmp_path, capsys):
+    src = tmp_path / "checkpoint_1"
+    write_t5x(str(src), _params(t5.T5(t5.config("tiny"), rngs=nnx.Rngs(0))))
+    chunk_dir = src / "target.token_embedder.embedding"
+    chunk = next(p for p in chunk_dir.iterdir() if not p.name.startswith("."))
+    chunk.write_bytes(chunk.read_bytes()[:10])  # truncated gzip chunk
+    code = cli.main(
+        ["upcycle", "--config", f"{CONFIG}:t5", "--src", str(src), "--dst", str(tmp_path / "out")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "token_embedder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    st = tmp_path / "llama" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    capsys.readouterr()  # drop transformers' own progress output
+    code = cli.main(
+        [
+            "upcycle",
+            "--config",
+            f"{CONFIG}:decoder",
+            "--config.model.name=checkpoint",
+            "--src",
+            str(tmp_path / "llama"),
+            "--dst",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_write_error_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from sparse_upcycle.checkpoints import orbax as orbax_io
+
+    src = str(tmp_path / "vit.npz")
+    np.savez(src, **_params(vit.ViT(vit.config("tiny"), rngs=nnx.Rngs(0))))
+
+    def full_disk(path, params, step=None):
+        os.makedirs(path)
+        with open(os.path.join(path, "partial"), "wb") as f:
+            f.write(b"x" * 100)
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(orbax_io, "write_orbax", full_disk)
+    code = cli.main(
+        ["upcycle", "--config", f"{CONFIG}:vit", "--src", src, "--dst", str(tmp_path / "out")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["vit.npz"]  # no output, no temporary left behind
