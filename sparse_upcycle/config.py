@@ -67,6 +67,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     # model/recipe builders reject unknown names with the list of known ones.
     try:
         if leaf in node:
+            if isinstance(node[leaf], str) and not isinstance(value, str):
+                value = raw  # e.g. moe.layers: "every_other" in the file, "[1, 3]" given
             node[leaf] = value
         else:
             with node.unlocked():

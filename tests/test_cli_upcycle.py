@@ -256,3 +256,51 @@ def test_write_error_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["vit.npz"]  # no output, no temporary left behind
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config.upcycle.num_experts=0"], "must all be >= 1"),
+        (["--config.upcycle.method=drop", "--config.upcycle.drop_ratio=1.5"], "in [0, 1]"),
+        (["--config.model.moe.router=top_k", "--config.model.moe.k=8"], "k <= num_experts"),
+        (["--config.model.moe.layers=[7]"], "indices must be in [0, 2)"),
+        (
+            [
+                "--config.upcycle.method=virtual_group",
+                "--config.upcycle.granularity=3",
+                "--config.upcycle.k=2",
+            ],
+            "K % G == 0",
+        ),
+        (
+            [
+                "--config.upcycle.method=virtual_group",
+                "--config.upcycle.granularity=3",
+                "--config.upcycle.k=3",
+                "--config.upcycle.expansion=1",
+                "--config.model.moe.router=top_k",
+                "--config.model.moe.k=3",
+            ],
+            "bias-free",
+        ),
+    ],
+)
+def test_impossible_hyperparameters_exit_2(tmp_path, capsys, args, message):
+    src = str(tmp_path / "vit.npz")
+    np.savez(src, **_params(vit.ViT(vit.config("tiny"), rngs=nnx.Rngs(0))))
+    code = cli.main(
+        [
+            "upcycle",
+            "--config",
+            f"{CONFIG}:vit",
+            "--src",
+            src,
+            "--dst",
+            str(tmp_path / "out"),
+            *args,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["vit.npz"]

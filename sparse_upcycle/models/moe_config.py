@@ -5,13 +5,14 @@ Every model config (T5, ViT, decoder) holds one ``MoeConfig`` per stack. ``layer
 
 * ``"every_other"``: blocks 1, 3, 5, … (half the MLP blocks, as in Komatsuzaki et al. 2023)
 * ``"last_n:N"``: the last N blocks
-* a list/tuple of block indices
+* a list/tuple of block indices (or a string of them, "1,3" / "[1, 3]")
 * ``"none"`` (or ``num_experts=0``): a dense model
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import jax
@@ -68,6 +69,8 @@ class MoeConfig:
             if not 0 <= n <= num_layers:
                 raise ValueError(f"moe.layers {spec!r}: N must be in [0, {num_layers}]")
             return tuple(range(num_layers - n, num_layers))
+        if isinstance(spec, str) and re.fullmatch(r"\[?\s*\d+(\s*,\s*\d+)*\s*,?\s*\]?", spec):
+            spec = [int(i) for i in re.findall(r"\d+", spec)]  # "1,3" or "[1, 3]" from a CLI
         if isinstance(spec, str):
             raise ValueError(
                 f"moe.layers {spec!r}: expected every_other, last_n:N, none or a list of indices"

@@ -61,6 +61,17 @@ class Recipe:
             raise ValueError(f"recipe optimizer must be reset or keep, got {self.optimizer!r}")
         if self.step not in ("continue", "restart"):
             raise ValueError(f"recipe step must be continue or restart, got {self.step!r}")
+        if self.num_experts < 1 or self.expansion < 1 or self.granularity < 1 or self.k < 1:
+            raise ValueError(
+                "num_experts, expansion, granularity and k must all be >= 1; got "
+                f"{self.num_experts}, {self.expansion}, {self.granularity}, {self.k}"
+            )
+        if not 0.0 <= self.drop_ratio <= 1.0:
+            raise ValueError(f"drop_ratio r must be in [0, 1], got {self.drop_ratio}")
+        if self.method == "virtual_group" and self.k % self.granularity:
+            raise ValueError(
+                f"virtual groups need K % G == 0; got K={self.k}, G={self.granularity}"
+            )
 
     @property
     def total_experts(self) -> int:
