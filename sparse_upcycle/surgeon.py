@@ -1,8 +1,9 @@
 """The checkpoint surgeon behind ``sparse-upcycle upcycle | verify | inspect``.
 
 ``upcycle`` reads a dense checkpoint (T5X, Orbax, big_vision .npz or HF safetensors), builds
-the MoE parameters with the recipe's rules (``upcycle/rules.py``) tensor by tensor, and writes
-an Orbax checkpoint ``{"params": …, "step": …}`` plus ``recipe.json`` (recipe, model config,
+the MoE parameters with the recipe's rules (``upcycle/rules.py``) tensor by tensor, and streams
+them into an Orbax checkpoint ``{"params": …, "step": …}`` (a few hundred MB in memory at a
+time) plus ``recipe.json`` (recipe, model config,
 source, checksums) to a temporary directory that is renamed to ``--dst`` only when complete.
 """
 
@@ -176,16 +177,15 @@ def upcycle(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".upcycle-", dir=parent)
     try:
-        params = {}
+        from sparse_upcycle.checkpoints.orbax import StreamingWriter
+
+        writer = StreamingWriter(os.path.join(tmp, "checkpoint"))
         stream = upcycle_tree(source.keys(), source.read, target, recipe)
         for path, value in tqdm(
             stream, total=len(target), desc="upcycle", unit="tensor", disable=not progress
         ):
-            params[path] = value
-        from sparse_upcycle.checkpoints.orbax import write_orbax
-
-        step = source.step if recipe.step == "continue" else 0
-        write_orbax(os.path.join(tmp, "checkpoint"), params, step=step)
+            writer.add(path, value)
+        writer.close(step=source.step if recipe.step == "continue" else 0)
         info = {
             "package_version": __version__,
             "recipe": recipe.to_dict(),

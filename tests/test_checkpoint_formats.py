@@ -62,3 +62,19 @@ def test_orbax_reader(tmp_path, wrap):
         np.testing.assert_array_equal(ckpt.read(key), value)
     with pytest.raises(CheckpointError, match="not an Orbax"):
         OrbaxCheckpoint(str(tmp_path))
+
+
+def test_streaming_writer_flushes_in_parts_and_reads_back(tmp_path):
+    from sparse_upcycle.checkpoints.orbax import StreamingWriter
+
+    rng = np.random.default_rng(0)
+    params = {f"layers_{i}/mlp/wo/kernel": rng.normal(size=(8, 16)) for i in range(5)}
+    writer = StreamingWriter(str(tmp_path / "ckpt"), flush_bytes=2000)  # ~2 tensors a save
+    for key, value in params.items():
+        writer.add(key, value)
+        assert not (tmp_path / "ckpt").exists()  # nothing visible before close
+    writer.close(step=42)
+    ckpt = OrbaxCheckpoint(str(tmp_path / "ckpt"))
+    assert ckpt.keys() == sorted(params) and ckpt.step == 42
+    for key, value in params.items():
+        np.testing.assert_array_equal(ckpt.read(key), value)

@@ -243,13 +243,13 @@ def test_write_error_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
     src = str(tmp_path / "vit.npz")
     np.savez(src, **_params(vit.ViT(vit.config("tiny"), rngs=nnx.Rngs(0))))
 
-    def full_disk(path, params, step=None):
-        os.makedirs(path)
-        with open(os.path.join(path, "partial"), "wb") as f:
+    def full_disk(self, step=None):
+        os.makedirs(self.path, exist_ok=True)
+        with open(os.path.join(self.path, "partial"), "wb") as f:
             f.write(b"x" * 100)
-        raise OSError(28, "No space left on device", path)
+        raise OSError(28, "No space left on device", self.path)
 
-    monkeypatch.setattr(orbax_io, "write_orbax", full_disk)
+    monkeypatch.setattr(orbax_io.StreamingWriter, "close", full_disk)
     code = cli.main(
         ["upcycle", "--config", f"{CONFIG}:vit", "--src", src, "--dst", str(tmp_path / "out")]
     )
