@@ -2,7 +2,7 @@
 
 ``upcycle`` reads a dense checkpoint (T5X, Orbax, big_vision .npz or HF safetensors), builds
 the MoE parameters with the recipe's rules (``upcycle/rules.py``) tensor by tensor, and streams
-them into an Orbax checkpoint ``{"params": …, "step": …}`` (a few hundred MB in memory at a
+them into an Orbax checkpoint ``{"params": …, "step": …}`` (about 64 MB of output in memory at a
 time) plus ``recipe.json`` (recipe, model config,
 source, checksums) to a temporary directory that is renamed to ``--dst`` only when complete.
 """

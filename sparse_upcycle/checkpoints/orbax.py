@@ -2,7 +2,7 @@
 PyTree ones. The tree is flattened to ``a/b/c`` keys; a top-level ``params`` key (ours, and
 many training states) is descended into.
 
-``StreamingWriter`` writes a checkpoint a few hundred MB at a time with Orbax's partial saving
+``StreamingWriter`` writes a checkpoint about 64 MB at a time with Orbax's partial saving
 (``orbax.checkpoint.experimental.v1.partial``): the tree lives under ``<path>/state`` and is
 only visible once finalised, so the whole tree is never in memory at once."""
 
@@ -64,7 +64,7 @@ class StreamingWriter:
     """Add tensors one at a time; every ``flush_bytes`` they are written with an Orbax partial
     save, and ``close`` finalises the checkpoint (nothing is visible at ``path`` before)."""
 
-    def __init__(self, path: str, flush_bytes: int = 256 << 20):
+    def __init__(self, path: str, flush_bytes: int = 64 << 20):
         self.path = os.path.abspath(path)
         self.flush_bytes = flush_bytes
         self._buffer: dict[str, np.ndarray] = {}
