@@ -34,6 +34,20 @@ def _digest(path):
     return h.hexdigest()
 
 
+def _save_tiny_llama(path, seed=0):
+    """A random tiny HF Llama with GQA, saved with save_pretrained (safetensors)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+
 def _upcycle_and_verify(family, src, tmp_path, capsys, *extra):
     dst = str(tmp_path / f"{family}-moe")
     before = _digest(src)
@@ -87,16 +101,7 @@ def test_t5_from_t5x(tmp_path, capsys):
 
 
 def test_llama_from_hf_safetensors(tmp_path, capsys):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    _save_tiny_llama(tmp_path / "llama", seed=0)
     _upcycle_and_verify(
         "decoder", str(tmp_path / "llama"), tmp_path, capsys, "--config.model.name=checkpoint"
     )
@@ -105,16 +110,7 @@ def test_llama_from_hf_safetensors(tmp_path, capsys):
 def test_virtual_group_exact_preserves_llama(tmp_path, capsys):
     """E2G2T2 with exact scaling and topk_then_softmax: each picked group of G experts sums to
     the dense MLP times its weight, for any router scores (He et al. 2024)."""
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    _save_tiny_llama(tmp_path / "llama", seed=1)
     vg = [
         "--config.model.name=checkpoint",
         "--config.upcycle.method=virtual_group",
@@ -208,16 +204,7 @@ def test_corrupt_zarr_chunk_and_safetensors_exit_2(tmp_path, capsys):
     assert code == 2 and "token_embedder" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    _save_tiny_llama(tmp_path / "llama", seed=0)
     st = tmp_path / "llama" / "model.safetensors"
     st.write_bytes(st.read_bytes()[:1000])
     capsys.readouterr()  # drop transformers' own progress output
