@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from sparse_upcycle import losses
 from sparse_upcycle.checkpoints import hf_t5
 from sparse_upcycle.models import t5
 from sparse_upcycle.models.moe_config import MoeConfig
@@ -230,7 +231,7 @@ def test_adam_steps_lower_the_loss(kind):
 
     def loss_fn(params, rng, train):
         logits, aux = nnx.merge(graphdef, params)(enc, dec, train=train, rng=rng)
-        total, _, denom = t5.cross_entropy_loss(logits, targets, weights, z_loss=1e-4)
+        total, _, denom = losses.cross_entropy_loss(logits, targets, weights, z_loss=1e-4)
         loss = total / denom
         if aux:
             loss += 0.01 * aux["load_balancing_loss"] + 0.001 * aux["z_loss"]
@@ -404,7 +405,7 @@ def test_cross_entropy_matches_numpy(z_loss, ls):
     loss, zl, wsum, grad = _numpy_loss(logits, targets, weights, z_loss, ls)
 
     def f(x):
-        return t5.cross_entropy_loss(x, jnp.asarray(targets), jnp.asarray(weights), z_loss, ls)
+        return losses.cross_entropy_loss(x, jnp.asarray(targets), jnp.asarray(weights), z_loss, ls)
 
     (got, got_z, got_w), vjp = jax.vjp(f, jnp.asarray(logits))
     np.testing.assert_allclose([got, got_z, got_w], [loss, zl, wsum], rtol=1e-5, atol=1e-6)
@@ -412,9 +413,9 @@ def test_cross_entropy_matches_numpy(z_loss, ls):
     np.testing.assert_allclose(got_grad, grad, rtol=1e-4, atol=1e-6)
     if ls > 0:  # a perfect prediction of the smoothed targets scores 0 with z_loss = 0
         soft_logits = np.log(np.where(np.eye(11)[targets] > 0, 1 - ls, ls / 10))
-        best, _, _ = t5.cross_entropy_loss(
+        best, _, _ = losses.cross_entropy_loss(
             jnp.asarray(soft_logits), jnp.asarray(targets), label_smoothing=ls
         )
         assert abs(float(best)) < 1e-4
-    no_w = t5.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(targets), None, z_loss, ls)
+    no_w = losses.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(targets), None, z_loss, ls)
     assert float(no_w[2]) == 15.0
