@@ -20,6 +20,9 @@ setup(
         "numpy>=2.0,<3",
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
+        "grain>=0.2.12,<0.3",
+        "sentencepiece>=0.2,<0.3",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: it is the CPU build on the development machines (a

@@ -65,6 +65,16 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="CONFIG.py[:arg] with get_config(arg)")
     tr.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/")
 
+    cmp_ = sub.add_parser(
+        "compare",
+        help="dense continued vs upcycled vs MoE from scratch at equal extra compute",
+        description="Pre-train (or reuse) a dense model, then train every arm of the config "
+        "for the same extra training FLOPs over several seeds; writes report.md, report.json "
+        "and report.png to --workdir. Rerunning resumes: finished runs are not recomputed.",
+    )
+    cmp_.add_argument("--config", required=True, help="configs/compare_*.py[:arg]")
+    cmp_.add_argument("--workdir", required=True, help="runs and the report")
+
     ins = sub.add_parser("inspect", help="format, tensors, parameter counts, recipe, capacity")
     ins.add_argument("path", help="any checkpoint this tool reads, or an upcycle output")
     ins.add_argument("--format", default="auto", choices=FORMATS)
@@ -79,10 +89,8 @@ def _run(args, overrides) -> int:
         print(surgeon.inspect(args.path, args.format))
         return 0
     config = load_config(args.config, overrides)
-    if args.command == "train":
+    if args.command in ("train", "compare"):
         import logging
-
-        from sparse_upcycle.train import dump_json, train_and_evaluate
 
         logger = logging.getLogger("sparse_upcycle")
         if not logger.handlers:
@@ -91,8 +99,18 @@ def _run(args, overrides) -> int:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    if args.command == "train":
+        from sparse_upcycle.train import dump_json, train_and_evaluate
+
         result = train_and_evaluate(config, args.workdir)
         print(dump_json(result))
+        return 0
+    if args.command == "compare":
+        from sparse_upcycle.compare import run_compare
+
+        report = run_compare(config, args.workdir)
+        print(report["markdown"])
+        print(f"plot: {report['files']['png']}")
         return 0
     if args.command == "upcycle":
         info = surgeon.upcycle(
@@ -130,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     class TrainingError(Exception):
         pass
 
-    if args.command == "train":
+    if args.command in ("train", "compare"):
         from sparse_upcycle.train import TrainingError
+    from sparse_upcycle.compare import Preempted
+
     try:
         return _run(args, overrides)
+    except Preempted as e:
+        print(f"sparse-upcycle: {e}", file=sys.stderr)
+        return 0
     except TrainingError as e:
         print(f"sparse-upcycle: error: {e}", file=sys.stderr)
         return 1

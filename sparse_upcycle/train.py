@@ -73,7 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = optim.default_optimizer_config("adafactor")
     c.loss = ml_collections.ConfigDict({"z_loss": 1e-4, "label_smoothing": 0.0})
     c.log_every = 10
-    c.eval_every = 100
+    c.eval_every = 100  # <= 0: only at eval_at and at the end
+    c.eval_at = []  # extra steps to evaluate at (matched compute points of `compare`)
     c.eval_steps = 4
     c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async": True})
     c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # None: measure it
@@ -284,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- loop
     total = int(config.total_steps)
     log_every, eval_every = int(config.get("log_every", 10)), int(config.get("eval_every", 100))
+    eval_at = {int(s) for s in config.get("eval_at", ())}
     batch_shapes = None
     peak = config.get("peak_flops") or flops_lib.measure_peak_flops(size=1024, repeats=3)
     progress = Progress(total, start_step, every=log_every)
@@ -357,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         train_metrics[f"expert_load/{name}"] = row
                     writer.write(done, train_metrics, split="train")
                 progress.update(done, {"loss": metrics["loss"]})
-                if done % eval_every == 0 or done == total:
+                if (eval_every > 0 and done % eval_every == 0) or done == total or done in eval_at:
                     eval_metrics = evaluate(state["params"])
                     writer.write(done, eval_metrics, split="eval")
                     progress.write(

@@ -1,7 +1,45 @@
 """Input pipelines. Every pipeline yields numpy batches (this process's slice of the global
 batch) and has a JSON-serialisable ``get_state``/``set_state``, which the trainer saves with
-each checkpoint so that a resumed run sees exactly the batches an uninterrupted one would."""
+each checkpoint so that a resumed run sees exactly the batches an uninterrupted one would.
 
-from sparse_upcycle.data.synthetic import SyntheticSource, make_pipeline
+``data.name`` picks one: ``synthetic`` (tests, benchmarks), ``fashion_mnist`` (ViT; Debian
+``dataset-fashion-mnist``), ``text`` (T5 span corruption / decoder LM on an English corpus;
+Debian ``python3.11-doc``)."""
 
-__all__ = ["SyntheticSource", "make_pipeline"]
+import importlib
+
+from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
+from sparse_upcycle.data.synthetic import SyntheticSource, make_synthetic_pipeline
+
+# name -> (module, builder); modules are imported when their data set is asked for.
+BUILDERS = {
+    "synthetic": ("sparse_upcycle.data.synthetic", "make_synthetic_pipeline"),
+    "fashion_mnist": ("sparse_upcycle.data.fashion_mnist", "make_fashion_mnist_pipeline"),
+    "text": ("sparse_upcycle.data.text", "make_text_pipeline"),
+}
+
+
+def make_pipeline(data_config, family, model_config, split, *, process_index=0, process_count=1):
+    """The pipeline ``data_config.name`` names, with shapes taken from the model config."""
+    name = data_config.get("name", "synthetic")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown data.name {name!r}; known: {sorted(BUILDERS)}")
+    module, builder = BUILDERS[name]
+    build = getattr(importlib.import_module(module), builder)
+    return build(
+        data_config,
+        family,
+        model_config,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+__all__ = [
+    "DataUnavailable",
+    "GrainPipeline",
+    "SyntheticSource",
+    "make_pipeline",
+    "make_synthetic_pipeline",
+]

@@ -122,7 +122,7 @@ class Pipeline:
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def make_pipeline(
+def make_synthetic_pipeline(
     data_config,
     family: str,
     model_config,
@@ -133,8 +133,6 @@ def make_pipeline(
 ) -> Pipeline:
     """The pipeline a config's ``data`` block asks for (``name: "synthetic"``), with shapes
     taken from the model config (vocabulary, image size, classes)."""
-    if data_config.get("name", "synthetic") != "synthetic":
-        raise ValueError(f"unknown data.name {data_config.name!r}; known: ['synthetic']")
     kwargs = dict(task=TASKS[family], split=split, seed=data_config.get("seed", 0))
     if family == "vit":
         h, w = model_config.image_size

@@ -1,0 +1,263 @@
+"""``sparse-upcycle compare``: does upcycling pay? Dense continuation vs upcycled vs MoE from
+scratch at equal extra training compute (Komatsuzaki et al. 2023, Figure 2).
+
+1. A dense model is pre-trained (``pretrain``), or an existing one is reused
+   (``dense_checkpoint``, any format the surgeon reads). Its training FLOPs are the unit of
+   the x-axis: "extra compute as a fraction of the dense pre-training cost".
+2. Every arm gets the same extra budget, ``extra_compute`` × that cost, in *model training
+   FLOPs* (``flops.model_flops_per_step``: 3 × the forward matmul FLOPs, MoE layers counted
+   with their real expert capacity). An arm's step count is the budget divided by its FLOPs per
+   step, so the MoE arms take fewer steps than the dense one. Wall time is measured as well.
+3. Arms (``arms``: name -> ``kind`` + dotted ``overrides`` of its training config):
+   ``dense`` continues the dense checkpoint; ``upcycle`` upcycles it in memory with the
+   ``upcycle`` recipe (online upcycling, ``init_from``); ``scratch`` trains the same MoE from
+   random weights. Each arm runs once per seed (``seeds``: the data order, the router and,
+   for ``scratch``, all weights), and is evaluated on the held-out split at ``num_points``
+   matched compute points (k / num_points of the budget, k = 1 … num_points).
+4. ``report.json``, ``report.md`` and ``report.png`` are written to the workdir.
+
+Resuming: each run lives in ``WORKDIR/<run>/`` and writes ``result.json`` when it finishes; a
+finished run is read back, not recomputed, and an unfinished one resumes from its latest
+checkpoint (the trainer's own resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+
+import ml_collections
+
+from sparse_upcycle import flops as flops_lib
+from sparse_upcycle.config import ConfigError
+
+log = logging.getLogger("sparse_upcycle.compare")
+
+
+class Preempted(RuntimeError):
+    """A run stopped on SIGTERM after saving; rerunning the same command resumes it."""
+
+
+KINDS = ("dense", "upcycle", "scratch")
+
+
+def default_compare_config() -> ml_collections.ConfigDict:
+    """Every ``compare`` field with its default; ``configs/compare_*.py`` start from this."""
+    from sparse_upcycle.train import default_config
+
+    c = ml_collections.ConfigDict()
+    c.train = default_config()  # shared by all runs: model (dense), data, loss, eval, mesh
+    c.train.eval_every = 0
+    c.pretrain = ml_collections.ConfigDict({"steps": 1000, "optimizer": c.train.optimizer})
+    c.dense_checkpoint = ""  # reuse this dense checkpoint instead of pre-training
+    c.dense_checkpoint_format = "auto"
+    c.upcycle = ml_collections.ConfigDict({"method": "copy", "num_experts": 8})
+    c.extra_compute = 0.5  # the extra budget, as a fraction of the dense pre-training FLOPs
+    c.num_points = 4
+    c.seeds = [0, 1, 2]
+    c.arms = ml_collections.ConfigDict(
+        {
+            "dense": {"kind": "dense", "overrides": {}},
+            "upcycled": {"kind": "upcycle", "overrides": {}},
+            "moe_scratch": {"kind": "scratch", "overrides": {}},
+        }
+    )
+    return c
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+        if name not in node:
+            raise ConfigError(f"arm override {dotted!r}: no field {name!r}")
+        node = node[name]
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"arm override {dotted!r}: {e}") from None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def _read_evals(workdir: str) -> list[dict]:
+    rows = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("split") == "eval":
+                rows[int(row["step"])] = {
+                    "step": int(row["step"]),
+                    "loss": row["loss"],
+                    "accuracy": row["accuracy"],
+                }
+    return [rows[s] for s in sorted(rows)]
+
+
+def _step_flops(cfg) -> tuple[int, str, object]:
+    """(training FLOPs per step, family, model config) of a run config, from one real batch."""
+    from sparse_upcycle.data import make_pipeline
+    from sparse_upcycle.task import resolve_model
+
+    spec = resolve_model(cfg, None)
+    try:
+        batch = next(make_pipeline(cfg.data, spec.family, spec.config, "train"))
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    shapes = {k: v.shape for k, v in batch.items()}
+    return int(flops_lib.model_flops_per_step(spec.family, spec.config, shapes)["total"]), spec
+
+
+def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.ConfigDict:
+    kind = arm.get("kind", "")
+    if kind not in KINDS:
+        raise ConfigError(f"arms.{name}.kind must be one of {KINDS}, got {kind!r}")
+    cfg = copy.deepcopy(c.train)
+    cfg.seed = seed
+    cfg.data.seed = seed
+    if kind == "dense":
+        cfg.init_from = init_from
+    else:
+        cfg.upcycle = copy.deepcopy(c.upcycle)
+        cfg.upcycle.seed = seed
+        cfg.init_from = init_from if kind == "upcycle" else "scratch"
+    cfg.init_format = c.get("dense_checkpoint_format", "auto") if kind != "scratch" else "auto"
+    for key, value in (arm.get("overrides") or {}).items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def _run(cfg, workdir: str, label: str) -> dict:
+    """One training run, or its recorded result when it has finished before."""
+    from sparse_upcycle.train import train_and_evaluate
+
+    done_path = os.path.join(workdir, "result.json")
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            result = json.load(f)
+        log.info(f"{label}: finished before, reading {done_path}")
+        return result
+    os.makedirs(workdir, exist_ok=True)
+    start = time.perf_counter()
+    out = train_and_evaluate(cfg, workdir)
+    if out["status"] != "done":
+        raise Preempted(
+            f"{label}: {out['status']} at step {out['step']}; rerun the same command to resume"
+        )
+    result = {
+        "steps": out["step"],
+        "wall_seconds": time.perf_counter() - start,  # this session's part, if resumed
+        "evals": _read_evals(workdir),
+    }
+    _write_json(done_path, result)
+    return result
+
+
+def _schedule_length(cfg, steps: int) -> None:
+    """Decaying schedules (cosine, linear) end at the run's own last step."""
+    if cfg.optimizer.get("schedule") in ("cosine", "linear"):
+        cfg.optimizer.decay_steps = steps
+
+
+def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) every run of the experiment and write the report; returns report.json's
+    content."""
+    from sparse_upcycle.report import write_report
+
+    if not c.seeds:
+        raise ConfigError("seeds is empty")
+    if not c.extra_compute > 0 or int(c.num_points) < 1:
+        raise ConfigError("extra_compute must be > 0 and num_points >= 1")
+    os.makedirs(workdir, exist_ok=True)
+    c = copy.deepcopy(c)
+    if c.train.get("peak_flops") is None:  # measured once for all runs (MFU in metrics)
+        c.train.peak_flops = flops_lib.measure_peak_flops(size=1024, repeats=3)
+
+    # ---------------------------------------------------------------- the dense model
+    dense_cfg = copy.deepcopy(c.train)
+    dense_cfg.init_from = "scratch"
+    dense_cfg.total_steps = int(c.pretrain.steps)
+    dense_cfg.optimizer = copy.deepcopy(c.pretrain.optimizer)
+    _schedule_length(dense_cfg, dense_cfg.total_steps)
+    dense_flops, dense_spec = _step_flops(dense_cfg)
+    if c.dense_checkpoint:
+        init_from = c.dense_checkpoint
+        pretrain = {"steps": int(c.pretrain.steps), "evals": [], "wall_seconds": None}
+        log.info(f"dense model: {init_from} (pre-training steps taken as {c.pretrain.steps})")
+    else:
+        plan = f"pre-training the dense model: {dense_cfg.total_steps} steps"
+        log.info(plan)
+        pretrain = _run(dense_cfg, os.path.join(workdir, "pretrain"), plan)
+        init_from = os.path.join(workdir, "pretrain", "checkpoints", str(pretrain["steps"]))
+    dense_cost = dense_flops * int(pretrain["steps"])
+    budget = float(c.extra_compute) * dense_cost
+
+    # ---------------------------------------------------------------- the arms
+    runs = []
+    for name, arm in c.arms.items():
+        for seed in c.seeds:
+            cfg = _arm_config(c, name, arm, int(seed), init_from)
+            step_flops, _ = _step_flops(cfg)
+            steps = max(1, round(budget / step_flops))
+            points = sorted(
+                {
+                    max(1, round(k / c.num_points * budget / step_flops))
+                    for k in range(1, c.num_points + 1)
+                }
+            )
+            cfg.total_steps = steps
+            cfg.eval_at = points
+            cfg.eval_every = 0
+            _schedule_length(cfg, steps)
+            runs.append((name, arm, int(seed), cfg, step_flops))
+
+    results = []
+    for i, (name, arm, seed, cfg, step_flops) in enumerate(runs, 1):
+        label = (
+            f"[{i}/{len(runs)}] {name} seed {seed}: {cfg.total_steps} steps of "
+            f"{step_flops / 1e9:.2f} GFLOPs"
+        )
+        log.info(label)
+        result = _run(cfg, os.path.join(workdir, f"{name}", f"seed_{seed}"), label)
+        for row in result["evals"]:
+            row["extra_flops"] = row["step"] * step_flops
+            row["fraction"] = row["extra_flops"] / dense_cost
+        results.append(
+            {
+                "arm": name,
+                "kind": arm.get("kind"),
+                "seed": seed,
+                "step_flops": step_flops,
+                **result,
+            }
+        )
+
+    report = {
+        "dense": {
+            "checkpoint": init_from,
+            "steps": int(pretrain["steps"]),
+            "step_flops": dense_flops,
+            "cost_flops": dense_cost,
+            "wall_seconds": pretrain.get("wall_seconds"),
+            "evals": pretrain.get("evals", []),
+            "family": dense_spec.family,
+        },
+        "extra_compute": float(c.extra_compute),
+        "budget_flops": budget,
+        "seeds": [int(s) for s in c.seeds],
+        "arms": {
+            name: dict(arm.get("overrides") or {}, kind=arm.get("kind"))
+            for name, arm in c.arms.items()
+        },
+        "runs": results,
+    }
+    return write_report(report, workdir)

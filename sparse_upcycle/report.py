@@ -1,0 +1,198 @@
+"""The report of a ``compare`` experiment: ``report.json`` (every run's evaluations and the
+aggregates), ``report.md`` (the table and the verdicts) and ``report.png`` (validation loss
+and accuracy vs extra compute as a fraction of the dense pre-training cost, mean over seeds
+with a ±1 standard deviation band; Komatsuzaki et al. 2023, Figure 2 style).
+
+Spread: the sample standard deviation over seeds (ddof = 1). A verdict says an arm beats or
+loses to another when the difference of the seed means exceeds the larger of the two arms'
+standard deviations, and "within the seed spread" otherwise; it is a plain rule of thumb, not a
+significance test, and the table gives the numbers to judge by.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def _mean_std(values) -> tuple[float, float]:
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(report: dict) -> dict:
+    """Per arm: the curve (mean/std over seeds at each matched compute point) and the final
+    point."""
+    arms: dict[str, dict] = {}
+    for run in report["runs"]:
+        arms.setdefault(run["arm"], {"kind": run["kind"], "runs": []})["runs"].append(run)
+    out = {}
+    for name, arm in arms.items():
+        by_step: dict[int, list[dict]] = {}
+        for run in arm["runs"]:
+            for row in run["evals"]:
+                by_step.setdefault(row["step"], []).append(row)
+        curve = []
+        for step in sorted(by_step):
+            rows = by_step[step]
+            loss, loss_sd = _mean_std([r["loss"] for r in rows])
+            acc, acc_sd = _mean_std([r["accuracy"] for r in rows])
+            curve.append(
+                {
+                    "step": step,
+                    "fraction": rows[0]["fraction"],
+                    "extra_flops": rows[0]["extra_flops"],
+                    "loss": loss,
+                    "loss_std": loss_sd,
+                    "accuracy": acc,
+                    "accuracy_std": acc_sd,
+                    "seeds": len(rows),
+                }
+            )
+        walls = [r["wall_seconds"] for r in arm["runs"] if r.get("wall_seconds") is not None]
+        out[name] = {
+            "kind": arm["kind"],
+            "steps": arm["runs"][0]["steps"],
+            "step_flops": arm["runs"][0]["step_flops"],
+            "wall_seconds": float(np.mean(walls)) if walls else None,
+            "curve": curve,
+            "final": curve[-1] if curve else None,
+            "final_per_seed": {str(r["seed"]): r["evals"][-1] for r in arm["runs"] if r["evals"]},
+        }
+    return out
+
+
+def _verdict(name_a: str, a: dict, name_b: str, b: dict) -> dict:
+    fa, fb = a["final"], b["final"]
+    gap = fa["accuracy"] - fb["accuracy"]
+    loss_gap = fa["loss"] - fb["loss"]
+    spread = max(fa["accuracy_std"], fb["accuracy_std"])
+    if abs(gap) > spread and fa["seeds"] > 1 and fb["seeds"] > 1:
+        word = "beats" if gap > 0 else "loses to"
+    else:
+        word = "is within the seed spread of"
+    text = (
+        f"{name_a} {word} {name_b}: accuracy {fa['accuracy']:.4f} vs {fb['accuracy']:.4f} "
+        f"({gap:+.4f}; larger seed std {spread:.4f}), loss {fa['loss']:.4f} vs "
+        f"{fb['loss']:.4f} ({loss_gap:+.4f})"
+    )
+    return {
+        "a": name_a,
+        "b": name_b,
+        "accuracy_gap": gap,
+        "loss_gap": loss_gap,
+        "spread": spread,
+        "verdict": word,
+        "text": text,
+    }
+
+
+def verdicts(arms: dict) -> list[dict]:
+    """Each MoE arm against dense continuation; each upcycled arm against MoE from scratch."""
+    dense = [n for n, a in arms.items() if a["kind"] == "dense"]
+    scratch = [n for n, a in arms.items() if a["kind"] == "scratch"]
+    out = []
+    for name, arm in arms.items():
+        if arm["kind"] == "dense" or not arm["final"]:
+            continue
+        for other in dense + (scratch if arm["kind"] == "upcycle" else []):
+            if arms[other]["final"]:
+                out.append(_verdict(name, arm, other, arms[other]))
+    return out
+
+
+def markdown(report: dict) -> str:
+    d = report["dense"]
+    lines = [
+        "# Upcycling comparison",
+        "",
+        f"Dense model: {d['steps']} pre-training steps, {d['cost_flops']:.3g} training FLOPs "
+        f"({d['family']}). Extra budget per arm: {report['extra_compute']:g} × that "
+        f"({report['budget_flops']:.3g} FLOPs). Seeds: {report['seeds']}.",
+    ]
+    if d["evals"]:
+        last = d["evals"][-1]
+        lines.append(
+            f"Dense checkpoint on the held-out split: loss {last['loss']:.4f}, "
+            f"accuracy {last['accuracy']:.4f}."
+        )
+    lines += [
+        "",
+        "| arm | kind | steps | extra FLOPs (× dense) | wall time / seed | "
+        "val loss (mean ± std) | val accuracy (mean ± std) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in report["aggregate"].items():
+        f = arm["final"]
+        if not f:
+            continue
+        wall = f"{arm['wall_seconds']:.0f} s" if arm["wall_seconds"] is not None else "—"
+        lines.append(
+            f"| {name} | {arm['kind']} | {arm['steps']} | {f['extra_flops']:.3g} "
+            f"({f['fraction']:.3f}) | {wall} | {f['loss']:.4f} ± {f['loss_std']:.4f} | "
+            f"{f['accuracy']:.4f} ± {f['accuracy_std']:.4f} |"
+        )
+    lines += ["", "At the end of the budget:", ""]
+    lines += [f"- {v['text']}" for v in report["verdicts"]]
+    lines += [
+        "",
+        "Wall time includes compilation and the evaluations. Matched compute points "
+        "(validation at k/N of the budget) are in `report.json` and `report.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    start = report["dense"]["evals"][-1] if report["dense"]["evals"] else None
+    for i, (name, arm) in enumerate(report["aggregate"].items()):
+        color = f"C{i}"
+        curve = list(arm["curve"])
+        if start is not None and arm["kind"] != "scratch":
+            curve = [{**start, "fraction": 0.0, "loss_std": 0.0, "accuracy_std": 0.0}] + curve
+        x = np.array([p["fraction"] for p in curve])
+        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+            y = np.array([p[key] for p in curve])
+            sd = np.array([p[f"{key}_std"] for p in curve])
+            ax.plot(x, y, marker="o", ms=3, color=color, label=f"{name} ({arm['kind']})")
+            ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.2, linewidth=0)
+    for ax, key in zip(axes, ("validation loss", "validation accuracy"), strict=True):
+        ax.set_xlabel("extra compute (fraction of dense pre-training FLOPs)")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    n = len(report["seeds"])
+    fig.suptitle(f"{report['dense']['family']}: mean over {n} seeds, band = ±1 std", fontsize=10)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, workdir: str) -> dict:
+    """Add the aggregates and verdicts to ``report`` and write the three files."""
+    report = dict(report)
+    report["aggregate"] = aggregate(report)
+    report["verdicts"] = verdicts(report["aggregate"])
+    paths = {k: os.path.join(workdir, f"report.{k}") for k in ("json", "md", "png")}
+    report["files"] = paths
+    tmp = f"{paths['json']}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    os.replace(tmp, paths["json"])
+    text = markdown(report)
+    with open(paths["md"] + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(paths["md"] + ".tmp", paths["md"])
+    plot(report, paths["png"])
+    report["markdown"] = text
+    return report
