@@ -1,0 +1,404 @@
+"""English text for T5 (span corruption) and decoder-only (packed LM) models.
+
+Corpus: the Python 3.11 documentation sources shipped by the Debian package ``python3.11-doc``
+(497 reStructuredText files, ~11 MB, PSF License; see /usr/share/doc/python3.11/copyright).
+Every ``*.txt`` file under ``corpus_dir`` is one document.
+
+* **Splits are by document**: bucket = first 8 hex digits of sha256(relative path) mod 100;
+  buckets 0-4 are validation, 5-9 test, the rest train. No document straddles two splits.
+* **Vocabulary**: a SentencePiece unigram model trained locally on the train documents only,
+  with T5's special ids (pad 0, eos 1, unk 2, no bos), single-threaded and unshuffled so that
+  the same corpus always gives the same model. Each split is then one int32 *stream*: its
+  documents (sorted by path) encoded and concatenated, each followed by EOS = 1. The model and
+  the streams are cached under ``cache_dir/text/<corpus sha256>-<pieces>/``; every file or
+  directory there is written under a temporary name and renamed, so a killed run leaves no
+  half-written cache.
+* **Sentinels** follow T5: the model vocabulary is ``pieces + extra_ids`` and sentinel ``k``
+  (``<extra_id_k>``) is id ``pieces + extra_ids - 1 - k``.
+* **Span corruption** (T5, Raffel et al. 2020, JMLR 21(140), §3.1.4 and §3.3.4; formulas from
+  ``t5.data.preprocessors.random_spans_helper`` / ``random_spans_noise_mask``, re-written here
+  in numpy): example ``i`` is the raw chunk ``stream[i·L : (i+1)·L]``, where ``L`` is the
+  largest length whose corrupted input, with EOS, fits ``seq_len``. In a chunk of ``L`` tokens
+  ``round(L·noise_density)`` are noise, in ``round(noise / mean_noise_span_length)`` spans;
+  non-noise and noise spans alternate, starting with non-noise, and all such masks are equally
+  likely. Each noise span becomes one sentinel in the input (sentinels 0, 1, … in order); the
+  target is each span's sentinel followed by the span. Both end with EOS and are padded with 0.
+  Unlike T5 (which splits documents), chunks run across document boundaries (EOS between).
+  T5's ``noise_density == 0.5`` length hack is left out, so the input is always ``seq_len``.
+* **Packed LM**: example ``i`` is the window ``w = stream[i·S : i·S + S + 1]``; tokens
+  ``w[:-1]``, targets ``w[1:]``, all weights 1.
+
+Randomness: the train split is shuffled (a new permutation each epoch) and corrupted with the
+generator grain derives from ``seed`` and the example's position in the repeated stream (see
+``pipeline.py``); validation and test are neither shuffled nor re-drawn: example ``i`` is
+corrupted with ``numpy.random.default_rng([seed, split_id, i])`` inside the source, so every
+evaluation sees the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
+
+log = logging.getLogger("sparse_upcycle.data.text")
+
+CORPUS_DIR = "/usr/share/doc/python3.11/html/_sources"
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+_CACHE_FORMAT = 1  # bump when the vocabulary settings or the cache layout change
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents and splits
+# ----------------------------------------------------------------------------------------------
+
+
+def list_documents(corpus_dir: str | os.PathLike) -> list[str]:
+    """Sorted relative paths (``/``-separated) of the ``*.txt`` files under ``corpus_dir``."""
+    root = pathlib.Path(corpus_dir)
+    docs = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.txt") if p.is_file())
+    if not docs:
+        raise DataUnavailable(
+            f"text corpus not found at {root}; install it with: apt-get install python3.11-doc"
+        )
+    return docs
+
+
+def split_of(relpath: str) -> str:
+    """The split a document belongs to, from a hash of its relative path alone."""
+    bucket = int(hashlib.sha256(relpath.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "validation" if bucket < 5 else "test" if bucket < 10 else "train"
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SPARSE_UPCYCLE_CACHE") or os.path.expanduser("~/.cache/sparse_upcycle")
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary and token streams (cached)
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_vocab(lines: list[str], vocab_size: int) -> bytes:
+    """Serialized SentencePiece unigram model with T5's special ids; the same bytes for the
+    same input (no file names are recorded in it)."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        num_threads=1,
+        input_sentence_size=0,  # use every line, in order: no sampling, no shuffling
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def prepare_corpus(
+    corpus_dir: str | os.PathLike, vocab_size: int, cache_dir: str | os.PathLike
+) -> pathlib.Path:
+    """The cache entry holding ``spm.model`` and ``{split}.npy``; builds what is missing."""
+    root = pathlib.Path(corpus_dir)
+    docs = list_documents(root)
+    raw = {rel: (root / rel).read_bytes() for rel in docs}
+    digest = hashlib.sha256(f"format {_CACHE_FORMAT}\0".encode())
+    for rel in docs:  # the key covers names and contents, so any edit means a new entry
+        digest.update(rel.encode() + b"\0" + raw[rel] + b"\0")
+    entry = pathlib.Path(cache_dir) / "text" / f"{digest.hexdigest()[:16]}-{vocab_size}"
+    texts = {rel: raw[rel].decode("utf-8", errors="replace") for rel in docs}
+    by_split = {s: [rel for rel in docs if split_of(rel) == s] for s in SPLITS}
+
+    if not (entry / "spm.model").exists():
+        lines = [ln.strip() for rel in by_split["train"] for ln in texts[rel].splitlines()]
+        lines = [ln for ln in lines if ln]
+        size = f"{sum(len(ln.encode()) for ln in lines) / 1e6:.1f} MB"
+        log.info(
+            f"training a SentencePiece vocabulary of {vocab_size} pieces on {size} "
+            f"({len(by_split['train'])} train documents); cached at {entry}"
+        )
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+        try:
+            start = time.perf_counter()
+            (tmp / "spm.model").write_bytes(_train_vocab(lines, vocab_size))
+            sp = load_vocab(tmp)  # and the pieces as text, for people
+            rows = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(len(sp))]
+            (tmp / "spm.vocab").write_text("".join(rows), encoding="utf-8")
+            log.info("vocabulary trained in %.1f s", time.perf_counter() - start)
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process finished first; the models are identical
+                if not (entry / "spm.model").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    sp = None
+    for split, rels in by_split.items():
+        path = entry / f"{split}.npy"
+        if path.exists():
+            continue
+        if sp is None:
+            sp = load_vocab(entry)
+        start = time.perf_counter()
+        encoded = sp.encode([texts[rel] for rel in rels])
+        stream = np.array([t for ids in encoded for t in [*ids, EOS_ID]], np.int32)
+        _save_npy(path, stream)
+        seconds = time.perf_counter() - start
+        log.info(f"tokenised {split}: {len(rels)} documents, {stream.size} tokens, {seconds:.1f} s")
+    return entry
+
+
+def load_vocab(entry: pathlib.Path):
+    """The cached ``sentencepiece.SentencePieceProcessor`` (for decoding and inspection)."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(entry / "spm.model"))
+
+
+def load_stream(entry: pathlib.Path, split: str) -> np.ndarray:
+    return np.load(entry / f"{split}.npy", mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------------------------
+# T5 span corruption
+# ----------------------------------------------------------------------------------------------
+
+
+def _span_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) in ``length`` tokens, with T5's guards against degeneracy."""
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_spans = max(int(round(num_noise / mean_span)), 1)
+    return num_noise, min(num_spans, num_noise, length - num_noise)
+
+
+def random_spans_helper(
+    inputs_length: int, noise_density: float, mean_noise_span_length: float
+) -> tuple[int, int]:
+    """(raw tokens per example, targets length) so that the corrupted input plus EOS is
+    exactly ``inputs_length`` long; the targets length counts sentinels and EOS."""
+
+    def lengths(tokens: int) -> tuple[int, int]:
+        noise, spans = _span_counts(tokens, noise_density, mean_noise_span_length)
+        return tokens - noise + spans + 1, noise + spans + 1
+
+    if inputs_length < 3 or not 0 < noise_density < 1:
+        raise ValueError(f"no span corruption of {inputs_length} tokens at density {noise_density}")
+    tokens = inputs_length - 1
+    # Growing the chunk by one token grows the input by 0 or 1, so this stops at equality.
+    while lengths(tokens + 1)[0] <= inputs_length:
+        tokens += 1
+    return tokens, lengths(tokens)[1]
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
+    """Lengths of a uniformly random split of ``num_items`` into ``num_segments`` non-empty
+    parts: choose ``num_segments - 1`` of the ``num_items - 1`` gaps as cuts."""
+    cuts = np.sort(rng.choice(num_items - 1, num_segments - 1, replace=False)) + 1
+    return np.diff(np.concatenate([[0], cuts, [num_items]]))
+
+
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Boolean ``[length]`` mask, True on noise: alternating non-noise/noise spans, starting with
+    non-noise, with T5's counts (``_span_counts``); all such masks are equally likely."""
+    if noise_density == 0.0:
+        return np.zeros(length, bool)
+    padded = max(length, 2)  # as T5: avoid degenerate counts, then cut back
+    num_noise, num_spans = _span_counts(padded, noise_density, mean_noise_span_length)
+    noise = _random_segmentation(num_noise, num_spans, rng)
+    nonnoise = _random_segmentation(padded - num_noise, num_spans, rng)
+    span_lengths = np.stack([nonnoise, noise], axis=1).reshape(-1)
+    return np.repeat(np.tile([False, True], num_spans), span_lengths)[:length]
+
+
+def span_corrupt(
+    tokens: np.ndarray,
+    noise_mask: np.ndarray,
+    first_sentinel: int,
+    inputs_len: int,
+    targets_len: int,
+) -> dict[str, np.ndarray]:
+    """T5 model features of one raw chunk; noise span ``k`` becomes ``first_sentinel - k``."""
+    tokens = np.asarray(tokens, np.int32)
+    span_start = noise_mask & ~np.concatenate([[False], noise_mask[:-1]])
+    sentinel = first_sentinel - (np.cumsum(span_start) - 1)
+    inputs = np.where(span_start, sentinel, tokens)[~noise_mask | span_start]
+    noise_pos = np.flatnonzero(noise_mask)
+    targets = np.insert(
+        tokens[noise_pos], np.flatnonzero(span_start[noise_pos]), sentinel[span_start]
+    )
+
+    def finish(seq: np.ndarray, length: int, name: str) -> np.ndarray:
+        seq = np.append(seq, EOS_ID).astype(np.int32)
+        if seq.size > length:
+            raise ValueError(f"{name} need {seq.size} tokens but have room for {length}")
+        return np.pad(seq, (0, length - seq.size))
+
+    targets = finish(targets, targets_len, "targets")
+    return {
+        "encoder_input_tokens": finish(inputs, inputs_len, "inputs"),
+        "decoder_target_tokens": targets,
+        "decoder_input_tokens": np.concatenate([[0], targets[:-1]]).astype(np.int32),
+        "decoder_loss_weights": (targets != PAD_ID).astype(np.float32),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-access sources and the pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PackedLMSource:
+    """Next-token prediction over consecutive windows of a token stream."""
+
+    stream: np.ndarray
+    seq_len: int
+
+    def __len__(self) -> int:
+        return max(len(self.stream) - 1, 0) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s = self.seq_len
+        w = np.asarray(self.stream[i * s : i * s + s + 1], np.int32)
+        return {"tokens": w[:-1], "targets": w[1:], "weights": np.ones(s, np.float32)}
+
+
+@dataclasses.dataclass
+class SpanCorruptionSource:
+    """Raw chunks of a stream; with ``eval_seed`` set they come already corrupted (fixed rng
+    per example), otherwise ``corrupt`` is the pipeline's random transform."""
+
+    stream: np.ndarray
+    seq_len: int
+    target_len: int
+    tokens_length: int
+    noise_density: float
+    mean_noise_span_length: float
+    first_sentinel: int
+    eval_seed: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.stream) // self.tokens_length
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        n = self.tokens_length
+        example = {"tokens": np.asarray(self.stream[i * n : (i + 1) * n], np.int32)}
+        if self.eval_seed is None:
+            return example
+        return self.corrupt(example, np.random.default_rng([*self.eval_seed, i]))
+
+    def corrupt(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        tokens = example["tokens"]
+        mask = random_spans_noise_mask(
+            tokens.size, self.noise_density, self.mean_noise_span_length, rng
+        )
+        return span_corrupt(tokens, mask, self.first_sentinel, self.seq_len, self.target_len)
+
+
+def make_text_pipeline(
+    data_config,
+    family: str,
+    model_config,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> GrainPipeline:
+    """The text pipeline of ``split`` for model ``family`` ("t5" or "decoder").
+
+    ``data_config`` fields (defaults): vocab_size (8000 SentencePiece pieces), extra_ids (100,
+    T5 only), seq_len (512), target_len (computed), noise_density (0.15),
+    mean_noise_span_length (3.0), corpus_dir (``CORPUS_DIR``), cache_dir (env
+    ``SPARSE_UPCYCLE_CACHE`` or ~/.cache/sparse_upcycle), seed (0), batch_size.
+    """
+    get = data_config.get
+    if family not in ("t5", "decoder"):
+        raise ValueError(f"text data is for families 't5' and 'decoder', not {family!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    pieces = int(get("vocab_size", 8000))
+    extra_ids = int(get("extra_ids", 100)) if family == "t5" else 0
+    needed = pieces + extra_ids
+    if model_config.vocab_size < needed:
+        raise ValueError(
+            f"model vocab_size {model_config.vocab_size} is smaller than the text vocabulary "
+            f"({pieces} SentencePiece pieces + {extra_ids} sentinels = {needed})"
+        )
+    entry = prepare_corpus(
+        get("corpus_dir", None) or CORPUS_DIR, pieces, get("cache_dir", None) or default_cache_dir()
+    )
+    stream = load_stream(entry, split)
+    seed, seq_len = int(get("seed", 0)), int(get("seq_len", 512))
+    shuffle_seed = seed if split == "train" else None
+    transform = None
+    if family == "decoder":
+        source = PackedLMSource(stream, seq_len)
+    else:
+        density = float(get("noise_density", 0.15))
+        mean_span = float(get("mean_noise_span_length", 3.0))
+        tokens_length, needed_targets = random_spans_helper(seq_len, density, mean_span)
+        target_len = get("target_len", None) or needed_targets
+        if needed_targets > target_len:
+            raise ValueError(
+                f"span corruption of seq_len {seq_len} needs target_len >= {needed_targets}, "
+                f"got {target_len}"
+            )
+        source = SpanCorruptionSource(
+            stream,
+            seq_len,
+            int(target_len),
+            tokens_length,
+            density,
+            mean_span,
+            first_sentinel=needed - 1,
+            eval_seed=None if split == "train" else (seed, SPLITS[split]),
+        )
+        if split == "train":
+            transform = source.corrupt
+    if len(source) == 0:
+        raise ValueError(
+            f"the {split} split of {entry} has {len(stream)} tokens, too few for one example"
+        )
+    return GrainPipeline(
+        source,
+        int(data_config.batch_size),
+        process_index=process_index,
+        process_count=process_count,
+        shuffle_seed=shuffle_seed,
+        transform=transform,
+        transform_seed=seed,
+    )
