@@ -163,9 +163,11 @@ def _run(cfg, workdir: str, label: str) -> dict:
 
 
 def _schedule_length(cfg, steps: int) -> None:
-    """Decaying schedules (cosine, linear) end at the run's own last step."""
+    """Decaying schedules (cosine, linear) end at the run's own last step; a warmup longer than
+    a tenth of a short run is cut to that tenth."""
     if cfg.optimizer.get("schedule") in ("cosine", "linear"):
         cfg.optimizer.decay_steps = steps
+        cfg.optimizer.warmup_steps = min(int(cfg.optimizer.get("warmup_steps", 0)), steps // 10)
 
 
 def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -191,34 +193,35 @@ def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
     dense_flops, dense_spec = _step_flops(dense_cfg)
     if c.dense_checkpoint:
         init_from = c.dense_checkpoint
-        pretrain = {"steps": int(c.pretrain.steps), "evals": [], "wall_seconds": None}
-        log.info(f"dense model: {init_from} (pre-training steps taken as {c.pretrain.steps})")
     else:
-        plan = f"pre-training the dense model: {dense_cfg.total_steps} steps"
-        log.info(plan)
-        pretrain = _run(dense_cfg, os.path.join(workdir, "pretrain"), plan)
-        init_from = os.path.join(workdir, "pretrain", "checkpoints", str(pretrain["steps"]))
-    dense_cost = dense_flops * int(pretrain["steps"])
+        init_from = os.path.join(workdir, "pretrain", "checkpoints", str(dense_cfg.total_steps))
+    dense_cost = dense_flops * int(c.pretrain.steps)
     budget = float(c.extra_compute) * dense_cost
 
-    # ---------------------------------------------------------------- the arms
+    # ---------------------------------------------------------------- the plan (all arms are
+    # checked before anything is trained)
     runs = []
     for name, arm in c.arms.items():
         for seed in c.seeds:
             cfg = _arm_config(c, name, arm, int(seed), init_from)
             step_flops, _ = _step_flops(cfg)
             steps = max(1, round(budget / step_flops))
-            points = sorted(
-                {
-                    max(1, round(k / c.num_points * budget / step_flops))
-                    for k in range(1, c.num_points + 1)
-                }
-            )
+            points = {
+                round(k / c.num_points * budget / step_flops) for k in range(1, c.num_points + 1)
+            }
             cfg.total_steps = steps
-            cfg.eval_at = points
+            cfg.eval_at = sorted(max(1, p) for p in points)
             cfg.eval_every = 0
             _schedule_length(cfg, steps)
             runs.append((name, arm, int(seed), cfg, step_flops))
+
+    if c.dense_checkpoint:
+        pretrain = {"steps": int(c.pretrain.steps), "evals": [], "wall_seconds": None}
+        log.info(f"dense model: {init_from} (pre-training steps taken as {c.pretrain.steps})")
+    else:
+        plan = f"pre-training the dense model: {dense_cfg.total_steps} steps"
+        log.info(plan)
+        pretrain = _run(dense_cfg, os.path.join(workdir, "pretrain"), plan)
 
     results = []
     for i, (name, arm, seed, cfg, step_flops) in enumerate(runs, 1):

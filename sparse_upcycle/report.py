@@ -69,7 +69,9 @@ def _verdict(name_a: str, a: dict, name_b: str, b: dict) -> dict:
     gap = fa["accuracy"] - fb["accuracy"]
     loss_gap = fa["loss"] - fb["loss"]
     spread = max(fa["accuracy_std"], fb["accuracy_std"])
-    if abs(gap) > spread and fa["seeds"] > 1 and fb["seeds"] > 1:
+    if fa["seeds"] < 2 or fb["seeds"] < 2:
+        word = "(one seed: no spread to judge by) vs"
+    elif abs(gap) > spread:
         word = "beats" if gap > 0 else "loses to"
     else:
         word = "is within the seed spread of"

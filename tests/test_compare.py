@@ -1,0 +1,135 @@
+"""``sparse-upcycle compare``: equal extra FLOPs per arm, matched evaluation points, seeds,
+resuming without recomputation, and the report's numbers (checked against numpy)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sparse_upcycle import compare as compare_lib
+from sparse_upcycle import report as report_lib
+from sparse_upcycle.cli import main
+from sparse_upcycle.config import load_config
+
+HERE = os.path.dirname(__file__)
+CONFIG = os.path.join(HERE, "configs", "compare_tiny.py")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("compare"))
+    report = compare_lib.run_compare(load_config(CONFIG), workdir)
+    return workdir, report
+
+
+def test_every_arm_gets_the_same_extra_flops(finished):
+    _, report = finished
+    budget = report["budget_flops"]
+    assert budget == pytest.approx(1.0 * report["dense"]["cost_flops"])
+    steps = {}
+    for run in report["runs"]:
+        total = run["steps"] * run["step_flops"]
+        # Whole steps: within half a step of the budget.
+        assert abs(total - budget) <= 0.5 * run["step_flops"] + 1
+        steps[run["arm"]] = run["steps"]
+    assert steps["dense"] == report["dense"]["steps"]  # extra_compute 1.0: as many steps
+    assert steps["upcycled"] == steps["moe_scratch"] < steps["dense"]  # MoE steps cost more
+
+
+def test_evaluations_at_matched_compute_points(finished):
+    _, report = finished
+    for run in report["runs"]:
+        fractions = [row["fraction"] for row in run["evals"]]
+        assert len(fractions) == 2
+        step = run["step_flops"] / report["dense"]["cost_flops"]
+        assert fractions[0] == pytest.approx(0.5, abs=step)
+        assert fractions[1] == pytest.approx(1.0, abs=step)
+
+
+def test_seeds_differ_and_arms_differ(finished):
+    _, report = finished
+    finals = {(r["arm"], r["seed"]): r["evals"][-1]["loss"] for r in report["runs"]}
+    assert len(finals) == 6
+    assert finals[("upcycled", 0)] != finals[("upcycled", 1)]
+    assert finals[("moe_scratch", 0)] != finals[("moe_scratch", 1)]
+    assert finals[("dense", 0)] != finals[("dense", 1)]  # data order
+
+
+def test_report_numbers_match_numpy(finished):
+    workdir, report = finished
+    for name in ("dense", "upcycled", "moe_scratch"):
+        runs = [r for r in report["runs"] if r["arm"] == name]
+        acc = np.array([r["evals"][-1]["accuracy"] for r in runs])
+        loss = np.array([r["evals"][-1]["loss"] for r in runs])
+        final = report["aggregate"][name]["final"]
+        assert final["accuracy"] == pytest.approx(acc.mean())
+        assert final["accuracy_std"] == pytest.approx(acc.std(ddof=1))
+        assert final["loss"] == pytest.approx(loss.mean())
+        text = open(os.path.join(workdir, "report.md")).read()
+        assert f"{loss.mean():.4f} ± {loss.std(ddof=1):.4f}" in text
+    on_disk = json.load(open(os.path.join(workdir, "report.json")))
+    assert on_disk["aggregate"].keys() == report["aggregate"].keys()
+    png = open(os.path.join(workdir, "report.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_finished_run_is_not_recomputed(finished, monkeypatch):
+    workdir, report = finished
+    import sparse_upcycle.train as train_lib
+
+    calls = []
+    real = train_lib.train_and_evaluate
+
+    def counting(cfg, wd):
+        calls.append(wd)
+        return real(cfg, wd)
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", counting)
+    again = compare_lib.run_compare(load_config(CONFIG), workdir)
+    assert calls == []
+    assert again["aggregate"] == report["aggregate"]
+    # One arm's result removed: that run alone is redone (it resumes from its checkpoint,
+    # so its evaluations are the same).
+    os.remove(os.path.join(workdir, "upcycled", "seed_1", "result.json"))
+    again = compare_lib.run_compare(load_config(CONFIG), workdir)
+    assert [os.path.relpath(w, workdir) for w in calls] == [os.path.join("upcycled", "seed_1")]
+
+
+def _arm(kind, acc, sd, seeds=3):
+    final = {"accuracy": acc, "accuracy_std": sd, "loss": 1 - acc, "seeds": seeds}
+    return {"kind": kind, "final": final}
+
+
+def test_verdicts():
+    arms = {
+        "dense": _arm("dense", 0.80, 0.01),
+        "up": _arm("upcycle", 0.83, 0.01),
+        "scratch": _arm("scratch", 0.825, 0.01),
+    }
+    by_pair = {(v["a"], v["b"]): v["verdict"] for v in report_lib.verdicts(arms)}
+    assert by_pair == {
+        ("up", "dense"): "beats",
+        ("up", "scratch"): "is within the seed spread of",
+        ("scratch", "dense"): "beats",
+    }
+    arms["dense"] = _arm("dense", 0.80, 0.05)
+    assert report_lib.verdicts(arms)[0]["verdict"] == "is within the seed spread of"
+    arms["up"] = _arm("upcycle", 0.70, 0.01, seeds=1)
+    assert "one seed" in report_lib.verdicts(arms)[0]["verdict"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.arms.dense.kind=bogus", "arms.dense.kind must be one of"),
+        ("--config.seeds=[]", "seeds is empty"),
+        ("--config.extra_compute=0.0", "extra_compute must be > 0"),
+        ("--config.train.data.name=nope", "unknown data.name 'nope'"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys, override, message):
+    code = main(["compare", "--config", CONFIG, "--workdir", str(tmp_path / "w"), override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err, err
