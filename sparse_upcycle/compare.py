@@ -8,7 +8,8 @@ scratch at equal extra training compute (Komatsuzaki et al. 2023, Figure 2).
    FLOPs* (``flops.model_flops_per_step``: 3 × the forward matmul FLOPs, MoE layers counted
    with their real expert capacity). An arm's step count is the budget divided by its FLOPs per
    step, so the MoE arms take fewer steps than the dense one. Wall time is measured as well.
-3. Arms (``arms``: name -> ``kind`` + dotted ``overrides`` of its training config):
+3. Arms (``arms``: name -> ``kind`` + ``overrides``, nested dicts merged into its training
+   config, e.g. ``{"upcycle": {"method": "drop"}, "optimizer": {"learning_rate": 3e-4}}``):
    ``dense`` continues the dense checkpoint; ``upcycle`` upcycles it in memory with the
    ``upcycle`` recipe (online upcycling, ``init_from``); ``scratch`` trains the same MoE from
    random weights. Each arm runs once per seed (``seeds``: the data order, the router and,
@@ -68,17 +69,23 @@ def default_compare_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-        if name not in node:
-            raise ConfigError(f"arm override {dotted!r}: no field {name!r}")
-        node = node[name]
-    try:
-        node[leaf] = value
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"arm override {dotted!r}: {e}") from None
+def _merge(config: ml_collections.ConfigDict, overrides, where: str = "") -> None:
+    """Set ``overrides`` (nested dicts, e.g. ``{"upcycle": {"method": "drop"}}``) in
+    ``config``; a dict meets a sub-config recursively, anything else replaces the field."""
+    for key, value in overrides.items():
+        name = f"{where}{key}"
+        current = config.get(key) if key in config else None
+        if hasattr(value, "items") and isinstance(current, ml_collections.ConfigDict):
+            _merge(current, value, f"{name}.")
+            continue
+        try:
+            config[key] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"arm override {name!r}: {e}") from None
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
 def _write_json(path: str, obj) -> None:
@@ -131,8 +138,7 @@ def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.
         cfg.upcycle.seed = seed
         cfg.init_from = init_from if kind == "upcycle" else "scratch"
     cfg.init_format = c.get("dense_checkpoint_format", "auto") if kind != "scratch" else "auto"
-    for key, value in (arm.get("overrides") or {}).items():
-        _set(cfg, key, value)
+    _merge(cfg, arm.get("overrides") or {})
     return cfg
 
 
@@ -258,7 +264,7 @@ def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "budget_flops": budget,
         "seeds": [int(s) for s in c.seeds],
         "arms": {
-            name: dict(arm.get("overrides") or {}, kind=arm.get("kind"))
+            name: {"kind": arm.get("kind"), "overrides": _plain(arm.get("overrides") or {})}
             for name, arm in c.arms.items()
         },
         "runs": results,

@@ -133,3 +133,27 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, override, message):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_arm_overrides_merge_into_the_run_config():
+    c = load_config(CONFIG)
+    arm = {
+        "kind": "upcycle",
+        "overrides": {"upcycle": {"method": "drop"}, "optimizer": {"learning_rate": 1e-4}},
+    }
+    cfg = compare_lib._arm_config(c, "drop", arm, 2, "/dense")
+    assert cfg.upcycle.method == "drop" and cfg.upcycle.num_experts == 4  # merged, not replaced
+    assert cfg.optimizer.learning_rate == 1e-4 and cfg.optimizer.name == "adamw"
+    assert (cfg.seed, cfg.data.seed, cfg.upcycle.seed, cfg.init_from) == (2, 2, 2, "/dense")
+    scratch = compare_lib._arm_config(c, "s", {"kind": "scratch"}, 0, "/dense")
+    assert scratch.init_from == "scratch" and "upcycle" in scratch
+    dense = compare_lib._arm_config(c, "d", {"kind": "dense"}, 0, "/dense")
+    assert dense.init_from == "/dense" and "upcycle" not in dense
+    with pytest.raises(compare_lib.ConfigError, match="arm override 'optimizer.learning_rate'"):
+        compare_lib._arm_config(
+            c,
+            "x",
+            {"kind": "dense", "overrides": {"optimizer": {"learning_rate": "fast"}}},
+            0,
+            "/d",
+        )
