@@ -1,0 +1,62 @@
+"""The shipped ``compare`` configs: they load in both sizes, describe the paper's arms, and a
+shortened T5 / text run goes through the real pipeline end to end."""
+
+import os
+
+import pytest
+
+from sparse_upcycle import compare as compare_lib
+from sparse_upcycle.config import load_config
+from sparse_upcycle.data import fashion_mnist, text
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+VIT = os.path.join(ROOT, "configs", "compare_vit_fmnist.py")
+T5 = os.path.join(ROOT, "configs", "compare_t5_text.py")
+HAVE_TEXT = os.path.isdir(text.CORPUS_DIR)
+HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
+
+
+@pytest.mark.parametrize("path", [VIT, T5])
+@pytest.mark.parametrize("size", ["tiny", None])
+def test_configs_load_with_three_seeds_and_the_three_arms(path, size):
+    c = load_config(f"{path}:{size}" if size else path)
+    assert len(c.seeds) >= 3 and c.extra_compute > 0
+    assert {a.kind for a in c.arms.values()} == {"dense", "upcycle", "scratch"}
+    assert c.upcycle.method == "copy" and c.upcycle.num_experts >= 8
+    assert "upcycle" not in c.train  # the dense model; arms add the recipe
+    m = c.train.model
+    if m.family == "vit":
+        assert m.moe.router == "expert_choice" and c.train.data.name == "fashion_mnist"
+    else:
+        assert m.encoder_moe.router == "expert_choice" and m.decoder_moe.router == "top_k"
+        assert c.train.data.name == "text"
+        assert m.overrides.vocab_size == c.train.data.vocab_size + c.train.data.extra_ids
+
+
+def test_unknown_size_is_a_config_error():
+    with pytest.raises(compare_lib.ConfigError, match="unknown size"):
+        load_config(f"{VIT}:huge")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_TEXT, reason="python3.11-doc is not installed")
+def test_t5_text_compare_runs_end_to_end(tmp_path):
+    c = load_config(
+        f"{T5}:tiny",
+        [
+            "--config.pretrain.steps=6",
+            "--config.seeds=[0]",
+            "--config.train.eval_steps=1",
+            "--config.train.log_every=3",
+            "--config.num_points=2",
+            f"--config.train.data.cache_dir={tmp_path / 'cache'}",
+            "--config.train.data.vocab_size=500",
+            "--config.train.model.overrides.vocab_size=600",
+        ],
+    )
+    report = compare_lib.run_compare(c, str(tmp_path / "w"))
+    assert set(report["aggregate"]) == {"dense", "upcycled", "moe_scratch"}
+    for run in report["runs"]:
+        assert len(run["evals"]) == 2
+        assert 0 < run["evals"][-1]["accuracy"] < 1
+    assert os.path.exists(report["files"]["png"])
