@@ -147,12 +147,29 @@ def _run(cfg, workdir: str, label: str) -> dict:
     from sparse_upcycle.train import train_and_evaluate
 
     done_path = os.path.join(workdir, "result.json")
+    config_path = os.path.join(workdir, "config.json")
+    settings = cfg.to_dict()
+    settings.pop("peak_flops", None)  # measured anew by each invocation; no effect on training
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            before = json.load(f)
+        if before != json.loads(json.dumps(settings, default=str)):
+            changed = sorted(
+                k
+                for k in set(before) | set(settings)
+                if before.get(k) != json.loads(json.dumps(settings.get(k), default=str))
+            )
+            raise ConfigError(
+                f"{workdir} holds a run of a different config (fields {changed}); use another "
+                "--workdir, or remove that run to redo it"
+            )
     if os.path.exists(done_path):
         with open(done_path) as f:
             result = json.load(f)
         log.info(f"{label}: finished before, reading {done_path}")
         return result
     os.makedirs(workdir, exist_ok=True)
+    _write_json(config_path, json.loads(json.dumps(settings, default=str)))
     start = time.perf_counter()
     out = train_and_evaluate(cfg, workdir)
     if out["status"] != "done":

@@ -157,3 +157,20 @@ def test_arm_overrides_merge_into_the_run_config():
             0,
             "/d",
         )
+
+
+def test_a_changed_config_is_refused_not_mixed_in(finished, capsys):
+    workdir, _ = finished
+    code = main(
+        [
+            "compare",
+            "--config",
+            CONFIG,
+            "--workdir",
+            workdir,
+            "--config.train.optimizer.learning_rate=0.1",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "holds a run of a different config" in err[-1] and "optimizer" in err[-1]
