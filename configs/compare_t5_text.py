@@ -19,7 +19,9 @@ router; ``moe_scratch`` trains the same MoE from random weights. Every arm gets
 
 Sizes (2-core CPU): ``:tiny`` d=64, 2+2 layers, 8 experts, inputs 64 / targets 16, 400
 pre-training steps, +50%; the default d=128, 4+4 layers, 16 experts, inputs 128 / targets 32,
-1,500 pre-training steps, +100%.
+1,000 pre-training steps, +50%: 2.6e14 model training FLOPs in all (47 GFLOPs per dense
+step), which is about 75 minutes at the 60 GFLOP/s the ViT experiment sustained on 2 cores (an
+estimate: this size has not been run to the end yet).
 """
 
 import ml_collections
@@ -31,7 +33,7 @@ from sparse_upcycle.optim import default_optimizer_config
 SIZES = {
     # emb, heads, head_dim, mlp, layers, experts, inputs, targets, pieces, steps, extra, lr
     "tiny": (64, 4, 16, 256, 2, 8, 64, 16, 2000, 400, 0.5, 1e-3),
-    "full": (128, 4, 32, 512, 4, 16, 128, 32, 8000, 1500, 1.0, 1e-3),
+    "full": (128, 4, 32, 512, 4, 16, 128, 32, 8000, 1000, 0.5, 1e-3),
 }
 EXTRA_IDS = 100
 BATCH = 32
