@@ -25,6 +25,7 @@ checkpoint (the trainer's own resume).
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -196,13 +197,27 @@ def _schedule_length(cfg, steps: int) -> None:
 def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) every run of the experiment and write the report; returns report.json's
     content."""
-    from sparse_upcycle.report import write_report
-
     if not c.seeds:
         raise ConfigError("seeds is empty")
     if not c.extra_compute > 0 or int(c.num_points) < 1:
         raise ConfigError("extra_compute must be > 0 and num_points >= 1")
     os.makedirs(workdir, exist_ok=True)
+    # One compare per workdir at a time (a second one would train the same runs into the same
+    # directories); the lock goes with the process, so a killed run leaves none behind.
+    lock = open(os.path.join(workdir, ".compare.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"another compare is running in {workdir}") from None
+    try:
+        return _run_compare(c, workdir)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
     c = copy.deepcopy(c)
     if c.train.get("peak_flops") is None:  # measured once for all runs (MFU in metrics)
         c.train.peak_flops = flops_lib.measure_peak_flops(size=1024, repeats=3)
@@ -286,4 +301,6 @@ def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
         },
         "runs": results,
     }
+    from sparse_upcycle.report import write_report
+
     return write_report(report, workdir)

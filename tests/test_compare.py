@@ -174,3 +174,13 @@ def test_a_changed_config_is_refused_not_mixed_in(finished, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert "holds a run of a different config" in err[-1] and "optimizer" in err[-1]
+
+
+def test_a_second_compare_in_the_same_workdir_is_refused(tmp_path):
+    import fcntl
+
+    os.makedirs(tmp_path / "w")
+    with open(tmp_path / "w" / ".compare.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(compare_lib.ConfigError, match="another compare is running"):
+            compare_lib.run_compare(load_config(CONFIG), str(tmp_path / "w"))
