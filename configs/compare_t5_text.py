@@ -25,10 +25,10 @@ estimate: this size has not been run to the end yet).
 """
 
 import ml_collections
+from _compare_common import set_schedules
 from _t5_common import moe_blocks
 
 from sparse_upcycle.compare import default_compare_config
-from sparse_upcycle.optim import default_optimizer_config
 
 SIZES = {
     # emb, heads, head_dim, mlp, layers, experts, inputs, targets, pieces, steps, extra, lr
@@ -37,17 +37,6 @@ SIZES = {
 }
 EXTRA_IDS = 100
 BATCH = 32
-
-
-def adamw(lr: float, warmup: int, schedule: str) -> ml_collections.ConfigDict:
-    o = default_optimizer_config("adamw")
-    o.learning_rate = lr
-    o.schedule = schedule  # cosine: decay_steps is set by compare to each run's own length
-    o.warmup_steps = warmup
-    o.end_learning_rate_factor = 0.0
-    o.weight_decay = 1e-4
-    o.clip_grad_norm = 1.0
-    return o
 
 
 def get_config(arg=None):
@@ -95,11 +84,7 @@ def get_config(arg=None):
     t.eval_steps = 40
     t.log_every = 50
     t.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 1, "async": True})
-    # Warmup-stable-decay, as configs/compare_vit_fmnist.py: constant-rate pre-training, then
-    # every arm decays from the same peak to 0 over its own budget.
-    t.optimizer = adamw(lr, 20, "cosine")
-    c.pretrain.steps = steps
-    c.pretrain.optimizer = adamw(lr, steps // 10, "constant")
+    set_schedules(c, lr, steps)  # warmup-stable-decay: see configs/_compare_common.py
     c.upcycle = ml_collections.ConfigDict(
         {"method": "copy", "num_experts": experts, "router_init_std": 0.02}
     )

@@ -18,9 +18,9 @@ compute (~7 min); the default width 64, depth 6, 16 experts, 1,500 pre-training 
 """
 
 import ml_collections
+from _compare_common import set_schedules
 
 from sparse_upcycle.compare import default_compare_config
-from sparse_upcycle.optim import default_optimizer_config
 
 SIZES = {
     # width, depth, mlp, heads, experts, pre-training steps, extra compute, peak lr
@@ -28,17 +28,6 @@ SIZES = {
     "full": (64, 6, 256, 4, 16, 1500, 1.0, 1e-3),
 }
 TOKENS = (28 // 4) ** 2
-
-
-def adamw(lr: float, warmup: int, schedule: str) -> ml_collections.ConfigDict:
-    o = default_optimizer_config("adamw")
-    o.learning_rate = lr
-    o.schedule = schedule  # cosine: decay_steps is set by compare to each run's own length
-    o.warmup_steps = warmup
-    o.end_learning_rate_factor = 0.0
-    o.weight_decay = 1e-4
-    o.clip_grad_norm = 1.0
-    return o
 
 
 def get_config(arg=None):
@@ -78,13 +67,7 @@ def get_config(arg=None):
     t.eval_steps = 39
     t.log_every = 50
     t.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 1, "async": True})
-    # Warmup-stable-decay: the dense model is pre-trained at a constant rate after warmup
-    # (no decay, like the rsqrt plateau the paper's checkpoints were on); every arm then
-    # continues at the same peak (a short warmup: its AdamW state starts empty) and decays it
-    # to 0 over its own budget, so no arm is favoured by a schedule restart.
-    t.optimizer = adamw(lr, 20, "cosine")
-    c.pretrain.steps = steps
-    c.pretrain.optimizer = adamw(lr, steps // 10, "constant")
+    set_schedules(c, lr, steps)  # warmup-stable-decay: see configs/_compare_common.py
     c.upcycle = ml_collections.ConfigDict({"method": "copy", "num_experts": experts})
     c.extra_compute = extra
     c.num_points = 4
