@@ -75,6 +75,43 @@ def _build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--config", required=True, help="configs/compare_*.py[:arg]")
     cmp_.add_argument("--workdir", required=True, help="runs and the report")
 
+    exp = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face model (or HF -> our Orbax layout)",
+        description="Export an upcycle/train output to a Hugging Face directory (config.json + "
+        "safetensors): an MoE decoder as MixtralForCausalLM, dense T5/ViT/Llama as their HF "
+        "classes; or (--format orbax) write any readable checkpoint in our layout. A model "
+        "the HF class would compute differently is refused.",
+    )
+    exp.add_argument("--src", required=True, help="upcycle output, HF dir, or checkpoint")
+    exp.add_argument("--dst", required=True, help="output directory")
+    exp.add_argument("--format", default="hf", choices=("hf", "orbax"), help="output format")
+    exp.add_argument("--src-format", default="auto", choices=FORMATS, help="source format")
+    exp.add_argument(
+        "--config",
+        help="CONFIG.py[:arg] describing the model, for a source without one (a train "
+        "checkpoint step directory, T5X, .npz)",
+    )
+    exp.add_argument(
+        "--moe-layout",
+        default="fused",
+        choices=("fused", "per_expert"),
+        help="Mixtral expert tensors: transformers 5.x fused (default) or 4.x per-expert",
+    )
+    exp.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="tensor dtype (auto: the HF source's, else float32)",
+    )
+    exp.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
+    exp.add_argument(
+        "--dropless",
+        action="store_true",
+        help="export an MoE whose evaluation capacity can drop tokens as dropless Mixtral",
+    )
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+
     ins = sub.add_parser("inspect", help="format, tensors, parameter counts, recipe, capacity")
     ins.add_argument("path", help="any checkpoint this tool reads, or an upcycle output")
     ins.add_argument("--format", default="auto", choices=FORMATS)
@@ -87,6 +124,30 @@ def _run(args, overrides) -> int:
 
     if args.command == "inspect":
         print(surgeon.inspect(args.path, args.format))
+        return 0
+    if args.command == "export":
+        from sparse_upcycle.export import export
+
+        config = load_config(args.config, overrides) if args.config else None
+        info = export(
+            args.src,
+            args.dst,
+            args.format,
+            src_format=args.src_format,
+            config=config,
+            moe_layout=args.moe_layout,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            dropless=args.dropless,
+            overwrite=args.overwrite,
+            progress=sys.stderr.isatty(),
+        )
+        detail = (
+            f"{info['architecture']}, {info['dtype']}, {len(info['files'])} safetensors file(s)"
+            if args.format == "hf"
+            else f"{info['family']}, {info['tensors']} tensors"
+        )
+        print(f"wrote {args.dst}: {detail} from {args.src}")
         return 0
     config = load_config(args.config, overrides)
     if args.command in ("train", "compare"):
@@ -140,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (overrides and args.command == "inspect"):
+    if unknown or (
+        overrides and (args.command == "inspect" or (args.command == "export" and not args.config))
+    ):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     from sparse_upcycle.checkpoints.errors import CheckpointError
     from sparse_upcycle.config import ConfigError

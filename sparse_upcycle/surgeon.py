@@ -5,6 +5,7 @@ the MoE parameters with the recipe's rules (``upcycle/rules.py``) tensor by tens
 them into an Orbax checkpoint ``{"params": …, "step": …}`` (about 64 MB of output in memory at a
 time) plus ``recipe.json`` (recipe, model config,
 source, checksums) to a temporary directory that is renamed to ``--dst`` only when complete.
+An HF source's config, tokenizer and generation files go to ``hf_source/`` (see ``export``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 
 import jax
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sparse_upcycle import __version__
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.tree import flatten, unflatten
+from sparse_upcycle.checkpoints.tree import flatten, make_output_tmpdir, unflatten
 from sparse_upcycle.config import ConfigError, model_configs
 from sparse_upcycle.upcycle.rules import Recipe, tile_optimizer_state, upcycle_tree
 
@@ -188,7 +188,7 @@ def upcycle(
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(dst_abs)
     _remove_stale_partials(parent, name)
-    tmp = tempfile.mkdtemp(prefix=f".upcycle-{name}-{os.getpid()}-", dir=parent)
+    tmp = make_output_tmpdir(parent, f".upcycle-{name}-{os.getpid()}-")
     writer = None
     try:
         from sparse_upcycle.checkpoints.orbax import StreamingWriter
@@ -226,6 +226,10 @@ def upcycle(
         }
         with open(os.path.join(tmp, RECIPE_FILE), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, default=str)
+        if source.format == "hf":  # config, tokenizer, … for `export --format hf`
+            from sparse_upcycle.export import save_hf_source
+
+            save_hf_source(source, tmp)
         if os.path.exists(dst):
             shutil.rmtree(dst)
         os.rename(tmp, dst)

@@ -103,7 +103,7 @@ class HFCheckpoint(InMemoryCheckpoint):
             )
         self.model_family = MODEL_TYPES[hf_type]
         maps = _maps(self.model_family)
-        tensors = LazySafetensors(path)  # refuses .bin-only and broken directories first
+        tensors = self.tensors = LazySafetensors(path)  # refuses .bin-only, broken dirs first
         try:
             self.config = maps.config_from_hf(self.hf_config)
             params = maps.from_hf(tensors, self.config)

@@ -169,40 +169,46 @@ def to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fused") 
     """Decoder params (pure dict; numpy or jax arrays) -> an HF state dict of float32 numpy
     arrays. MoE layers are written in transformers 5.x's fused layout (``moe_format="fused"``)
     or Mixtral's per-expert on-disk layout (``"legacy"``)."""
+    _check_shapes(params, abstract_params(config))
+    return dict(iter_to_hf(params, config, moe_format=moe_format))
+
+
+def iter_to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fused"):
+    """``to_hf`` one tensor at a time, ``(hf_name, float32 array)``, reading each parameter
+    only when it is needed (``params`` may be a ``tree.LazyTree``); shapes are not checked."""
     if moe_format not in ("fused", "legacy"):
         raise ValueError(f"moe_format must be 'fused' or 'legacy', got {moe_format!r}")
-    _check_shapes(params, abstract_params(config))
-    sd: dict[str, np.ndarray] = {}
-    sd["model.embed_tokens.weight"] = _f32(params["token_embedder"]["embedding"])
+    yield "model.embed_tokens.weight", _f32(params["token_embedder"]["embedding"])
     sparse = set(config.sparse_layers)
     for i in range(config.num_hidden_layers):
         prefix, layer = _LAYER.format(i=i), params[f"layers_{i}"]
         table = _LAYER_TABLE + (() if i in sparse else _DENSE_MLP_TABLE)
         for suffix, path, transpose in table:
             w = _f32(_get(layer, path))
-            sd[prefix + suffix] = w.T.copy() if transpose else w
+            yield prefix + suffix, (w.T.copy() if transpose else w)
         if i not in sparse:
             continue
         mlp = layer["mlp"]
         router = _f32(mlp["router"]["w"]["kernel"]).T.copy()
-        wi_0, wi_1, wo = (_f32(mlp["expert"][n]["kernel"]) for n in ("wi_0", "wi_1", "wo"))
         if moe_format == "fused":
-            sd[prefix + "mlp.gate.weight"] = router
-            sd[prefix + "mlp.experts.gate_up_proj"] = np.concatenate(
-                [_t_last2(wi_0), _t_last2(wi_1)], axis=1
+            yield prefix + "mlp.gate.weight", router
+            wi_0, wi_1 = (_f32(mlp["expert"][n]["kernel"]) for n in ("wi_0", "wi_1"))
+            yield (
+                prefix + "mlp.experts.gate_up_proj",
+                np.concatenate([_t_last2(wi_0), _t_last2(wi_1)], axis=1),
             )
-            sd[prefix + "mlp.experts.down_proj"] = _t_last2(wo)
+            del wi_0, wi_1
+            yield prefix + "mlp.experts.down_proj", _t_last2(_f32(mlp["expert"]["wo"]["kernel"]))
         else:
             moe = prefix + "block_sparse_moe."
-            sd[moe + "gate.weight"] = router
-            for j in range(wo.shape[0]):
-                sd[f"{moe}experts.{j}.w1.weight"] = wi_0[j].T.copy()
-                sd[f"{moe}experts.{j}.w3.weight"] = wi_1[j].T.copy()
-                sd[f"{moe}experts.{j}.w2.weight"] = wo[j].T.copy()
-    sd["model.norm.weight"] = _f32(params["final_norm"]["scale"])
+            yield moe + "gate.weight", router
+            for hf, ours in (("w1", "wi_0"), ("w3", "wi_1"), ("w2", "wo")):
+                w = _f32(mlp["expert"][ours]["kernel"])
+                for j in range(w.shape[0]):
+                    yield f"{moe}experts.{j}.{hf}.weight", w[j].T.copy()
+    yield "model.norm.weight", _f32(params["final_norm"]["scale"])
     if not config.tie_word_embeddings:
-        sd["lm_head.weight"] = _f32(params["logits_dense"]["kernel"]).T.copy()
-    return sd
+        yield "lm_head.weight", _f32(params["logits_dense"]["kernel"]).T.copy()
 
 
 def _check_shapes(params: Mapping, expected: Mapping, path: str = "") -> None:
@@ -296,11 +302,53 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
     return DecoderConfig(**kw)
 
 
-def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
-    """An HF ``config.json`` dict: ``llama`` for a dense config, ``mixtral`` when every layer
-    is MoE with dropless top-K routing (other MoE layouts have no HF model: ValueError)."""
+def mixtral_problems(config: DecoderConfig, *, dropless: bool = False) -> list[str]:
+    """Why HF ``MixtralForCausalLM`` would compute something else than this MoE decoder (an
+    empty list: it computes the same function at inference).
+
+    Mixtral (transformers ``MixtralSparseMoeBlock`` / ``MixtralTopKRouter``): every layer is
+    an MoE layer; p = softmax(x·W_gate); the top-K of p, renormalised to sum 1, weight the
+    chosen experts; no capacity, so no token is dropped. Our ``topk_then_softmax`` (softmax
+    over the K largest logits) is the same function, as is ``softmax_then_topk`` with
+    ``renormalize``. Training-only settings (jitter, z-loss, a training capacity factor) do
+    not change the inference function and are not checked. ``dropless=True`` accepts an
+    evaluation capacity factor that can drop tokens: the export then routes dropless.
+    """
+    c, m = config, config.moe
+    problems = []
+    sparse, every = c.sparse_layers, tuple(range(c.num_hidden_layers))
+    if sparse != every:
+        dense = sorted(set(every) - set(sparse))
+        problems.append(
+            f"Mixtral makes every layer an MoE layer; layers {dense} are dense here "
+            "(upcycle with model.moe.layers='all')"
+        )
+    if m.router != "top_k":
+        problems.append(f"Mixtral routes top-K; this model routes {m.router}")
+    if m.ordering != "topk_then_softmax" and not m.renormalize:
+        problems.append(
+            f"Mixtral renormalises the top-{m.k} weights to sum 1; ordering={m.ordering!r} "
+            "without renormalize keeps softmax probabilities that do not (no Mixtral config "
+            "reproduces that)"
+        )
+    cf = m.eval_capacity_factor
+    if cf is not None and cf * m.k < m.num_experts and not dropless:
+        problems.append(
+            f"Mixtral is dropless; this model drops tokens at evaluation (eval capacity factor "
+            f"{cf:g}: C·K/E = {cf * m.k / m.num_experts:g} < 1). Pass --dropless to export "
+            "it routing every token"
+        )
+    return problems
+
+
+def config_to_hf(config: DecoderConfig, *, dropless: bool = False) -> dict[str, Any]:
+    """An HF ``config.json`` dict: ``llama`` for a dense config, ``mixtral`` for an MoE one
+    that Mixtral reproduces (else ValueError listing ``mixtral_problems``). Mixtral's
+    ``intermediate_size`` is the experts' width (``moe.expert_mlp_dim`` for fine-grained
+    experts)."""
     c = config
     out: dict[str, Any] = dict(
+        architectures=["LlamaForCausalLM"],
         model_type="llama",
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -315,27 +363,23 @@ def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
         tie_word_embeddings=c.tie_word_embeddings,
         max_position_embeddings=c.max_position_embeddings,
         initializer_range=c.initializer_range,
-        attention_bias=False,
     )
     if not c.sparse_layers:
-        out["mlp_bias"] = False
+        out.update(attention_bias=False, mlp_bias=False)
         return out
+    problems = mixtral_problems(c, dropless=dropless)
+    if problems:
+        raise ValueError("no HF Mixtral equivalent: " + "; ".join(problems))
     m = c.moe
-    if (
-        c.sparse_layers != tuple(range(c.num_hidden_layers))
-        or m.capacity_factor is not None
-        or m.eval_capacity_factor is not None
-        or (m.ordering != "topk_then_softmax" and not m.renormalize)
-    ):
-        raise ValueError(
-            "only an every-layer, dropless top-K MoE with weights that sum to 1 "
-            "(ordering='topk_then_softmax' or renormalize=True) has an HF (Mixtral) equivalent"
-        )
     out.update(
+        architectures=["MixtralForCausalLM"],
         model_type="mixtral",
+        intermediate_size=m.expert_mlp_dim or c.intermediate_size,
         num_local_experts=m.num_experts,
         num_experts_per_tok=m.k,
         router_aux_loss_coef=m.aux_loss_weight,
+        router_jitter_noise=0.0,
+        output_router_logits=False,
         sliding_window=None,
     )
     return out

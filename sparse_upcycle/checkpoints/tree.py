@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
 
 
@@ -40,6 +42,34 @@ def path_str(path) -> str:
     return "/".join(key_name(k) for k in path)
 
 
+class LazyTree(Mapping):
+    """A nested read-only view of flat ``a/b/c`` keys: subtrees are ``LazyTree`` views, and a
+    leaf is read with ``read(key)`` only when it is looked up (one tensor at a time)."""
+
+    def __init__(self, keys, read, prefix: str = ""):
+        self._keys, self._read, self._prefix = list(keys), read, prefix
+        children: dict[str, bool] = {}
+        for key in self._keys:
+            if prefix and not key.startswith(prefix + "/"):
+                continue
+            head, _, rest = key[len(prefix) + 1 if prefix else 0 :].partition("/")
+            children[head] = children.get(head, False) or bool(rest)
+        self._children = children  # name -> is a subtree
+
+    def __getitem__(self, name: str):
+        is_tree = self._children[name]
+        path = f"{self._prefix}/{name}" if self._prefix else name
+        if is_tree:
+            return LazyTree((k for k in self._keys if k.startswith(path + "/")), self._read, path)
+        return self._read(path)
+
+    def __iter__(self):
+        return iter(self._children)
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+
 class InMemoryCheckpoint:
     """Reader interface over a flat dict held in memory (``self._flat``, ``self.path``):
     ``keys``, ``in``, ``read``, ``shape``, ``dtype`` — the same calls the lazy readers answer."""
@@ -66,3 +96,14 @@ class InMemoryCheckpoint:
 
     def dtype(self, key: str):
         return self.read(key).dtype
+
+
+def make_output_tmpdir(parent: str, prefix: str) -> str:
+    """A temporary directory in ``parent`` (renamed into place when the output is complete)
+    with the mode a plain ``mkdir`` would give it: ``mkdtemp``'s 0700 would hide the output
+    from other users of a shared directory."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
