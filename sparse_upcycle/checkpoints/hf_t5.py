@@ -40,7 +40,8 @@ transformers 5.x: ``T5Config`` turns a ``tie_word_embeddings`` kwarg into
 ``cfg.tie_word_embeddings = False`` set after construction, which also unties
 ``encoder.embed_tokens``/``decoder.embed_tokens`` from ``shared``. ``to_hf`` therefore writes the
 embedding under all three names (and lm_head), and ``from_hf`` refuses input embeddings that
-differ from ``shared`` (T5X has one table).
+differ from ``shared`` (T5X has one table). ``config_to_hf`` writes both ``tie_word_embeddings``
+and ``scale_decoder_outputs`` (= ``logits_via_embedding``); see its docstring.
 """
 
 from __future__ import annotations
@@ -54,8 +55,24 @@ from sparse_upcycle.models.t5 import T5Config
 _ATTN = {"q": "query", "k": "key", "v": "value", "o": "out"}
 
 # feed_forward_proj activation -> our activation name. HF maps "gated-gelu" to gelu_new (the
-# tanh form) for backwards compatibility; a plain "gelu" is the exact erf form.
-_HF_ACT = {"gelu_new": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+# tanh form) for backwards compatibility; a plain "gelu" is the exact erf form, and so is
+# "gelu_python" (the only exact-GELU spelling left for a gated MLP).
+_HF_ACT = {
+    "gelu_new": "gelu",
+    "gelu_python": "gelu_exact",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+# Our activation -> feed_forward_proj activation, (non-gated, gated): "gated-gelu" means the
+# tanh GELU, so the exact one needs the explicit "gelu_python" when gated.
+_TO_HF_ACT = {
+    "gelu": ("gelu_new", "gelu"),
+    "gelu_exact": ("gelu", "gelu_python"),
+    "relu": ("relu", "relu"),
+    "silu": ("silu", "silu"),
+    "swish": ("silu", "silu"),
+}
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> T5Config:
@@ -87,6 +104,65 @@ def config_from_hf(hf_config: dict[str, Any]) -> T5Config:
         relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
         layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-6),
+    )
+
+
+def config_to_hf(config: T5Config) -> dict[str, Any]:
+    """An HF ``config.json`` dict (``T5ForConditionalGeneration``) for a dense ``T5Config``;
+    ``config_from_hf`` inverts it (``dtype`` is not written).
+
+    Refused (ValueError): MoE blocks (HF's T5 classes are dense: export the dense model) and
+    ``mlp_activations`` that ``feed_forward_proj`` cannot spell, i.e. anything but ``(act,)`` or
+    ``(act, "linear")`` with ``act`` in gelu/gelu_exact/relu/silu/swish. HF's ``gated-gelu`` is
+    the tanh GELU (our ``gelu``), so a gated exact GELU is written ``gated-gelu_python``.
+
+    The head: ``logits_via_embedding`` is written as both ``tie_word_embeddings`` (what
+    transformers < 5 and other readers use to tie the head) and ``scale_decoder_outputs``
+    (transformers 5.x, which turns a ``tie_word_embeddings=False`` kwarg into
+    ``scale_decoder_outputs=False`` and forces ``tie_word_embeddings=True``). On 5.x an untied
+    model still loads untied with ``from_pretrained``, because it does not tie an
+    ``lm_head.weight`` that the checkpoint stores with values differing from ``shared.weight``;
+    a model built directly from the config (``T5ForConditionalGeneration(T5Config(**d))``) has a
+    tied head unless ``tie_word_embeddings = False`` is set on the config after construction.
+    """
+    c = config
+    if c.encoder_moe.sparse_layers(c.num_encoder_layers) or (
+        c.decoder_moe.sparse_layers(c.num_decoder_layers)
+    ):
+        raise ValueError(
+            "HF T5 classes are dense (no MoE layers): export a dense model (num_experts=0)"
+        )
+    acts = c.mlp_activations
+    gated = len(acts) == 2 and acts[1] == "linear"
+    if not (len(acts) == 1 or gated) or acts[0] not in _TO_HF_ACT:
+        raise ValueError(
+            f"mlp_activations {acts} has no HF feed_forward_proj: expected (act,) or "
+            f"(act, 'linear') with act in {sorted(_TO_HF_ACT)}"
+        )
+    act = _TO_HF_ACT[acts[0]][int(gated)]
+    tied = bool(c.logits_via_embedding)
+    return dict(
+        architectures=["T5ForConditionalGeneration"],
+        model_type="t5",
+        vocab_size=c.vocab_size,
+        d_model=c.emb_dim,
+        d_kv=c.head_dim,
+        d_ff=c.mlp_dim,
+        num_layers=c.num_encoder_layers,
+        num_decoder_layers=c.num_decoder_layers,
+        num_heads=c.num_heads,
+        relative_attention_num_buckets=c.relative_attention_num_buckets,
+        relative_attention_max_distance=c.relative_attention_max_distance,
+        dropout_rate=float(c.dropout_rate),
+        layer_norm_epsilon=float(c.layer_norm_eps),
+        feed_forward_proj=f"gated-{act}" if gated else act,
+        tie_word_embeddings=tied,
+        scale_decoder_outputs=tied,
+        is_encoder_decoder=True,
+        # Fixed by the model, as in T5X: padding is id 0 (the encoder mask is ``tokens != 0``)
+        # and decoder inputs start with 0. EOS is the vocabulary's business: HF's default (1).
+        pad_token_id=0,
+        decoder_start_token_id=0,
     )
 
 

@@ -236,7 +236,7 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ViTConfig:
     act = c.get("hidden_act", "gelu")
     if act not in _ACTS:
         raise ValueError(f"HF hidden_act {act!r} not supported; known: {sorted(_ACTS)}")
-    if "id2label" in c and c["id2label"]:
+    if c.get("id2label") is not None:  # an empty map is a headless ViTModel (num_labels=0)
         num_classes = len(c["id2label"])
     else:
         num_classes = int(c.get("num_labels", 2))
@@ -261,4 +261,68 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ViTConfig:
     return ViTConfig(**fields)
 
 
-__all__ = ["config_from_hf", "from_hf", "to_hf"]
+# Our activation names → HF hidden_act (the inverse of ``_ACTS``; gelu_new is the tanh GELU).
+_TO_HF_ACTS = {
+    "gelu_exact": "gelu",
+    "gelu": "gelu_new",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def config_to_hf(config: ViTConfig) -> dict[str, Any]:
+    """An HF ViT ``config.json`` dict (``ViTForImageClassification``; ``ViTModel`` when
+    ``num_classes=0``) for a dense ``ViTConfig``; ``config_from_hf`` inverts it.
+
+    Not written: ``dtype`` and ``head_zeroinit`` (an initialiser, meaningless for a checkpoint;
+    ``config_from_hf`` sets it False). Labels are ``LABEL_{i}`` placeholders, one per class.
+    Refused (ValueError), as HF's ViT cannot express them: MoE blocks (HF ViT is dense: export
+    the dense model), ``pool_type`` other than ``"tok"`` (HF classifies the class token),
+    ``posemb`` other than ``"learn"``, a non-square ``patch_size``/``image_size`` (HF configs
+    carry single ints; its position-embedding interpolation assumes square patches) and an
+    ``mlp_act`` without an HF ``hidden_act`` name.
+    """
+    c = config
+    if c.moe.sparse_layers(c.depth):
+        raise ValueError(
+            "HF ViT classes are dense (no MoE layers): export a dense model (moe.num_experts=0)"
+        )
+    if c.pool_type != "tok":
+        raise ValueError(
+            f"HF ViT pools the class token: needs pool_type='tok', not {c.pool_type!r}"
+        )
+    if c.posemb != "learn":
+        raise ValueError(f"HF ViT has learned position embeddings only, not {c.posemb!r}")
+    for name in ("patch_size", "image_size"):
+        h, w = getattr(c, name)
+        if h != w:
+            raise ValueError(f"HF ViT configs have a square {name} (one int), not {(h, w)}")
+    if c.mlp_act not in _TO_HF_ACTS:
+        raise ValueError(
+            f"mlp_act {c.mlp_act!r} has no HF hidden_act; supported: {sorted(_TO_HF_ACTS)}"
+        )
+    id2label = {str(i): f"LABEL_{i}" for i in range(c.num_classes)}
+    return dict(
+        architectures=["ViTForImageClassification" if c.num_classes else "ViTModel"],
+        model_type="vit",
+        hidden_size=c.width,
+        num_hidden_layers=c.depth,
+        num_attention_heads=c.num_heads,
+        intermediate_size=c.mlp_dim,
+        hidden_act=_TO_HF_ACTS[c.mlp_act],
+        hidden_dropout_prob=float(c.dropout),
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=float(c.layer_norm_eps),
+        image_size=c.image_size[0],
+        patch_size=c.patch_size[0],
+        num_channels=c.num_channels,
+        qkv_bias=True,
+        encoder_stride=c.patch_size[0],
+        num_labels=c.num_classes,
+        id2label=id2label,
+        label2id={v: int(k) for k, v in id2label.items()},
+    )
+
+
+__all__ = ["config_from_hf", "config_to_hf", "from_hf", "to_hf"]
