@@ -232,7 +232,11 @@ def merge_hf_config(base: dict | None, ours: dict) -> dict:
     if base.get("model_type") != ours.get("model_type"):
         for key in _LLAMA_ONLY:
             out.pop(key, None)
+    labels = base.get("id2label")
     for key, value in ours.items():
+        if key in ("id2label", "label2id", "num_labels") and isinstance(labels, dict):
+            if len(labels) == len(ours.get("id2label") or {}):
+                continue  # the source's label names, not our LABEL_i placeholders
         if key == "rope_theta" and isinstance(out.get("rope_parameters"), dict):
             if out["rope_parameters"].get("rope_theta") != value:
                 out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": value}
@@ -350,6 +354,13 @@ def _hf_config(source: Source, base: dict | None, dropless: bool) -> dict:
         ours = module.config_to_hf(source.config, **kwargs)
     except ValueError as e:
         raise ConfigError(f"cannot export {source.path} to Hugging Face: {e}") from None
+    if base is not None and base.get("model_type") == ours["model_type"]:
+        try:
+            unchanged = module.config_from_hf(base) == source.config
+        except (ValueError, KeyError, TypeError):
+            unchanged = False
+        if unchanged:  # the source's model as it was: its config.json as it was
+            return dict(base)
     return merge_hf_config(base, ours)
 
 

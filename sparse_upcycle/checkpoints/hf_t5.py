@@ -265,3 +265,21 @@ def to_hf(params: dict, config: T5Config) -> dict[str, np.ndarray]:
         value = np.asarray(_get(params, path))
         out[name] = np.ascontiguousarray(value.T) if transpose else value
     return out
+
+
+def iter_to_hf(params, config: T5Config):
+    """What ``save_pretrained`` writes for ``T5ForConditionalGeneration``, one tensor at a
+    time (``params`` may be a ``tree.LazyTree``): a tied model (``logits_via_embedding``)
+    stores the embedding once as ``shared.weight`` (HF ties the input embeddings and the
+    head to it on load); an untied one also stores ``{encoder,decoder}.embed_tokens.weight``
+    and ``lm_head.weight``."""
+    rows = _table(config)  # refuses MoE configs before anything is read
+    embedding = np.asarray(params["token_embedder"]["embedding"])
+    yield "shared.weight", embedding
+    if not config.logits_via_embedding:
+        for name in _EMBED_COPIES:
+            yield name, embedding
+    del embedding
+    for name, path, transpose in rows:
+        value = np.asarray(_get(params, path))
+        yield name, (np.ascontiguousarray(value.T) if transpose else value)

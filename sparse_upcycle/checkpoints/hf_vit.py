@@ -176,52 +176,89 @@ def from_hf(state_dict: dict[str, Any], config: ViTConfig) -> dict:
 def to_hf(params: dict, config: ViTConfig) -> dict[str, np.ndarray]:
     """Pure params dict → HF ``ViTForImageClassification`` state dict with checkpoint-file
     names (``vit.encoder.layer.{i}.attention.attention.query.weight`` …), numpy arrays."""
+    return dict(iter_to_hf(params, config, prefix="vit."))
+
+
+def extras_from_hf(state_dict) -> dict[str, np.ndarray]:
+    """What ``from_hf`` folds or drops, for ``iter_to_hf`` to write back: ``cls_token`` and
+    ``cls_position`` (``position_embeddings[:, :1]``), and the dropped tensors (pooler, mask
+    token) as ``dropped/<their name>``. ``state_dict`` is read only for these keys."""
+    extras = {}
+    for key in state_dict:
+        norm = _normalise_key(key)
+        if norm == "embeddings.cls_token":
+            extras["cls_token"] = np.asarray(state_dict[key])
+        elif norm == "embeddings.position_embeddings":
+            extras["cls_position"] = np.ascontiguousarray(np.asarray(state_dict[key])[:, :1])
+        elif norm.startswith(_DROPPED):
+            extras["dropped/" + key] = np.asarray(state_dict[key])
+    return extras
+
+
+def iter_to_hf(params, config: ViTConfig, extras: dict | None = None, prefix: str | None = None):
+    """``to_hf`` one tensor at a time (``params`` may be a ``tree.LazyTree``). ``prefix``
+    defaults to ``"vit."`` with a head and ``""`` without (``ViTModel``'s own names).
+
+    With ``extras`` (``extras_from_hf`` of the source), the class token and its position are
+    written as the source had them when ``cls`` still equals their fold bit for bit (the
+    model was not trained since), and the dropped tensors are written back as they were."""
     _check_dense(config)
+    extras = extras or {}
+    p0 = ("vit." if config.num_classes else "") if prefix is None else prefix
     w, h, d = config.width, config.num_heads, config.head_dim
 
     def arr(x):
         return np.ascontiguousarray(np.asarray(x))
 
-    out: dict[str, np.ndarray] = {}
-    patch = "vit.embeddings.patch_embeddings.projection."
-    out[patch + "weight"] = arr(np.asarray(params["embedding"]["kernel"]).transpose(3, 2, 0, 1))
-    out[patch + "bias"] = arr(params["embedding"]["bias"])
+    patch = p0 + "embeddings.patch_embeddings.projection."
+    yield patch + "weight", arr(np.asarray(params["embedding"]["kernel"]).transpose(3, 2, 0, 1))
+    yield patch + "bias", arr(params["embedding"]["bias"])
     cls = np.asarray(params["cls"])
     pos = np.asarray(params["pos_embedding"])
-    out["vit.embeddings.cls_token"] = arr(cls)
-    out["vit.embeddings.position_embeddings"] = arr(
-        np.concatenate([np.zeros((1, 1, w), pos.dtype), pos], axis=1)
+    cls_token, cls_position = cls, np.zeros((1, 1, w), pos.dtype)
+    if "cls_token" in extras and "cls_position" in extras:
+        folded = (
+            extras["cls_token"].astype(np.float32) + extras["cls_position"].astype(np.float32)
+        ).astype(extras["cls_token"].dtype)
+        if folded.shape == cls.shape and np.array_equal(folded.astype(cls.dtype), cls):
+            cls_token, cls_position = extras["cls_token"], extras["cls_position"]
+    yield p0 + "embeddings.cls_token", arr(cls_token)
+    yield (
+        p0 + "embeddings.position_embeddings",
+        arr(np.concatenate([np.asarray(cls_position, pos.dtype), pos], axis=1)),
     )
 
-    def norm(prefix, p):
-        out[prefix + "weight"], out[prefix + "bias"] = arr(p["scale"]), arr(p["bias"])
+    def norm(name, p):
+        yield name + "weight", arr(p["scale"])
+        yield name + "bias", arr(p["bias"])
 
-    def linear(prefix, kernel_2d, bias):
-        out[prefix + "weight"] = arr(np.asarray(kernel_2d).T)
-        out[prefix + "bias"] = arr(bias)
+    def linear(name, kernel_2d, bias):
+        yield name + "weight", arr(np.asarray(kernel_2d).T)
+        yield name + "bias", arr(bias)
 
     enc = params["Transformer"]
     for i in range(config.depth):
-        blk, p = enc[f"encoderblock_{i}"], f"vit.encoder.layer.{i}."
+        blk, p = enc[f"encoderblock_{i}"], f"{p0}encoder.layer.{i}."
         attn = blk["MultiHeadDotProductAttention_0"]
-        norm(p + "layernorm_before.", blk["LayerNorm_0"])
+        yield from norm(p + "layernorm_before.", blk["LayerNorm_0"])
         for name in ("query", "key", "value"):
             kernel = np.asarray(attn[name]["kernel"]).reshape(w, h * d)
-            linear(
-                f"{p}attention.attention.{name}.",
-                kernel,
-                np.asarray(attn[name]["bias"]).reshape(-1),
-            )
+            bias = np.asarray(attn[name]["bias"]).reshape(-1)
+            yield from linear(f"{p}attention.attention.{name}.", kernel, bias)
         kernel = np.asarray(attn["out"]["kernel"]).reshape(h * d, w)
-        linear(p + "attention.output.dense.", kernel, attn["out"]["bias"])
-        norm(p + "layernorm_after.", blk["LayerNorm_1"])
+        yield from linear(p + "attention.output.dense.", kernel, attn["out"]["bias"])
+        yield from norm(p + "layernorm_after.", blk["LayerNorm_1"])
         mlp = blk["MlpBlock_0"]
-        linear(p + "intermediate.dense.", mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"])
-        linear(p + "output.dense.", mlp["Dense_1"]["kernel"], mlp["Dense_1"]["bias"])
-    norm("vit.layernorm.", enc["encoder_norm"])
+        yield from linear(
+            p + "intermediate.dense.", mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"]
+        )
+        yield from linear(p + "output.dense.", mlp["Dense_1"]["kernel"], mlp["Dense_1"]["bias"])
+    yield from norm(p0 + "layernorm.", enc["encoder_norm"])
     if config.num_classes:
-        linear("classifier.", params["head"]["kernel"], params["head"]["bias"])
-    return out
+        yield from linear("classifier.", params["head"]["kernel"], params["head"]["bias"])
+    for key, value in extras.items():
+        if key.startswith("dropped/"):
+            yield key[len("dropped/") :], arr(value)
 
 
 def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ViTConfig:
@@ -238,6 +275,8 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ViTConfig:
         raise ValueError(f"HF hidden_act {act!r} not supported; known: {sorted(_ACTS)}")
     if c.get("id2label") is not None:  # an empty map is a headless ViTModel (num_labels=0)
         num_classes = len(c["id2label"])
+    elif "ViTModel" in (c.get("architectures") or ()):
+        num_classes = 0  # transformers 5 leaves the label maps out of a ViTModel's config
     else:
         num_classes = int(c.get("num_labels", 2))
     fields: dict[str, Any] = dict(
@@ -325,4 +364,4 @@ def config_to_hf(config: ViTConfig) -> dict[str, Any]:
     )
 
 
-__all__ = ["config_from_hf", "config_to_hf", "from_hf", "to_hf"]
+__all__ = ["config_from_hf", "config_to_hf", "extras_from_hf", "from_hf", "iter_to_hf", "to_hf"]
