@@ -287,6 +287,27 @@ def test_drop_upcycled_export_matches_our_model(dense, work, ids, capsys):
     assert _rel_err(got, _our_logits(src, ids)) < MATCH_OURS
 
 
+def test_fine_grained_virtual_group_export_matches_our_model(dense, work, ids, capsys):
+    """E4G2 (He et al. 2024) with top-2 renormalised routing in every layer: Mixtral holds it
+    with intermediate_size = f/G, and computes what our model computes."""
+    src = _upcycle(
+        capsys,
+        dense[1],
+        work / "moe_vg",
+        "--config.upcycle.method=virtual_group",
+        "--config.upcycle.expansion=4",
+        "--config.upcycle.granularity=2",
+        "--config.upcycle.num_experts=8",
+    )
+    out = _export(capsys, src, work / "out_vg" / "hf")
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["intermediate_size"] == 48 // 2 and config["num_local_experts"] == 8
+    mixtral = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+    got = _hf_logits(mixtral, ids)
+    assert _rel_err(got, _our_logits(src, ids)) < MATCH_OURS
+    assert _rel_err(got, _hf_logits(dense[0], ids)) > 1e-4  # scaled halves are not the dense MLP
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Refusals: exit 2, one line naming the problem, nothing written.
 # --------------------------------------------------------------------------------------------
