@@ -110,6 +110,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export an MoE whose evaluation capacity can drop tokens as dropless Mixtral",
     )
+    exp.add_argument(
+        "--hf-source",
+        help="HF directory (or upcycle output) whose config.json, tokenizer and generation "
+        "files go with the export, when --src does not carry them (a train step directory)",
+    )
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
 
     ins = sub.add_parser("inspect", help="format, tensors, parameter counts, recipe, capacity")
@@ -139,6 +144,7 @@ def _run(args, overrides) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             dropless=args.dropless,
+            hf_source=args.hf_source,
             overwrite=args.overwrite,
             progress=sys.stderr.isatty(),
         )

@@ -43,6 +43,7 @@ from sparse_upcycle import __version__
 from sparse_upcycle.checkpoints.errors import CheckpointError
 from sparse_upcycle.checkpoints.tree import LazyTree, make_output_tmpdir
 from sparse_upcycle.config import ConfigError
+from sparse_upcycle.surgeon import _remove_stale_partials
 
 HF_SOURCE_DIR = "hf_source"
 EXTRAS_FILE = "extras.safetensors"
@@ -105,10 +106,14 @@ def config_from_dict(family: str, values: dict):
     return cls(**kwargs)
 
 
-def open_source(src: str, src_format: str = "auto", config=None) -> Source:
+def open_source(
+    src: str, src_format: str = "auto", config=None, hf_source: str | None = None
+) -> Source:
     """The model at ``src``: an ``upcycle``/``export`` output (``recipe.json``), an HF
     directory, or any other checkpoint this tool reads together with the experiment
-    ``config`` that describes its model (e.g. a ``train`` checkpoint step directory)."""
+    ``config`` that describes its model (e.g. a ``train`` checkpoint step directory).
+    ``hf_source`` (an HF directory, or an ``upcycle`` output holding ``hf_source/``) gives
+    the HF config, tokenizer and generation files when ``src`` does not carry them."""
     from sparse_upcycle.surgeon import RECIPE_FILE, open_checkpoint
 
     if not os.path.exists(src):
@@ -135,6 +140,7 @@ def open_source(src: str, src_format: str = "auto", config=None) -> Source:
             ckpt.step,
             hf_dir if os.path.isfile(os.path.join(hf_dir, "config.json")) else None,
             info.get("recipe"),
+            ckpt,
         )
     else:
         ckpt = open_checkpoint(src, src_format)
@@ -150,12 +156,46 @@ def open_source(src: str, src_format: str = "auto", config=None) -> Source:
                 )
             from sparse_upcycle.task import resolve_model
 
+            if hf_source is not None:  # model.name="checkpoint" takes the HF architecture
+                ckpt.config = _hf_model_config(hf_source)
+            elif config.get("model", {}).get("name") == "checkpoint":
+                raise ConfigError(
+                    "the config takes its architecture from a Hugging Face checkpoint "
+                    "(model.name='checkpoint'): pass that directory as --hf-source"
+                )
             spec = resolve_model(config, ckpt)
             source = Source(
                 spec.family, spec.config, ckpt.keys(), ckpt.read, ckpt.format, src, ckpt.step
             )
+            source.handle = ckpt
+    if hf_source is not None:
+        source.hf_dir = _hf_side_dir(hf_source)
     _check_tensors(source)
     return source
+
+
+def _hf_side_dir(path: str) -> str:
+    for directory in (os.path.join(path, HF_SOURCE_DIR), path):
+        if os.path.isfile(os.path.join(directory, "config.json")):
+            return directory
+    raise CheckpointError(
+        f"--hf-source {path}: neither a Hugging Face directory nor an upcycle output with "
+        f"{HF_SOURCE_DIR}/ (no config.json)"
+    )
+
+
+def _hf_model_config(path: str):
+    """Our model config from the ``config.json`` of ``--hf-source`` (no tensors read)."""
+    from sparse_upcycle.checkpoints.hf import MODEL_TYPES, _maps
+
+    base, _ = _read_hf_side(_hf_side_dir(path))
+    family = MODEL_TYPES.get(base.get("model_type"))
+    if family is None:
+        raise CheckpointError(f"--hf-source {path}: model_type {base.get('model_type')!r}")
+    try:
+        return _maps(family).config_from_hf(base)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"--hf-source {path}: {e}") from None
 
 
 def _check_tensors(source: Source) -> None:
@@ -169,6 +209,12 @@ def _check_tensors(source: Source) -> None:
             f"{source.path}: the tensors do not match the model config (missing "
             f"{missing[:3]}, unexpected {extra[:3]})"
         )
+    for key in source.keys:
+        shape = tuple(source.handle.shape(key))
+        if shape != target[key][0]:
+            raise CheckpointError(
+                f"{source.path}: {key} has shape {shape}, the model config says {target[key][0]}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,8 +250,14 @@ def save_hf_source(checkpoint, dst_dir: str) -> None:
 def _read_hf_side(hf_dir: str | None) -> tuple[dict | None, dict[str, np.ndarray]]:
     if hf_dir is None:
         return None, {}
-    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
-        base = json.load(f)
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            base = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(base, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     extras = {}
     path = os.path.join(hf_dir, EXTRAS_FILE)
     if os.path.isfile(path):
@@ -240,6 +292,9 @@ def merge_hf_config(base: dict | None, ours: dict) -> dict:
         if key == "rope_theta" and isinstance(out.get("rope_parameters"), dict):
             if out["rope_parameters"].get("rope_theta") != value:
                 out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": value}
+            # also top level: transformers 4.x ignores rope_parameters and would fall back to
+            # its class default (MixtralConfig: 1e6, not Llama's 10000)
+            out["rope_theta"] = out["rope_parameters"]["rope_theta"]
             continue
         if key in out and out[key] == value:
             continue
@@ -386,6 +441,7 @@ def export(
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
     dropless: bool = False,
+    hf_source: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -404,13 +460,16 @@ def export(
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
     if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
         raise CheckpointError("--dst must not be --src or inside it (the source is never modified)")
-    source = open_source(src, src_format, config)
+    if src_abs.startswith(dst_abs + os.sep):
+        raise CheckpointError("--dst must not contain --src (--overwrite would delete the source)")
+    source = open_source(src, src_format, config, hf_source)
     base, extras = _read_hf_side(source.hf_dir)
     if fmt == "hf":  # refuse before writing anything
         hf_config = _hf_config(source, base, dropless)
         target_dtype = _target_dtype(dtype, base)
     parent = os.path.dirname(dst_abs)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_partials(parent, os.path.basename(dst_abs), "export")
     tmp = make_output_tmpdir(parent, f".export-{os.path.basename(dst_abs)}-{os.getpid()}-")
     try:
         if fmt == "hf":
@@ -433,6 +492,8 @@ def _write_hf(source, out, hf_config, target_dtype, moe_layout, max_bytes, extra
         "torch_dtype" if "torch_dtype" in hf_config and "dtype" not in hf_config else "dtype"
     )
     hf_config[dtype_key] = target_dtype.name
+    if moe_layout == "per_expert" and hf_config.get("model_type") == "mixtral":
+        hf_config["torch_dtype"] = target_dtype.name  # the key transformers < 4.56 reads
     writer = ShardedSafetensorsWriter(out, max_bytes)
     stream = _hf_tensors(source, moe_layout, extras)
     for name, value in tqdm(stream, desc="export", unit="tensor", disable=not progress):
@@ -451,7 +512,7 @@ def _write_hf(source, out, hf_config, target_dtype, moe_layout, max_bytes, extra
             ):
                 shutil.copy2(path, os.path.join(out, name))
     return {
-        "architecture": hf_config.get("architectures", ["?"])[0],
+        "architecture": (hf_config.get("architectures") or ["?"])[0],
         "dtype": target_dtype.name,
         "files": files,
         "bytes": writer.total_bytes,

@@ -172,6 +172,8 @@ def upcycle(
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
     if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
         raise CheckpointError("--dst must not be --src or inside it (the source is never modified)")
+    if src_abs.startswith(dst_abs + os.sep):
+        raise CheckpointError("--dst must not contain --src (--overwrite would delete the source)")
     source = open_checkpoint(src, fmt)
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
     target = target_shapes(family, moe_cfg)
@@ -241,11 +243,11 @@ def upcycle(
     return info
 
 
-def _remove_stale_partials(parent: str, name: str) -> None:
+def _remove_stale_partials(parent: str, name: str, kind: str = "upcycle") -> None:
     """Remove the temporaries of earlier runs for the same --dst whose process is gone (a run
     killed with SIGKILL cannot clean up after itself; its output was never renamed into place,
     so nothing of it looks complete)."""
-    pattern = re.compile(rf"^\.upcycle-{re.escape(name)}-(\d+)-")
+    pattern = re.compile(rf"^\.{kind}-{re.escape(name)}-(\d+)-")
     for entry in os.listdir(parent):
         m = pattern.match(entry)
         if not m:

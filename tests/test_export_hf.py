@@ -7,10 +7,13 @@ MoE (``configs/llama_moe_8x_top2.py``: copy, ``topk_then_softmax``, dropless) an
 The independent reference is HF transformers' torch implementation on CPU.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -412,6 +415,74 @@ def test_refuses_bad_arguments(moe, fused, work, capsys):
     )
     assert not os.path.exists(missing)
     assert os.listdir(parent) == []
+
+
+def test_refuses_wrong_shapes_and_a_dst_that_holds_the_src(moe, dense, work, capsys):
+    src = moe[0]
+    parent = work / "out_bad2"
+    parent.mkdir()
+    dst = str(parent / "hf")
+    # The tensors of one model under the config of another (tiny: d=32 but f=64, vocab 128).
+    _assert_refused(
+        capsys,
+        parent,
+        dst,
+        "has shape",
+        *("--src", os.path.join(src, "checkpoint"), "--src-format", "orbax", "--dst", dst),
+        *("--config", CONFIG + ":tiny"),
+    )
+    # The full config takes its architecture from the HF checkpoint: it must be named.
+    _assert_refused(
+        capsys,
+        parent,
+        dst,
+        "--hf-source",
+        *("--src", os.path.join(src, "checkpoint"), "--src-format", "orbax", "--dst", dst),
+        *("--config", CONFIG),
+    )
+    # --overwrite onto a directory that contains the source would delete the source.
+    inner = parent / "inner"
+    assert main(["export", "--src", src, "--dst", str(inner / "m"), "--format", "orbax"]) == 0
+    capsys.readouterr()
+    rc, _, err = _run(
+        capsys, "export", "--src", str(inner / "m"), "--dst", str(inner), "--overwrite"
+    )
+    assert rc == 2 and "must not contain --src" in err
+    assert (inner / "m" / "recipe.json").is_file()
+    assert moe[1] == _file_digests(src)
+
+
+def test_a_bare_checkpoint_exports_with_config_and_hf_source(moe, dense, fused, work, ids):
+    """A checkpoint without recipe.json or hf_source/ (as a `train` step directory): the
+    model comes from --config, config.json/tokenizer files from --hf-source."""
+    out = str(work / "out_bare" / "hf")
+    argv = ["export", "--src", os.path.join(moe[0], "checkpoint"), "--src-format", "orbax"]
+    argv += ["--config", CONFIG, "--config.model.overrides.dtype=float32"]
+    assert main(argv + ["--hf-source", dense[1], "--dst", out]) == 0
+    with safe_open(os.path.join(out, "model.safetensors"), framework="np") as a:
+        with safe_open(os.path.join(fused, "model.safetensors"), framework="np") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for key in a.keys():
+                np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key))
+    config = json.load(open(os.path.join(out, "config.json")))
+    source = json.load(open(os.path.join(dense[1], "config.json")))
+    assert config["model_type"] == "mixtral" and config["bos_token_id"] == source["bos_token_id"]
+    # transformers 4.x reads the top-level key (MixtralConfig's own default would be 1e6)
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0
+    assert os.path.isfile(os.path.join(out, "generation_config.json"))
+
+
+def test_router_jitter_is_off_at_evaluation(moe, ids):
+    """Jitter is a training-time perturbation: with train=False a key must change nothing."""
+    info, flat = surgeon.load_upcycled(moe[0])
+    cfg = config_from_dict("decoder", info["model"])
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, jitter_eps=0.5))
+    model = surgeon.build_model("decoder", cfg, flat)
+    tokens = jnp.asarray(ids.numpy())
+    plain = model(tokens, train=False)
+    keyed = model(tokens, train=False, rng=jax.random.key(0))
+    plain, keyed = (x[0] if isinstance(x, tuple) else x for x in (plain, keyed))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(keyed))
 
 
 # --------------------------------------------------------------------------------------------

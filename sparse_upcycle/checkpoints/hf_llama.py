@@ -245,7 +245,8 @@ def _rope(hf: Mapping) -> tuple[float, str]:
     one (``rope_parameters``)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    default = 1e6 if hf.get("model_type") == "mixtral" else 10000.0  # HF's class defaults
+    theta = hf.get("rope_theta", params.get("rope_theta", default))
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     return float(theta), kind
 

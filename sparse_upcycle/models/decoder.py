@@ -266,7 +266,7 @@ class DecoderBlock(nnx.Module):
         h = self.pre_mlp_norm(x)
         metrics = None
         if self.sparse:
-            h, metrics = self.mlp(h, token_mask, rng=rng, train=train)
+            h, metrics = self.mlp(h, token_mask, rng=rng if train else None, train=train)
         else:
             h = self.mlp(h)
         return x + h.astype(x.dtype), cache, metrics
