@@ -21,8 +21,10 @@ few tensors our layout folds or drops: ViT's class-token position and pooler) is
 it: an HF model taken through our format and back has the same tensors, bit for bit, and the
 same ``config.json``. ``--dtype auto`` writes the dtype that config names (float32 without one).
 
-Tensors are read, converted and written one at a time (a shard's worth is buffered); the output
-goes to a temporary directory renamed to ``--dst`` only when complete.
+From our layout (``upcycle``/``train`` outputs) tensors are read, converted and written one at
+a time (a shard's worth is buffered). An HF directory as ``--src`` is read whole into memory
+first, as ``upcycle`` reads it (``checkpoints/hf.py``): bringing a 7B model in takes ~28 GB in
+float32. The output goes to a temporary directory renamed to ``--dst`` only when complete.
 """
 
 from __future__ import annotations
