@@ -115,7 +115,9 @@ def open_source(
     directory, or any other checkpoint this tool reads together with the experiment
     ``config`` that describes its model (e.g. a ``train`` checkpoint step directory).
     ``hf_source`` (an HF directory, or an ``upcycle`` output holding ``hf_source/``) gives
-    the HF config, tokenizer and generation files when ``src`` does not carry them."""
+    the HF config, tokenizer and generation files when ``src`` does not carry them; for a
+    ``train`` step directory it defaults to the ``hf_source/`` that ``train`` keeps in its
+    workdir when it started from an HF model (directly or through ``upcycle``)."""
     from sparse_upcycle.surgeon import RECIPE_FILE, open_checkpoint
 
     if not os.path.exists(src):
@@ -158,6 +160,10 @@ def open_source(
                 )
             from sparse_upcycle.task import resolve_model
 
+            if hf_source is None:  # a `train` step directory: WORKDIR/checkpoints/STEP
+                kept = os.path.join(src, os.pardir, os.pardir, HF_SOURCE_DIR)
+                if os.path.isfile(os.path.join(kept, "config.json")):
+                    hf_source = os.path.normpath(kept)
             if hf_source is not None:  # model.name="checkpoint" takes the HF architecture
                 ckpt.config = _hf_model_config(hf_source)
             elif config.get("model", {}).get("name") == "checkpoint":

@@ -99,5 +99,31 @@ def open_init_source(config):
             info = json.load(f)
         source.format, source.is_upcycled = "upcycled", True
         source.dense_step = info.get("source", {}).get("step")
+        if info.get("dense_model") and info.get("family"):  # for model.name="checkpoint"
+            from sparse_upcycle.export import config_from_dict
+
+            try:
+                source.config = config_from_dict(info["family"], info["dense_model"])
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{init_from}/{RECIPE_FILE}: dense_model: {e}") from None
         return source
     return open_checkpoint(init_from, config.get("init_format", "auto"))
+
+
+def keep_hf_source(config, source, workdir: str) -> None:
+    """Copy what an HF initial checkpoint came with (config, tokenizer, generation config:
+    ``export.save_hf_source``) to ``workdir/hf_source``, for ``export`` of the run's steps.
+    The source is an HF directory, or an ``upcycle`` output that kept its HF source."""
+    import shutil
+
+    from sparse_upcycle.export import HF_SOURCE_DIR, save_hf_source
+
+    dst = os.path.join(workdir, HF_SOURCE_DIR)
+    if source is None or os.path.exists(dst):
+        return
+    if getattr(source, "format", None) == "hf":
+        save_hf_source(source, workdir)
+        return
+    kept = os.path.join(config.get("init_from", ""), HF_SOURCE_DIR)
+    if getattr(source, "is_upcycled", False) and os.path.isfile(os.path.join(kept, "config.json")):
+        shutil.copytree(kept, dst)

@@ -42,7 +42,7 @@ from sparse_upcycle import flops as flops_lib
 from sparse_upcycle import optim, sharding
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
-from sparse_upcycle.init_from import initial_params, open_init_source
+from sparse_upcycle.init_from import initial_params, keep_hf_source, open_init_source
 from sparse_upcycle.metrics import MetricWriter, Progress
 from sparse_upcycle.optim_slots import load_adafactor_slots
 from sparse_upcycle.task import ModelSpec, make_loss_fn, model_class, moe_layer_names, resolve_model
@@ -159,6 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     # ---------------------------------------------------------------- model
     source = open_init_source(config)
+    if process_index == 0:
+        keep_hf_source(config, source, workdir)
     spec = resolve_model(config, source)
     cls = model_class(spec.family)
     abstract_model = nnx.eval_shape(lambda: cls(spec.config, rngs=nnx.Rngs(0)))

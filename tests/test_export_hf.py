@@ -472,6 +472,47 @@ def test_a_bare_checkpoint_exports_with_config_and_hf_source(moe, dense, fused, 
     assert os.path.isfile(os.path.join(out, "generation_config.json"))
 
 
+def test_a_train_step_of_the_upcycled_model_exports_with_the_hf_files(moe, dense, work, ids):
+    """HF Llama -> upcycle -> train (the full config: architecture from the checkpoint) ->
+    export of a step directory: train kept hf_source/ in its workdir, so neither the HF
+    directory nor --hf-source is needed, and Mixtral computes what the trained model does."""
+    workdir = work / "train"
+    overrides = [
+        "--config.model.overrides.dtype=float32",
+        "--config.data.name=synthetic",
+        "--config.data.batch_size=8",
+        "--config.data.seq_len=16",
+        "--config.total_steps=10",
+        "--config.mesh.expert=1",
+        "--config.mesh.model=1",
+        "--config.optimizer.learning_rate=0.01",
+        "--config.optimizer.warmup_steps=2",
+        "--config.checkpoint.every=10",
+        "--config.eval_every=10",
+        "--config.eval_steps=1",
+    ]
+    argv = ["train", "--config", CONFIG, "--workdir", str(workdir)]
+    assert main(argv + ["--config.init_from=" + moe[0], *overrides]) == 0
+    assert (workdir / "hf_source" / "config.json").is_file()
+    out = str(work / "out_train" / "hf")
+    step = str(workdir / "checkpoints" / "10")
+    assert main(["export", "--src", step, "--config", CONFIG, overrides[0], "--dst", out]) == 0
+    assert os.path.isfile(os.path.join(out, "generation_config.json"))
+    from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
+
+    ckpt = OrbaxCheckpoint(step)
+    info, _ = surgeon.load_upcycled(moe[0])
+    cfg = config_from_dict("decoder", info["model"])
+    flat = {k: ckpt.read(k) for k in ckpt.keys()}
+    model = surgeon.build_model("decoder", cfg, flat)
+    ours = model(jnp.asarray(ids.numpy()), train=False)
+    ours = np.asarray(ours[0] if isinstance(ours, tuple) else ours)
+    mixtral = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+    got = _hf_logits(mixtral, ids)
+    assert _rel_err(got, ours) < MATCH_OURS
+    assert _rel_err(got, _hf_logits(dense[0], ids)) > 1e-4  # it trained: not the dense model
+
+
 def test_router_jitter_is_off_at_evaluation(moe, ids):
     """Jitter is a training-time perturbation: with train=False a key must change nothing."""
     info, flat = surgeon.load_upcycled(moe[0])
