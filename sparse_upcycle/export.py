@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from sparse_upcycle import __version__
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.tree import LazyTree, make_output_tmpdir
+from sparse_upcycle.checkpoints.hf import ShardedSafetensorsWriter, parse_size
+from sparse_upcycle.checkpoints.tree import LazyTree, check_output_path, make_output_tmpdir
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.surgeon import _remove_stale_partials
 
@@ -311,84 +312,6 @@ def merge_hf_config(base: dict | None, ours: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Writing safetensors.
-# --------------------------------------------------------------------------------------------
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` (10⁹), ``"500MiB"`` (2²⁰), ``"20KB"``, or a byte count, as transformers'
-    ``max_shard_size`` reads them."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"--max-shard-size {text!r}: expected e.g. 5GB, 500MB, 2GiB or bytes")
-    unit = (m[2] or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    size = int(float(m[1]) * scale[unit])
-    if size < 1:
-        raise ValueError(f"--max-shard-size {text!r} must be positive")
-    return size
-
-
-class ShardedSafetensorsWriter:
-    """Tensors in order into safetensors shards of at most ``max_bytes`` (a larger tensor gets
-    a shard of its own), then renamed as ``save_pretrained`` names them, with the index."""
-
-    def __init__(self, directory: str, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self._buffer: dict[str, np.ndarray] = {}
-        self._buffered = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        if name in self._buffer or any(name in s for s in self._shards):
-            raise ValueError(f"tensor {name!r} written twice")
-        array = np.ascontiguousarray(array)
-        if self._buffer and self._buffered + array.nbytes > self.max_bytes:
-            self._flush()
-        self._buffer[name] = array
-        self._buffered += array.nbytes
-        self.total_bytes += array.nbytes
-
-    def _flush(self) -> None:
-        from safetensors.numpy import save_file
-
-        path = os.path.join(self.directory, f".shard-{len(self._shards)}.safetensors")
-        save_file(self._buffer, path, metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffered = {}, 0
-
-    def close(self) -> list[str]:
-        """Write the last shard and the index; returns the file names."""
-        if self._buffer or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        names = (
-            ["model.safetensors"]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        for i, name in enumerate(names):
-            os.rename(
-                os.path.join(self.directory, f".shard-{i}.safetensors"),
-                os.path.join(self.directory, name),
-            )
-        if n > 1:
-            index = {
-                "metadata": {"total_size": self.total_bytes},
-                "weight_map": {t: names[i] for i, shard in enumerate(self._shards) for t in shard},
-            }
-            with open(
-                os.path.join(self.directory, "model.safetensors.index.json"), "w", encoding="utf-8"
-            ) as f:
-                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return names
-
-
-# --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
 
@@ -463,13 +386,7 @@ def export(
         max_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
-    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
-    if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
-        raise CheckpointError("--dst must not be --src or inside it (the source is never modified)")
-    if src_abs.startswith(dst_abs + os.sep):
-        raise CheckpointError("--dst must not contain --src (--overwrite would delete the source)")
+    dst_abs = check_output_path(src, dst, overwrite)
     source = open_source(src, src_format, config, hf_source)
     base, extras = _read_hf_side(source.hf_dir)
     if fmt == "hf":  # refuse before writing anything

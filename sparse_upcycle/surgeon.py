@@ -27,7 +27,12 @@ from tqdm import tqdm
 
 from sparse_upcycle import __version__
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.tree import flatten, make_output_tmpdir, unflatten
+from sparse_upcycle.checkpoints.tree import (
+    check_output_path,
+    flatten,
+    make_output_tmpdir,
+    unflatten,
+)
 from sparse_upcycle.config import ConfigError, model_configs
 from sparse_upcycle.upcycle.rules import Recipe, tile_optimizer_state, upcycle_tree
 
@@ -167,13 +172,7 @@ def upcycle(
 ) -> dict:
     """Write the MoE checkpoint for ``config`` from the dense ``src`` to ``dst``; returns the
     recipe.json content. Nothing is written to ``dst`` unless everything succeeded."""
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
-    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
-    if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
-        raise CheckpointError("--dst must not be --src or inside it (the source is never modified)")
-    if src_abs.startswith(dst_abs + os.sep):
-        raise CheckpointError("--dst must not contain --src (--overwrite would delete the source)")
+    dst_abs = check_output_path(src, dst, overwrite)
     source = open_checkpoint(src, fmt)
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
     target = target_shapes(family, moe_cfg)

@@ -107,3 +107,18 @@ def make_output_tmpdir(parent: str, prefix: str) -> str:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     return tmp
+
+
+def check_output_path(src: str, dst: str, overwrite: bool) -> str:
+    """Refuse a ``--dst`` that exists (without ``overwrite``), is ``--src``, lies inside it or
+    contains it (replacing it would delete the source); returns ``dst`` made absolute."""
+    from sparse_upcycle.checkpoints.errors import CheckpointError
+
+    if os.path.exists(dst) and not overwrite:
+        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+    if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
+        raise CheckpointError("--dst must not be --src or inside it (the source is never modified)")
+    if src_abs.startswith(dst_abs + os.sep):
+        raise CheckpointError("--dst must not contain --src (--overwrite would delete the source)")
+    return dst_abs
