@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["sparse_upcycle", "sparse_upcycle.*"]),
-    # Ranges are the ones we test with (CI installs the newest release inside each range).
+    # Every third-party module that sparse_upcycle/ imports, with the ranges we test with (CI
+    # installs the newest release inside each range); tests/test_imports.py checks the list.
     install_requires=[
         "jax>=0.10.0,<0.11",
         "flax>=0.12.8,<0.13",
@@ -23,6 +24,9 @@ setup(
         "grain>=0.2.12,<0.3",
         "sentencepiece>=0.2,<0.3",
         "matplotlib>=3.8,<4",
+        "safetensors>=0.4,<1",
+        "tensorstore>=0.1.60,<0.2",
+        "ml_dtypes>=0.5,<0.8",
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: it is the CPU build on the development machines (a
@@ -33,7 +37,6 @@ setup(
             "ruff>=0.15,<0.18",
             "torch==2.13.0",
             "transformers>=5.0,<6",
-            "safetensors>=0.4,<1",
         ],
     },
     entry_points={"console_scripts": ["sparse-upcycle=sparse_upcycle.cli:main"]},

@@ -155,7 +155,8 @@ def _run(args, overrides) -> int:
         )
         print(f"wrote {args.dst}: {detail} from {args.src}")
         return 0
-    config = load_config(args.config, overrides)
+    schema = "compare" if args.command == "compare" else "run"
+    config = load_config(args.config, overrides, schema)
     if args.command in ("train", "compare"):
         import logging
 
@@ -180,13 +181,16 @@ def _run(args, overrides) -> int:
         print(f"plot: {report['files']['png']}")
         return 0
     if args.command == "upcycle":
+        from sparse_upcycle.upcycle.verdict import Verdict
+
         info = surgeon.upcycle(
             config, args.src, args.dst, args.format, args.overwrite, progress=sys.stderr.isatty()
         )
+        verdict = Verdict(info["preserves_dense_function"], tuple(info["preservation"]))
         print(
             f"wrote {args.dst}: {info['recipe_name']} ({info['family']}, "
             f"{info['recipe']['method']}) from {info['source']['format']} {args.src}; "
-            f"meant to preserve the dense function: {info['preserves_dense_function']}"
+            f"meant to preserve the dense function: {verdict}"
         )
         return 0
     result = surgeon.verify(config, args.dense, args.moe, args.format, args.tol)

@@ -34,7 +34,7 @@ import time
 import ml_collections
 
 from sparse_upcycle import flops as flops_lib
-from sparse_upcycle.config import ConfigError
+from sparse_upcycle.config import ConfigError, check, check_names, run_schema
 
 log = logging.getLogger("sparse_upcycle.compare")
 
@@ -70,9 +70,17 @@ def default_compare_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _merge(config: ml_collections.ConfigDict, overrides, where: str = "") -> None:
+def _merge(
+    config: ml_collections.ConfigDict, overrides, where: str = "", label: str = "overrides"
+) -> None:
     """Set ``overrides`` (nested dicts, e.g. ``{"upcycle": {"method": "drop"}}``) in
-    ``config``; a dict meets a sub-config recursively, anything else replaces the field."""
+    ``config``; a dict meets a sub-config recursively, anything else replaces the field.
+
+    A name that is no field of a run config (``config.run_schema``) is refused, named as in
+    ``label`` (e.g. ``arms.upcycled.overrides``); inside ``model.overrides``, ``model.moe`` and
+    ``data`` the model and data builders check the names."""
+    if not where:
+        check(overrides, run_schema(), label, types=False)
     for key, value in overrides.items():
         name = f"{where}{key}"
         current = config.get(key) if key in config else None
@@ -126,6 +134,7 @@ def _step_flops(cfg) -> tuple[int, str, object]:
 
 
 def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.ConfigDict:
+    check_names(arm, ("kind", "overrides"), f"arms.{name}")
     kind = arm.get("kind", "")
     if kind not in KINDS:
         raise ConfigError(f"arms.{name}.kind must be one of {KINDS}, got {kind!r}")
@@ -139,7 +148,7 @@ def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.
         cfg.upcycle.seed = seed
         cfg.init_from = init_from if kind == "upcycle" else "scratch"
     cfg.init_format = c.get("dense_checkpoint_format", "auto") if kind != "scratch" else "auto"
-    _merge(cfg, arm.get("overrides") or {})
+    _merge(cfg, arm.get("overrides") or {}, label=f"arms.{name}.overrides")
     return cfg
 
 

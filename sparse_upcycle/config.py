@@ -5,15 +5,26 @@ A config file defines ``get_config(arg: str | None) -> ml_collections.ConfigDict
 ``"checkpoint"`` to take the architecture from a Hugging Face source; ``overrides``: fields
 of the family's config; ``moe`` (vit, decoder) or ``encoder_moe``/``decoder_moe`` (t5):
 ``MoeConfig`` fields) and an ``upcycle`` block (``Recipe`` fields). ``--config.a.b=v`` sets a
-field after loading; ``v`` is parsed as a Python literal when it is one (ConfigDict then checks
-the type), else kept as a string; a field the file does not list may be added, and the model
-and recipe builders reject names they do not know.
+field after loading; ``v`` is parsed as a Python literal when it is one, else kept as a
+string (always a string for a string field).
+
+Configs refuse what they do not know. A file lists only what differs from the command's
+defaults (``load_config(schema=...)``: ``"run"`` is ``train.default_config()`` plus an
+``upcycle`` recipe, ``"compare"`` is ``compare.default_compare_config()``); a field of the
+file or of an override that names no field of those defaults, or a value of another type
+than the default's (a ``None`` default takes any value), stops loading with one line naming
+it and the closest known names. Sections whose fields depend on something else are checked
+by the builder that reads them, with the same message: ``model.overrides`` (the family's
+config, ``model_configs``), ``model.moe``/``encoder_moe``/``decoder_moe`` (``moe_config``),
+``data`` (the pipeline ``data.name`` picks, ``data.make_pipeline``); compare's arm
+``overrides`` (``compare._merge``). The defaults are never merged into the loaded config.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import os
 import sys
@@ -27,10 +38,16 @@ class ConfigError(ValueError):
     """A config file, argument or override is wrong; the CLI prints it and exits 2."""
 
 
-def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+def load_config(
+    spec: str, overrides: list[str] = (), schema: str = "run"
+) -> ml_collections.ConfigDict:
+    """The config ``spec`` (``PATH.py[:arg]``) with ``overrides`` applied, checked against the
+    ``schema`` (``"run"``: train/upcycle/verify/export, ``"compare"``) defaults."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
+    if schema not in SCHEMAS:
+        raise ValueError(f"schema must be one of {sorted(SCHEMAS)}, got {schema!r}")
     module_spec = importlib.util.spec_from_file_location("_sparse_upcycle_config", path)
     module = importlib.util.module_from_spec(module_spec)
     # The config's own directory is importable while it loads, so configs can share a helper
@@ -49,13 +66,22 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         config = module.get_config(arg or None)
     except Exception as e:
         raise ConfigError(f"{path}: get_config({arg!r}) failed: {e}") from None
+    known = SCHEMAS[schema]()
+    try:
+        check(config, known, "config")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     for item in overrides:
-        apply_override(config, item)
+        apply_override(config, item, known)
     return config
 
 
-def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
-    """Apply one ``config.a.b=value`` (the leading ``--`` already stripped or not)."""
+def apply_override(config: ml_collections.ConfigDict, item: str, schema=None) -> None:
+    """Apply one ``config.a.b=value`` (the leading ``--`` already stripped or not).
+
+    With a ``schema`` (``SCHEMAS[...]()``), a field it does not know or a value of the wrong
+    type is refused; a field it knows that the file does not list is added (with the sections
+    on its way)."""
     item = item.removeprefix("--")
     key, sep, raw = item.partition("=")
     if not sep or not key.startswith("config."):
@@ -65,23 +91,240 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     except (ValueError, SyntaxError):
         value = raw
     *parents, leaf = key.split(".")[1:]
+    field, where = schema, "config"
+    if schema is not None:  # first: a name it does not know is the clearest message
+        for name in [*parents, leaf]:
+            field = _child(field, name, where)
+            where = f"{where}.{name}"
     node = config
     for name in parents:
         if name not in node:
-            raise ConfigError(f"override {item!r}: no field {name!r}")
+            if schema is None:
+                raise ConfigError(f"override {item!r}: no field {name!r}")
+            node = None
+            break
         node = node[name]
-    # A new leaf is allowed (config files list only what differs from the defaults); the
-    # model/recipe builders reject unknown names with the list of known ones.
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"override {item!r}: {name!r} is not a section")
+    current = node.get(leaf) if node is not None and leaf in node else None
+    str_field = isinstance(current, str) or (schema is not None and _is_str_field(field))
+    if str_field and not isinstance(value, str):
+        value = raw  # e.g. moe.layers: "every_other" in the file, "[1, 3]" given
+    if schema is not None:
+        check(value, field, where)
+    # Sections the schema knows that the file does not list are created on the way.
+    node = config
+    for name in parents:
+        if name not in node:
+            with node.unlocked():
+                node[name] = ml_collections.ConfigDict()
+        node = node[name]
     try:
         if leaf in node:
-            if isinstance(node[leaf], str) and not isinstance(value, str):
-                value = raw  # e.g. moe.layers: "every_other" in the file, "[1, 3]" given
             node[leaf] = value
         else:
             with node.unlocked():
                 node[leaf] = value
     except (TypeError, ValueError) as e:
         raise ConfigError(f"override {item!r}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# What a config may hold: schemas, built from the commands' defaults.
+# --------------------------------------------------------------------------------------------
+
+
+class _Open:
+    """A section whose fields the builder that reads it checks (they depend on other fields:
+    the model family, ``data.name``)."""
+
+    def __repr__(self) -> str:
+        return "OPEN"
+
+
+OPEN = _Open()
+_ANY = object()  # a field inside an open section: any value
+
+
+@dataclasses.dataclass(frozen=True)
+class Each:
+    """Sections under free names (compare's ``arms``), each one following ``item``."""
+
+    item: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class OrNone:
+    """A field of ``default``'s type that may also be ``None`` (e.g. "off")."""
+
+    default: object
+
+
+MODEL_FIELDS = ("family", "name", "overrides", "moe", "encoder_moe", "decoder_moe")
+
+
+def _defaults(tree) -> dict:
+    """A ConfigDict of defaults as a schema: sections -> dicts, fields -> their default."""
+    return {
+        k: _defaults(v) if isinstance(v, ml_collections.ConfigDict) else v for k, v in tree.items()
+    }
+
+
+def optimizer_schema() -> dict:
+    """The fields of an ``optimizer`` block (every optimizer has the same fields)."""
+    from sparse_upcycle.optim import OPTIMIZERS, default_optimizer_config
+
+    blocks = [default_optimizer_config(name) for name in OPTIMIZERS]
+    out = {}
+    for key, value in blocks[0].items():
+        # None for one optimizer (decay_steps, momentum): any value; "0 or None = off" for
+        # the clipping thresholds (optim.py's docstring).
+        if any(b[key] is None for b in blocks):
+            out[key] = None
+        elif key in ("clipping_threshold", "clip_grad_norm"):
+            out[key] = OrNone(value)
+        else:
+            out[key] = value
+    return out
+
+
+def run_schema() -> dict:
+    """What a train/upcycle/verify/export config may hold: ``train.default_config()`` and an
+    ``upcycle`` recipe."""
+    # Imported here: the defaults live with the commands, which import this module.
+    from sparse_upcycle.train import default_config
+    from sparse_upcycle.upcycle.rules import Recipe
+
+    out = _defaults(default_config())
+    out["model"] = {"family": "", "name": "", **dict.fromkeys(MODEL_FIELDS[2:], OPEN)}
+    out["data"] = OPEN
+    out["optimizer"] = optimizer_schema()
+    out["upcycle"] = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    return out
+
+
+def compare_schema() -> dict:
+    """What a ``compare`` config may hold: ``compare.default_compare_config()``, its ``train``
+    section a run config, each arm a ``kind`` and run-config ``overrides``."""
+    from sparse_upcycle.compare import default_compare_config
+
+    run = run_schema()
+    out = _defaults(default_compare_config())
+    out["train"] = run
+    out["pretrain"]["optimizer"] = run["optimizer"]
+    out["upcycle"] = run["upcycle"]
+    out["arms"] = Each({"kind": "", "overrides": run})
+    return out
+
+
+SCHEMAS = {"run": run_schema, "compare": compare_schema}
+
+
+def unknown_field(where: str, name: str, known) -> str:
+    """``unknown field a.nmae; did you mean a.name?`` (``where``: the section, ``a``), or the
+    section's fields when no name is close."""
+    known = sorted(known)
+    prefix = f"{where}." if where else ""
+    close = difflib.get_close_matches(name, known)
+    if close:
+        names = [prefix + c for c in close]
+        either = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        hint = f"did you mean {either}?"
+    else:
+        hint = f"known fields of {where or 'it'}: {', '.join(known) or 'none'}"
+    return f"unknown field {prefix}{name}; {hint}"
+
+
+def check_names(block, known, where: str) -> None:
+    """Refuse the first name of ``block`` (a mapping) that is not in ``known``."""
+    known = set(known)
+    for name in sorted(block.keys()):
+        if name not in known:
+            raise ConfigError(unknown_field(where, name, known))
+
+
+def _is_section(value) -> bool:
+    return isinstance(value, (dict, ml_collections.ConfigDict))
+
+
+def _is_str_field(field) -> bool:
+    return isinstance(field.default if isinstance(field, OrNone) else field, str)
+
+
+def _child(field, name: str, where: str):
+    """The schema of field ``name`` of section ``field`` (called ``where``)."""
+    if field is _ANY or isinstance(field, _Open):
+        return _ANY
+    if isinstance(field, Each):
+        return field.item
+    if isinstance(field, dict):
+        if name not in field:
+            raise ConfigError(unknown_field(where, name, field))
+        return field[name]
+    raise ConfigError(f"{where} is a field, not a section: {where}.{name} does not exist")
+
+
+def _expected(default) -> str | None:
+    """What a value must be to replace ``default`` (None: anything)."""
+    if default is None or default is _ANY:
+        return None
+    if isinstance(default, OrNone):
+        return f"{_expected(default.default)} or None"
+    if isinstance(default, bool):
+        return "a bool"
+    if isinstance(default, int):
+        return "an int"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    if isinstance(default, (list, tuple)):
+        return "a list"
+    return f"a {type(default).__name__}"
+
+
+def _accepts(default, value) -> bool:
+    if default is None or default is _ANY:
+        return True
+    if isinstance(default, OrNone):
+        return value is None or _accepts(default.default, value)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)) and isinstance(value, bool):
+        return False
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _shown(value) -> str:
+    text = repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check(value, field, where: str, types: bool = True) -> None:
+    """Refuse, in ``value`` (called ``where``, e.g. ``config``), a field the schema ``field``
+    does not know and (``types``) a value of another type than its default's."""
+    if isinstance(field, (dict, _Open, Each)):
+        if not _is_section(value):
+            if types:
+                raise ConfigError(
+                    f"{where} must be a section (dict), got {_shown(value)} "
+                    f"({type(value).__name__})"
+                )
+            return
+        if isinstance(field, _Open):
+            return
+        for name, item in value.items():
+            check(item, _child(field, name, where), f"{where}.{name}", types)
+    elif types and not _accepts(field, value):
+        raise ConfigError(
+            f"{where} must be {_expected(field)}, got {_shown(value)} ({type(value).__name__})"
+        )
 
 
 def _plain(value):
@@ -92,13 +335,11 @@ def _plain(value):
     return value
 
 
-def moe_config(base: MoeConfig, block, **forced) -> MoeConfig:
-    """``base`` (the family's default for that stack) with the config's fields applied."""
-    fields = {f.name for f in dataclasses.fields(MoeConfig)}
+def moe_config(base: MoeConfig, block, where: str = "model.moe", **forced) -> MoeConfig:
+    """``base`` (the family's default for that stack) with the config's fields (the block
+    ``where``) applied."""
     values = _plain(block) if block is not None else {}
-    unknown = set(values) - fields
-    if unknown:
-        raise ConfigError(f"unknown moe field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    check_names(values, [f.name for f in dataclasses.fields(MoeConfig)], where)
     try:
         return dataclasses.replace(base, **{**values, **forced})
     except (TypeError, ValueError) as e:
@@ -123,10 +364,21 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
         raise ConfigError(f"model.family must be one of {sorted(modules)}, got {family!r}")
     overrides = _plain(model.get("overrides", ml_collections.ConfigDict()))
     moe_keys = ("encoder_moe", "decoder_moe") if family == "t5" else ("moe",)
+    # A t5 model has no `moe` block (nor vit/decoder an `encoder_moe`): refused, not ignored.
+    check_names(model, ("family", "name", "overrides", *moe_keys), "model")
     try:
         if model.get("name") == "checkpoint":
             if base is None:
                 raise ConfigError("model.name='checkpoint' needs a Hugging Face source")
+            start = base
+        else:
+            start = modules[family].config(model.name)
+        fields = [f.name for f in dataclasses.fields(start) if f.init]
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"model {family}/{model.get('name')}: {e}") from None
+    check_names(overrides, fields, "model.overrides")
+    try:
+        if model.get("name") == "checkpoint":
             start = dataclasses.replace(base, **overrides)
         else:
             start = modules[family].config(model.name, **overrides)
@@ -143,12 +395,16 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
 
     def with_moe(n):
         blocks = {
-            k: moe_config(getattr(start, k), model.get(k), num_experts=n, **(fine if n else {}))
+            k: moe_config(
+                getattr(start, k), model.get(k), f"model.{k}", num_experts=n, **(fine if n else {})
+            )
             for k in moe_keys
         }
         return dataclasses.replace(start, **blocks)
 
     try:
         return family, with_moe(0), with_moe(num_experts)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {family}: {e}") from None

@@ -33,8 +33,9 @@ from sparse_upcycle.checkpoints.tree import (
     make_output_tmpdir,
     unflatten,
 )
-from sparse_upcycle.config import ConfigError, model_configs
+from sparse_upcycle.config import ConfigError, check_names, model_configs
 from sparse_upcycle.upcycle.rules import Recipe, tile_optimizer_state, upcycle_tree
+from sparse_upcycle.upcycle.verdict import dense_function_verdict
 
 FORMATS = ("auto", "t5x", "orbax", "npz", "hf")
 RECIPE_FILE = "recipe.json"
@@ -131,11 +132,8 @@ def target_shapes(family: str, config) -> dict:
 
 
 def recipe_from(config) -> Recipe:
-    fields = {f.name for f in dataclasses.fields(Recipe)}
     block = dict(config.get("upcycle", {}))
-    unknown = set(block) - fields
-    if unknown:
-        raise ConfigError(f"unknown upcycle field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    check_names(block, [f.name for f in dataclasses.fields(Recipe)], "upcycle")
     try:
         return Recipe(**block)
     except (TypeError, ValueError) as e:
@@ -185,6 +183,7 @@ def upcycle(
                 "checkpoint holds none; use --config.upcycle.optimizer=reset"
             )
     _warn_schedule(config, recipe, source.step)
+    verdict = dense_function_verdict(recipe, moe_cfg)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(dst_abs)
@@ -223,7 +222,8 @@ def upcycle(
             },
             "step": step,
             "optimizer_slots": len(slot_keys),
-            "preserves_dense_function": recipe.preserves_dense_function,
+            "preserves_dense_function": verdict.preserves,
+            "preservation": list(verdict.reasons),  # why not, when it does not
         }
         with open(os.path.join(tmp, RECIPE_FILE), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, default=str)
@@ -311,30 +311,6 @@ def _batch(family: str, cfg, seed: int = 0):
     )
 
 
-def routing_preserves(moe_cfg, family: str) -> bool:
-    """Whether every MoE layer's eval routing sums each token's weights to one and drops
-    nothing, whatever the router scores (so copies of one MLP compute that MLP)."""
-    blocks = [moe_cfg.encoder_moe, moe_cfg.decoder_moe] if family == "t5" else [moe_cfg.moe]
-    for m in blocks:
-        if m.num_experts == 0:
-            continue
-        if m.router == "expert_choice":
-            if not (
-                m.normalize_combine_weights
-                and m.eval_capacity_factor is not None
-                and m.eval_capacity_factor >= m.num_experts
-            ):
-                return False
-        else:
-            sums_to_one = m.renormalize or m.ordering == "topk_then_softmax"
-            no_drops = m.eval_capacity_factor is None or (
-                m.eval_capacity_factor * m.k / m.num_experts >= 1
-            )
-            if not (sums_to_one and no_drops):
-                return False
-    return True
-
-
 def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float = 1e-5) -> dict:
     source = open_checkpoint(dense_path, fmt)
     info, moe_params = load_upcycled(moe_path)
@@ -345,13 +321,15 @@ def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float
     want, _ = dense(*batch, train=False)
     got, aux = moe(*batch, train=False)
     delta = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
-    meant = recipe.preserves_dense_function and routing_preserves(moe_cfg, family)
+    verdict = dense_function_verdict(recipe, moe_cfg)
+    meant = verdict.preserves
     scale = float(np.max(np.abs(np.asarray(want))))
     return {
         "max_abs_delta": float(delta.max()),
         "mean_abs_delta": float(delta.mean()),
         "max_abs_dense_logit": scale,
         "meant_to_preserve": meant,
+        "not_meant_because": list(verdict.reasons),
         "tolerance": tol * max(1.0, scale),
         "ok": (not meant) or float(delta.max()) <= tol * max(1.0, scale),
         "dropped_fraction": float(aux.get("dropped_fraction", 0.0)) if aux else 0.0,

@@ -21,12 +21,15 @@ device is not synchronised every step), and stop the run naming the step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +38,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparse_upcycle import flops as flops_lib
@@ -127,6 +130,96 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a run trains and how, without any arrays: the model, its loss, the optimizer, and
+    the shardings of the train state ``{"params", "opt_state", "step"}`` on ``mesh``."""
+
+    mesh: Mesh
+    spec: ModelSpec
+    abstract_params: dict
+    abstract_opt: Any
+    param_sh: dict
+    state_sh: dict
+    replicated: NamedSharding
+    loss_fn: Callable
+    tx: optax.GradientTransformation
+    schedule: Callable
+
+    def init_state(self, seed: int) -> dict:
+        """A random train state (the model's own initialisers), placed with ``state_sh``."""
+        cls = model_class(self.spec.family)
+
+        def init():
+            model = cls(self.spec.config, rngs=nnx.Rngs(seed))
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+
+        return jax.jit(init, out_shardings=self.state_sh)()
+
+
+def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Training:
+    """The model of ``config`` (dense, or the MoE of its recipe), its loss and optimizer, with
+    the schedule offset by the dense step count when the recipe keeps it (``step=keep``)."""
+    spec = resolve_model(config, source)
+    cls = model_class(spec.family)
+    abstract_model = nnx.eval_shape(lambda: cls(spec.config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    axes = sharding.logical_axes(abstract_model)
+    param_sh = sharding.param_shardings(abstract_params, mesh, axes)
+    loss_fn = make_loss_fn(spec, graphdef, abstract_state, config.get("loss", {}))
+    init_step = 0  # the dense step count, when the recipe keeps it (step=keep)
+    if source is not None and getattr(source, "is_upcycled", False) and source.step:
+        init_step = int(source.step)  # written by `upcycle` with step=keep
+    elif source is not None and spec.recipe is not None and spec.recipe.step == "keep":
+        init_step = int(source.step or 0)  # online upcycling with step=keep
+    opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+    if init_step:
+        opt_cfg.step_offset = opt_cfg.get("step_offset", 0) + init_step
+    try:
+        tx, schedule = optim.make_optimizer(opt_cfg)
+    except ValueError as e:
+        raise ConfigError(f"optimizer: {e}") from None
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = sharding.opt_state_shardings(abstract_opt, param_sh, mesh, abstract_params)
+    replicated = NamedSharding(mesh, P())
+    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    return Training(
+        mesh,
+        spec,
+        abstract_params,
+        abstract_opt,
+        param_sh,
+        state_sh,
+        replicated,
+        loss_fn,
+        tx,
+        schedule,
+    )
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
+    """``step(state, batch, key) -> (state, metrics)``: one optimizer update of ``state``
+    (``{"params", "opt_state", "step"}``), its randomness ``fold_in(key, step)``. The key is an
+    argument, not a constant of the program, so runs that differ only in their seed compile to
+    the same program (and share the persistent compilation cache)."""
+
+    def train_step(state, batch, base_key):
+        rng = jax.random.fold_in(base_key, state["step"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state["params"], batch, rng, True)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = schedule(state["step"])
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new, metrics
+
+    return train_step
+
+
 # ============================================================================================
 # The run.
 # ============================================================================================
@@ -161,14 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source = open_init_source(config)
     if process_index == 0:
         keep_hf_source(config, source, workdir)
-    spec = resolve_model(config, source)
-    cls = model_class(spec.family)
-    abstract_model = nnx.eval_shape(lambda: cls(spec.config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
-    abstract_params = nnx.to_pure_dict(abstract_state)
-    axes = sharding.logical_axes(abstract_model)
-    param_sh = sharding.param_shardings(abstract_params, mesh, axes)
-    loss_fn = make_loss_fn(spec, graphdef, abstract_state, config.get("loss", {}))
+    t = build_training(config, source, mesh)
+    spec, param_sh, state_sh, replicated = t.spec, t.param_sh, t.state_sh, t.replicated
+    abstract_params, abstract_opt, tx, loss_fn = t.abstract_params, t.abstract_opt, t.tx, t.loss_fn
     layer_names = moe_layer_names(spec)
 
     # ---------------------------------------------------------------- data
@@ -186,24 +274,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ConfigError(f"data: {e}") from None
 
     train_data = pipeline("train")
-
-    # ---------------------------------------------------------------- optimizer
-    init_step = 0  # the dense step count, when the recipe keeps it (step=keep)
-    if source is not None and getattr(source, "is_upcycled", False) and source.step:
-        init_step = int(source.step)  # written by `upcycle` with step=keep
-    elif source is not None and spec.recipe is not None and spec.recipe.step == "keep":
-        init_step = int(source.step or 0)  # online upcycling with step=keep
-    opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
-    if init_step:
-        opt_cfg.step_offset = opt_cfg.get("step_offset", 0) + init_step
-    try:
-        tx, schedule = optim.make_optimizer(opt_cfg)
-    except ValueError as e:
-        raise ConfigError(f"optimizer: {e}") from None
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = sharding.opt_state_shardings(abstract_opt, param_sh, mesh, abstract_params)
-    replicated = NamedSharding(mesh, P())
-    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
 
     # ---------------------------------------------------------------- checkpoints
     ckpt_cfg = config.get("checkpoint", ml_collections.ConfigDict())
@@ -239,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("resumed from %s at step %d", manager.directory, latest)
     else:
         params, slots = initial_params(config, spec, source, abstract_params, param_sh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
         if slots:
             opt_state, report = load_adafactor_slots(
                 opt_state, params, slots, step=_dense_step(source)
@@ -250,19 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = int(state["step"])
 
     # ---------------------------------------------------------------- steps
-    base_key = jax.random.key(config.seed)
-
-    def train_step(state, batch):
-        rng = jax.random.fold_in(base_key, state["step"])
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], batch, rng, True)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["learning_rate"] = schedule(state["step"])
-        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        return new, metrics
+    train_step = make_train_step(loss_fn, tx, t.schedule)
+    base_key = jax.device_put(jax.random.key(config.seed), replicated)
 
     batch_sh = None  # from the first batch's ranks
     train_step_jit = None
@@ -297,6 +356,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_metrics: dict = {}
     eval_metrics: dict = {}
     status = "done"
+    # Where this invocation's time went: the first step (compilation), the other steps
+    # (everything the loop does per step, checkpoint saves included) and evaluation.
+    timing = {
+        "first_step_s": 0.0,
+        "steps_timed": 0,
+        "train_s": 0.0,
+        "eval_s": 0.0,
+        "checkpoint_s": 0.0,
+    }
+    eval_since_log = 0.0  # evaluation seconds inside the current log interval
+    loop_start = time.perf_counter()
+    timed_from = None  # when the first step of this invocation had finished
 
     def check_finite():
         nonlocal pending
@@ -320,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if not force and step % save_every:
             return
         check_finite()  # never save a state that went non-finite
+        save_start = time.perf_counter()
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -327,6 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ),
             force=True,
         )
+        timing["checkpoint_s"] += time.perf_counter() - save_start  # the blocking part
         last_saved = step
 
     with _Preemption() as preemption:
@@ -338,21 +411,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     batch_shapes = {k: v.shape for k, v in batch.items()}
                     train_step_jit = jax.jit(
                         train_step,
-                        in_shardings=(state_sh, batch_sh),
+                        in_shardings=(state_sh, batch_sh, replicated),
                         out_shardings=(state_sh, replicated),
                         donate_argnums=0,
                     )
                 # Traced under the mesh, the MoE layers pin their expert-parallel layout
                 # (sharding.constrain); without it the partitioner gathers the experts.
                 with jax.set_mesh(mesh):
-                    state, metrics = train_step_jit(state, batch)
+                    state, metrics = train_step_jit(state, batch, base_key)
                 pending.append((step + 1, metrics["finite"]))  # the update that made step+1
                 done = step + 1
+                if timed_from is None:
+                    metrics["finite"].block_until_ready()  # the one extra sync: compile time
+                    timed_from = last_time = time.perf_counter()
+                    timing["first_step_s"] = timed_from - loop_start
+                    last_step = done
                 if done % log_every == 0 or done == total:
                     check_finite()
                     now = time.perf_counter()
-                    seconds = (now - last_time) / max(done - last_step, 1)
-                    last_time, last_step = now, done
+                    timed = done - last_step  # 0 when the first step is a log step
+                    seconds = (
+                        (now - last_time - eval_since_log) / timed
+                        if timed
+                        else timing["first_step_s"]
+                    )
+                    last_time, last_step, eval_since_log = now, done, 0.0
                     train_metrics = _scalars(metrics)
                     train_metrics.pop("finite", None)
                     train_metrics.update(_throughput(spec, batch_shapes, seconds, peak))
@@ -362,7 +445,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     writer.write(done, train_metrics, split="train")
                 progress.update(done, {"loss": metrics["loss"]})
                 if (eval_every > 0 and done % eval_every == 0) or done == total or done in eval_at:
+                    eval_start = time.perf_counter()
                     eval_metrics = evaluate(state["params"])
+                    eval_seconds = time.perf_counter() - eval_start
+                    timing["eval_s"] += eval_seconds
+                    eval_since_log += eval_seconds
                     writer.write(done, eval_metrics, split="eval")
                     progress.write(
                         f"eval step {done}: loss {eval_metrics['loss']:.4f} "
@@ -375,6 +462,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     progress.write(f"SIGTERM: saved step {done}; exiting")
                     break
             check_finite()
+            if timed_from is not None:
+                timing["steps_timed"] = int(state["step"]) - start_step - 1
+                timing["train_s"] = time.perf_counter() - timed_from - timing["eval_s"]
         finally:
             manager.wait_until_finished()
             manager.close()
@@ -385,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "step": int(state["step"]),
         "train": {k: v for k, v in train_metrics.items() if np.ndim(v) == 0},
         "eval": eval_metrics,
+        "timing": timing,
     }
 
 

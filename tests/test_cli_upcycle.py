@@ -149,7 +149,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
         (["--src", str(tmp_path / "missing.npz")], "no such"),
         (["--src", src], "model config expects"),  # mlp_dim 48 vs the config's tiny
         (["--src", src, "--config.upcycle.method=magic"], "method must be one of"),
-        (["--src", src, "--config.upcycle.nope=1"], "unknown upcycle field(s) ['nope']"),
+        (["--src", src, "--config.upcycle.nope=1"], "unknown field config.upcycle.nope"),
         (["--src", src, "--config.model.moe.capacity_factor=-1.0"], "capacity_factor > 0"),
     ]
     for args, message in cases:

@@ -19,7 +19,7 @@ CONFIG = os.path.join(HERE, "configs", "compare_tiny.py")
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("compare"))
-    report = compare_lib.run_compare(load_config(CONFIG), workdir)
+    report = compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)
     return workdir, report
 
 
@@ -86,13 +86,13 @@ def test_a_finished_run_is_not_recomputed(finished, monkeypatch):
         return real(cfg, wd)
 
     monkeypatch.setattr(train_lib, "train_and_evaluate", counting)
-    again = compare_lib.run_compare(load_config(CONFIG), workdir)
+    again = compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)
     assert calls == []
     assert again["aggregate"] == report["aggregate"]
     # One arm's result removed: that run alone is redone (it resumes from its checkpoint,
     # so its evaluations are the same).
     os.remove(os.path.join(workdir, "upcycled", "seed_1", "result.json"))
-    again = compare_lib.run_compare(load_config(CONFIG), workdir)
+    again = compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)
     assert [os.path.relpath(w, workdir) for w in calls] == [os.path.join("upcycled", "seed_1")]
 
 
@@ -136,7 +136,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, override, message):
 
 
 def test_arm_overrides_merge_into_the_run_config():
-    c = load_config(CONFIG)
+    c = load_config(CONFIG, schema="compare")
     arm = {
         "kind": "upcycle",
         "overrides": {"upcycle": {"method": "drop"}, "optimizer": {"learning_rate": 1e-4}},
@@ -183,4 +183,4 @@ def test_a_second_compare_in_the_same_workdir_is_refused(tmp_path):
     with open(tmp_path / "w" / ".compare.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(compare_lib.ConfigError, match="another compare is running"):
-            compare_lib.run_compare(load_config(CONFIG), str(tmp_path / "w"))
+            compare_lib.run_compare(load_config(CONFIG, schema="compare"), str(tmp_path / "w"))

@@ -19,7 +19,7 @@ HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 @pytest.mark.parametrize("path", [VIT, T5])
 @pytest.mark.parametrize("size", ["tiny", None])
 def test_configs_load_with_three_seeds_and_the_three_arms(path, size):
-    c = load_config(f"{path}:{size}" if size else path)
+    c = load_config(f"{path}:{size}" if size else path, schema="compare")
     assert len(c.seeds) >= 3 and c.extra_compute > 0
     assert {a.kind for a in c.arms.values()} == {"dense", "upcycle", "scratch"}
     assert c.upcycle.method == "copy" and c.upcycle.num_experts >= 8
@@ -35,7 +35,7 @@ def test_configs_load_with_three_seeds_and_the_three_arms(path, size):
 
 def test_unknown_size_is_a_config_error():
     with pytest.raises(compare_lib.ConfigError, match="unknown size"):
-        load_config(f"{VIT}:huge")
+        load_config(f"{VIT}:huge", schema="compare")
 
 
 @pytest.mark.slow
@@ -53,6 +53,7 @@ def test_t5_text_compare_runs_end_to_end(tmp_path):
             "--config.train.data.vocab_size=500",
             "--config.train.model.overrides.vocab_size=600",
         ],
+        schema="compare",
     )
     report = compare_lib.run_compare(c, str(tmp_path / "w"))
     assert set(report["aggregate"]) == {"dense", "upcycled", "moe_scratch"}

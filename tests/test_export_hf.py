@@ -338,7 +338,7 @@ def _assert_refused(capsys, parent, dst, phrase, *argv):
             ],
             "without renormalize",
         ),
-        (["--config.model.moe.eval_capacity_factor=1.0"], "drops tokens at evaluation"),
+        (["--config.model.moe.eval_capacity_factor=1.0"], "so tokens can be dropped"),
     ],
     ids=["every_other", "softmax_then_topk", "eval_capacity"],
 )

@@ -332,12 +332,11 @@ def mixtral_problems(config: DecoderConfig, *, dropless: bool = False) -> list[s
             "without renormalize keeps softmax probabilities that do not (no Mixtral config "
             "reproduces that)"
         )
-    cf = m.eval_capacity_factor
-    if cf is not None and cf * m.k < m.num_experts and not dropless:
+    drops = m.eval_drops()  # the capacity at the configured group size (moe_config.py)
+    if drops and not dropless:
         problems.append(
-            f"Mixtral is dropless; this model drops tokens at evaluation (eval capacity factor "
-            f"{cf:g}: C·K/E = {cf * m.k / m.num_experts:g} < 1). Pass --dropless to export "
-            "it routing every token"
+            f"Mixtral is dropless; in this model {drops}. Pass --dropless to export it routing "
+            "every token"
         )
     return problems
 

@@ -11,7 +11,12 @@ import importlib
 from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
 from sparse_upcycle.data.synthetic import SyntheticSource, make_synthetic_pipeline
 
-# name -> (module, builder); modules are imported when their data set is asked for.
+# name -> (module, builder); modules are imported when their data set is asked for. Each module
+# declares the ``data`` fields its builder reads (``DATA_FIELDS``); ``make_pipeline`` refuses
+# the others. Every pipeline takes ``COMMON_FIELDS``: its name, batch and seed, and the sequence
+# lengths of the trainer's default block (``train.default_config``: synthetic's), which a config
+# keeps when it switches ``data.name`` (an image pipeline ignores them).
+COMMON_FIELDS = frozenset({"name", "batch_size", "seed", "seq_len", "target_len"})
 BUILDERS = {
     "synthetic": ("sparse_upcycle.data.synthetic", "make_synthetic_pipeline"),
     "fashion_mnist": ("sparse_upcycle.data.fashion_mnist", "make_fashion_mnist_pipeline"),
@@ -20,12 +25,20 @@ BUILDERS = {
 
 
 def make_pipeline(data_config, family, model_config, split, *, process_index=0, process_count=1):
-    """The pipeline ``data_config.name`` names, with shapes taken from the model config."""
+    """The pipeline ``data_config.name`` names, with shapes taken from the model config; a
+    field that pipeline does not read is refused (ValueError)."""
     name = data_config.get("name", "synthetic")
     if name not in BUILDERS:
         raise ValueError(f"unknown data.name {name!r}; known: {sorted(BUILDERS)}")
     module, builder = BUILDERS[name]
-    build = getattr(importlib.import_module(module), builder)
+    module = importlib.import_module(module)
+    known = COMMON_FIELDS | module.DATA_FIELDS
+    for field in sorted(data_config.keys()):
+        if field not in known:
+            from sparse_upcycle.config import unknown_field
+
+            raise ValueError(unknown_field("data", field, known))
+    build = getattr(module, builder)
     return build(
         data_config,
         family,

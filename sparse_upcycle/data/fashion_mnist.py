@@ -29,6 +29,8 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 NUM_VALIDATION = 5000
+# The ``data`` fields make_fashion_mnist_pipeline reads (besides name, batch_size, seed).
+DATA_FIELDS = frozenset({"data_dir"})
 MEAN, STD = 0.2860, 0.3530
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

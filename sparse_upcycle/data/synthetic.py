@@ -26,6 +26,8 @@ import numpy as np
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 TASKS = {"t5": "seq2seq", "decoder": "lm", "vit": "images"}
+# The ``data`` fields make_synthetic_pipeline reads (besides name, batch_size, seed).
+DATA_FIELDS = frozenset({"noise", "seq_len", "target_len", "branching"})
 
 
 @dataclasses.dataclass

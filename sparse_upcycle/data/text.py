@@ -55,6 +55,19 @@ log = logging.getLogger("sparse_upcycle.data.text")
 
 CORPUS_DIR = "/usr/share/doc/python3.11/html/_sources"
 SPLITS = {"train": 0, "validation": 1, "test": 2}
+# The ``data`` fields make_text_pipeline reads (besides name, batch_size, seed).
+DATA_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "extra_ids",
+        "seq_len",
+        "target_len",
+        "noise_density",
+        "mean_noise_span_length",
+        "corpus_dir",
+        "cache_dir",
+    }
+)
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _CACHE_FORMAT = 1  # bump when the vocabulary settings or the cache layout change
 

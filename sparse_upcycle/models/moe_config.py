@@ -83,6 +83,59 @@ class MoeConfig:
             raise ValueError(f"moe.layers {spec}: indices must be in [0, {num_layers})")
         return layers
 
+    def capacity(self, train: bool, group_size: int | None = None) -> int | None:
+        """Slots per expert in a group of ``group_size`` tokens (default: the configured
+        ``group_size``), with the training or the evaluation capacity factor; None for dropless
+        top-K. The formulas are ``routing.expert_choice_capacity`` / ``routing.top_k_capacity``
+        (expert choice ceil(C·S/E), top-K ceil(C·S·K/E), rounded up to ``capacity_multiple``,
+        at most S)."""
+        s = self.group_size if group_size is None else int(group_size)
+        factor = self.capacity_factor if train else self.eval_capacity_factor
+        if self.router == "expert_choice":
+            if factor is None:
+                raise ValueError("expert choice needs a capacity factor (it has no dropless form)")
+            return routing.expert_choice_capacity(
+                s, self.num_experts, factor, self.capacity_multiple
+            )
+        return routing.top_k_capacity(s, self.num_experts, self.k, factor, self.capacity_multiple)
+
+    def eval_drops(self) -> str | None:
+        """Why evaluation routing can leave a token with less than its full weight, or None
+        when it cannot. Expert choice reaches every token only when every expert takes the
+        whole group (capacity = S); top-K drops nothing when an expert can hold every token of
+        the group (each token picks an expert at most once), i.e. capacity = S or dropless.
+        Checked at the configured group size: smaller groups (fewer tokens) then fit too."""
+        s = self.group_size
+        cap = self.capacity(train=False)
+        if cap is None or cap >= s:
+            return None
+        return (
+            f"{self.router} routing at evaluation has {cap} slots per expert for groups of "
+            f"{s} tokens (eval_capacity_factor={self.eval_capacity_factor}), so tokens can be "
+            "dropped"
+        )
+
+    def eval_routing_problem(self) -> str | None:
+        """Why copies of one MLP behind this router would not compute that MLP at evaluation
+        (whatever the router's scores), or None. Each token's output is Σ_e w_e·MLP(x), so it
+        is MLP(x) exactly when the weights reaching it sum to one: expert choice at full
+        capacity (every expert takes every token; the weights are a softmax over the E
+        experts, normalised or not), top-K without drops whose K weights are renormalised
+        (``renormalize`` or ``topk_then_softmax``; or K = E)."""
+        if not self.num_experts:
+            return None
+        drops = self.eval_drops()
+        if drops:
+            return drops
+        if self.router == "top_k" and not (
+            self.renormalize or self.ordering == "topk_then_softmax" or self.k >= self.num_experts
+        ):
+            return (
+                f"top-{self.k} weights are softmax probabilities over {self.num_experts} "
+                f"experts ({self.ordering}, renormalize=False), which do not sum to one"
+            )
+        return None
+
     def make_router(self, capacity_factor: float | None, *, causal: bool) -> routing.Router:
         if self.router == "expert_choice":
             if capacity_factor is None:

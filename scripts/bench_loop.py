@@ -1,0 +1,163 @@
+"""Training-loop benchmark: is ``train_and_evaluate`` as fast as its own jitted step?
+
+On the tiny ViT / Fashion-MNIST compare config (``configs/compare_vit_fmnist.py:tiny``), for the
+dense model (the pre-training run) and its MoE (the upcycled / from-scratch arms):
+
+* ``bare_step_s``: the jitted train step alone, ``steps`` calls back to back on one batch, the
+  state donated as in training, one wait at the end; median of ``repeats`` timings;
+* ``loop_step_s``: ``train_and_evaluate`` for ``steps + 1`` steps, its own timing of steps
+  2 … N+1 (data, host-to-device copies, metrics, logging and checkpoint saves included;
+  evaluation excluded and reported separately as ``eval_s``);
+* ``loop_efficiency = bare_step_s / loop_step_s`` (goal ≥ 0.9);
+* compile time per run: the first step's time minus a steady step, in fresh processes, without
+  the persistent compilation cache, then twice with one empty cache directory (the second run
+  is what every later run of a ``compare`` with the same shapes sees).
+
+Prints one JSON object. ``--steps``/``--repeats`` trade time for noise.
+
+    .venv/bin/python scripts/bench_loop.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "compare_vit_fmnist.py:tiny")
+
+
+def run_config(arm: str, steps: int):
+    """The training config of one run of the compare: ``dense`` (pre-training) or ``moe``
+    (the MoE arms' model, from scratch: the same step as the upcycled arm's)."""
+    from sparse_upcycle.config import load_config
+
+    c = load_config(CONFIG, schema="compare")
+    cfg = copy.deepcopy(c.train)
+    cfg.init_from = "scratch"
+    cfg.optimizer = copy.deepcopy(c.pretrain.optimizer)
+    if arm == "moe":
+        cfg.upcycle = copy.deepcopy(c.upcycle)
+    cfg.total_steps = steps
+    cfg.eval_every = 0  # evaluated once, at the end
+    cfg.peak_flops = 1.0  # not measured: the benchmark times steps, not MFU
+    return cfg
+
+
+def bare_step_seconds(cfg, steps: int, repeats: int) -> float:
+    import jax
+
+    from sparse_upcycle import sharding
+    from sparse_upcycle.data import make_pipeline
+    from sparse_upcycle.train import _global_batch, build_training, make_train_step
+
+    mesh = sharding.make_mesh(-1, 1, 1)
+    t = build_training(cfg, None, mesh)
+    batch = next(make_pipeline(cfg.data, t.spec.family, t.spec.config, "train"))
+    batch = _global_batch(batch, mesh, 1)
+    step = jax.jit(
+        make_train_step(t.loss_fn, t.tx, t.schedule),
+        in_shardings=(t.state_sh, {k: v.sharding for k, v in batch.items()}, t.replicated),
+        out_shardings=(t.state_sh, t.replicated),
+        donate_argnums=0,
+    )
+    key = jax.random.key(cfg.seed)
+    state = t.init_state(cfg.seed)
+    with jax.set_mesh(mesh):
+        state, metrics = step(state, batch, key)  # compile
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = step(state, batch, key)
+            jax.block_until_ready((state, metrics))
+            times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def loop_timing(cfg, steps: int) -> dict:
+    from sparse_upcycle.train import train_and_evaluate
+
+    cfg = copy.deepcopy(cfg)
+    cfg.total_steps = steps + 1
+    with tempfile.TemporaryDirectory() as workdir:
+        return train_and_evaluate(cfg, workdir)["timing"]
+
+
+def child(arm: str, steps: int) -> None:
+    """One run in this fresh process; prints its timing (the parent sets the cache)."""
+    import logging
+
+    from sparse_upcycle import compile_cache
+
+    compile_cache.enable()  # as the CLI does; $SPARSE_UPCYCLE_JAX_CACHE set by the parent
+    logging.getLogger("sparse_upcycle").setLevel(logging.WARNING)
+    print(json.dumps(loop_timing(run_config(arm, steps), steps)))
+
+
+def compile_in_fresh_process(arm: str, steps: int, cache_dir: str | None) -> dict:
+    env = {**os.environ, "SPARSE_UPCYCLE_JAX_CACHE": cache_dir or ""}  # "": off
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", arm, "--steps", str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    timing = json.loads(out.stdout.strip().splitlines()[-1])
+    step_s = timing["train_s"] / max(timing["steps_timed"], 1)
+    return {"first_step_s": timing["first_step_s"], "compile_s": timing["first_step_s"] - step_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=("dense", "moe"))
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps)
+        return
+    import jax
+
+    out = {
+        "config": "configs/compare_vit_fmnist.py:tiny",
+        "jax": jax.__version__,
+        "devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "steps": args.steps,
+        "repeats": args.repeats,
+    }
+    for arm in ("dense", "moe"):
+        # The persistent cache stays off in this process: every run here compiles afresh.
+        cfg = run_config(arm, args.steps)
+        loops = [loop_timing(cfg, args.steps) for _ in range(args.repeats)]
+        loop_step = statistics.median(t["train_s"] / t["steps_timed"] for t in loops)
+        bare = bare_step_seconds(cfg, args.steps, args.repeats)
+        with tempfile.TemporaryDirectory() as cache:
+            cold = compile_in_fresh_process(arm, 5, cache)
+            warm = compile_in_fresh_process(arm, 5, cache)
+        off = compile_in_fresh_process(arm, 5, None)
+        out[arm] = {
+            "bare_step_s": bare,
+            "loop_step_s": loop_step,
+            "loop_efficiency": bare / loop_step,
+            "eval_s": statistics.median(t["eval_s"] for t in loops),
+            "first_step_s": statistics.median(t["first_step_s"] for t in loops),
+            "compile_s_no_cache": off["compile_s"],
+            "compile_s_cache_cold": cold["compile_s"],
+            "compile_s_cache_warm": warm["compile_s"],
+            "compile_cache_speedup": off["compile_s"] / max(warm["compile_s"], 1e-9),
+        }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
