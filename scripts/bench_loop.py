@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "compare_vit_fmnist.py:tiny")
 
 
@@ -67,7 +69,7 @@ def bare_step_seconds(cfg, steps: int, repeats: int) -> float:
         out_shardings=(t.state_sh, t.replicated),
         donate_argnums=0,
     )
-    key = jax.random.key(cfg.seed)
+    key = jax.make_array_from_process_local_data(t.replicated, np.int32(cfg.seed))
     state = t.init_state(cfg.seed)
     with jax.set_mesh(mesh):
         state, metrics = step(state, batch, key)  # compile

@@ -167,6 +167,9 @@ def _run(args, overrides) -> int:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+        from sparse_upcycle import compile_cache
+
+        compile_cache.enable()  # runs of the same shapes (seeds, arms, resumes) compile once
     if args.command == "train":
         from sparse_upcycle.train import dump_json, train_and_evaluate
 

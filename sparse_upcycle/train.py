@@ -200,13 +200,13 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
-    """``step(state, batch, key) -> (state, metrics)``: one optimizer update of ``state``
-    (``{"params", "opt_state", "step"}``), its randomness ``fold_in(key, step)``. The key is an
-    argument, not a constant of the program, so runs that differ only in their seed compile to
-    the same program (and share the persistent compilation cache)."""
+    """``step(state, batch, seed) -> (state, metrics)``: one optimizer update of ``state``
+    (``{"params", "opt_state", "step"}``), its randomness ``fold_in(key(seed), step)``. The seed
+    (an int32 scalar) is an argument, not a constant of the program, so runs that differ only
+    in their seed compile to the same program (and share the persistent compilation cache)."""
 
-    def train_step(state, batch, base_key):
-        rng = jax.random.fold_in(base_key, state["step"])
+    def train_step(state, batch, seed):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state["params"], batch, rng, True)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -321,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- steps
     train_step = make_train_step(loss_fn, tx, t.schedule)
-    base_key = jax.device_put(jax.random.key(config.seed), replicated)
+    seed = jax.make_array_from_process_local_data(replicated, np.int32(config.seed))
 
     batch_sh = None  # from the first batch's ranks
     train_step_jit = None
@@ -334,12 +334,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def evaluate(params) -> dict:
         data = pipeline("validation")
-        sums = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+        outs = []  # fetched once at the end, so the batches are dispatched back to back
         for _ in range(config.get("eval_steps", 4)):
             with jax.set_mesh(mesh):
-                out = eval_step_jit(params, _global_batch(next(data), mesh, process_count))
-            for k in sums:
-                sums[k] += float(out[k])
+                outs.append(eval_step_jit(params, _global_batch(next(data), mesh, process_count)))
+        fetched = jax.device_get(outs)
+        sums = {
+            k: sum(float(o[k]) for o in fetched) for k in ("loss_sum", "correct_sum", "weight_sum")
+        }
         w = max(sums["weight_sum"], 1.0)
         return {"loss": sums["loss_sum"] / w, "accuracy": sums["correct_sum"] / w}
 
@@ -418,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # Traced under the mesh, the MoE layers pin their expert-parallel layout
                 # (sharding.constrain); without it the partitioner gathers the experts.
                 with jax.set_mesh(mesh):
-                    state, metrics = train_step_jit(state, batch, base_key)
+                    state, metrics = train_step_jit(state, batch, seed)
                 pending.append((step + 1, metrics["finite"]))  # the update that made step+1
                 done = step + 1
                 if timed_from is None:

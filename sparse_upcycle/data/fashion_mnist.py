@@ -82,7 +82,10 @@ def load_split(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.
 
 
 class FashionMnistSource:
-    """Random access to one split: ``{"image": float32 [28, 28, 1], "label": int32}``."""
+    """Random access to one split: ``{"image": float32 [28, 28, 1], "label": int32}``; an
+    index array gives a batch of them (``batch_indexing``)."""
+
+    batch_indexing = True
 
     def __init__(self, split: str, data_dir: str = DEFAULT_DIR):
         self.images, self.labels = load_split(split, data_dir)

@@ -57,13 +57,20 @@ class GrainPipeline:
         self.local_batch = global_batch // process_count
         self.process_index = process_index
         self.process_count = process_count
-        ds = grain.MapDataset.source(source)
+        vectorised = transform is None and getattr(source, "batch_indexing", False)
+        # A source with ``batch_indexing`` takes an index array and returns the whole batch
+        # (numpy fancy indexing), so a batch costs one gather, not B Python calls: the chain
+        # then shuffles and batches the indices, the same permutation as shuffling the rows.
+        ds = grain.MapDataset.range(len(source)) if vectorised else grain.MapDataset.source(source)
         if shuffle_seed is not None:
             ds = ds.shuffle(seed=shuffle_seed)
         ds = ds.repeat(None)
         if transform is not None:
             ds = ds.random_map(transform, seed=transform_seed)
-        self.dataset = ds.batch(self.local_batch, batch_fn=_stack)
+        if vectorised:
+            self.dataset = ds.batch(self.local_batch, batch_fn=np.asarray).map(source.__getitem__)
+        else:
+            self.dataset = ds.batch(self.local_batch, batch_fn=_stack)
         self.next_batch = 0
 
     def get_state(self) -> dict:
