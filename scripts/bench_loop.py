@@ -4,11 +4,12 @@ On the tiny ViT / Fashion-MNIST compare config (``configs/compare_vit_fmnist.py:
 dense model (the pre-training run) and its MoE (the upcycled / from-scratch arms):
 
 * ``bare_step_s``: the jitted train step alone, ``steps`` calls back to back on one batch, the
-  state donated as in training, one wait at the end; median of ``repeats`` timings;
+  state donated as in training, one wait at the end;
 * ``loop_step_s``: ``train_and_evaluate`` for ``steps + 1`` steps, its own timing of steps
   2 … N+1 (data, host-to-device copies, metrics, logging and checkpoint saves included;
   evaluation excluded and reported separately as ``eval_s``);
-* ``loop_efficiency = bare_step_s / loop_step_s`` (goal ≥ 0.9);
+* ``loop_efficiency``: the median over interleaved repeats of bare / loop seconds per step
+  (goal ≥ 0.9);
 * compile time per run: the first step's time minus a steady step, in fresh processes, without
   the persistent compilation cache, then twice with one empty cache directory (the second run
   is what every later run of a ``compare`` with the same shapes sees).
@@ -52,7 +53,8 @@ def run_config(arm: str, steps: int):
     return cfg
 
 
-def bare_step_seconds(cfg, steps: int, repeats: int) -> float:
+def bare_step(cfg):
+    """A function timing ``steps`` calls of the jitted train step alone (compiled here)."""
     import jax
 
     from sparse_upcycle import sharding
@@ -69,19 +71,21 @@ def bare_step_seconds(cfg, steps: int, repeats: int) -> float:
         out_shardings=(t.state_sh, t.replicated),
         donate_argnums=0,
     )
-    key = jax.make_array_from_process_local_data(t.replicated, np.int32(cfg.seed))
-    state = t.init_state(cfg.seed)
+    seed = jax.make_array_from_process_local_data(t.replicated, np.int32(cfg.seed))
+    state = {"value": t.init_state(cfg.seed)}
     with jax.set_mesh(mesh):
-        state, metrics = step(state, batch, key)  # compile
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(repeats):
+        state["value"], metrics = step(state["value"], batch, seed)  # compile
+    jax.block_until_ready(metrics)
+
+    def seconds_per_step(steps: int) -> float:
+        with jax.set_mesh(mesh):
             start = time.perf_counter()
             for _ in range(steps):
-                state, metrics = step(state, batch, key)
-            jax.block_until_ready((state, metrics))
-            times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+                state["value"], metrics = step(state["value"], batch, seed)
+            jax.block_until_ready((state["value"], metrics))
+        return (time.perf_counter() - start) / steps
+
+    return seconds_per_step
 
 
 def loop_timing(cfg, steps: int) -> dict:
@@ -140,17 +144,20 @@ def main() -> None:
     for arm in ("dense", "moe"):
         # The persistent cache stays off in this process: every run here compiles afresh.
         cfg = run_config(arm, args.steps)
-        loops = [loop_timing(cfg, args.steps) for _ in range(args.repeats)]
-        loop_step = statistics.median(t["train_s"] / t["steps_timed"] for t in loops)
-        bare = bare_step_seconds(cfg, args.steps, args.repeats)
+        bare_timer = bare_step(cfg)
+        bare, loops = [], []
+        for _ in range(args.repeats):  # interleaved, so a change in machine load hits both
+            loops.append(loop_timing(cfg, args.steps))
+            bare.append(bare_timer(args.steps))
+        loop = [t["train_s"] / t["steps_timed"] for t in loops]
         with tempfile.TemporaryDirectory() as cache:
             cold = compile_in_fresh_process(arm, 5, cache)
             warm = compile_in_fresh_process(arm, 5, cache)
         off = compile_in_fresh_process(arm, 5, None)
         out[arm] = {
-            "bare_step_s": bare,
-            "loop_step_s": loop_step,
-            "loop_efficiency": bare / loop_step,
+            "bare_step_s": statistics.median(bare),
+            "loop_step_s": statistics.median(loop),
+            "loop_efficiency": statistics.median(b / s for b, s in zip(bare, loop, strict=True)),
             "eval_s": statistics.median(t["eval_s"] for t in loops),
             "first_step_s": statistics.median(t["first_step_s"] for t in loops),
             "compile_s_no_cache": off["compile_s"],
