@@ -129,6 +129,33 @@ def test_nan_stops_naming_the_step_and_last_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]  # nothing non-finite saved
 
 
+def test_timing_keeps_compilation_and_evaluation_out_of_the_step_time(tmp_path, monkeypatch):
+    """Evaluation made slow on purpose (0.4 s a batch) lands in ``eval_s``, not in the logged
+    step times or ``train_s``; the first step (compilation) is reported on its own."""
+    from sparse_upcycle.data import synthetic
+
+    example = synthetic.SyntheticSource.example
+
+    def slow_validation(self, index):
+        if self.split == "validation" and index % 8 == 0:  # once per batch of 8
+            time.sleep(0.4)
+        return example(self, index)
+
+    monkeypatch.setattr(synthetic.SyntheticSource, "example", slow_validation)
+    config = _config("vit", "--config.eval_every=2", "--config.log_every=2")
+    timing = train_and_evaluate(config, str(tmp_path))["timing"]
+    assert timing["steps_timed"] == 5  # steps 2..6
+    assert timing["eval_s"] >= 3 * 0.4  # evaluations at steps 2, 4 and 6
+    assert timing["train_s"] > 0 and timing["first_step_s"] > 0
+    assert timing["checkpoint_s"] > 0  # saves at 3 and 6
+    seconds = _losses(str(tmp_path), key="step_seconds")
+    assert sorted(seconds) == [2, 4, 6]
+    # Logged step times cover steps 2, 3-4, 5-6 and leave the evaluations out: with them in,
+    # these would add up to at least 3 × 0.4 s more than train_s.
+    logged = seconds[2] * 1 + seconds[4] * 2 + seconds[6] * 2
+    assert logged <= timing["train_s"] + 0.2, (logged, timing)
+
+
 def test_cli_reports_a_missing_init_checkpoint(tmp_path, capsys):
     code = cli.main(
         [
