@@ -1,0 +1,112 @@
+"""What a training run trains and how, before any array exists: the model of a config (dense,
+or the MoE of its ``upcycle`` recipe), its loss, the optimizer and the shardings of the train
+state on a mesh (``build_training``), and the pure train step (``make_train_step``).
+``train.py`` runs them; ``scripts/bench_loop.py`` times the step alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sparse_upcycle import optim, sharding
+from sparse_upcycle.config import ConfigError
+from sparse_upcycle.task import ModelSpec, make_loss_fn, model_class, resolve_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a run trains and how, without any arrays: the model, its loss, the optimizer, and
+    the shardings of the train state ``{"params", "opt_state", "step"}`` on ``mesh``."""
+
+    mesh: Mesh
+    spec: ModelSpec
+    abstract_params: dict
+    abstract_opt: Any
+    param_sh: dict
+    state_sh: dict
+    replicated: NamedSharding
+    loss_fn: Callable
+    tx: optax.GradientTransformation
+    schedule: Callable
+
+    def init_state(self, seed: int) -> dict:
+        """A random train state (the model's own initialisers), placed with ``state_sh``."""
+        cls = model_class(self.spec.family)
+
+        def init():
+            model = cls(self.spec.config, rngs=nnx.Rngs(seed))
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+
+        return jax.jit(init, out_shardings=self.state_sh)()
+
+
+def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Training:
+    """The model of ``config`` (dense, or the MoE of its recipe), its loss and optimizer, with
+    the schedule offset by the dense step count when the recipe keeps it (``step=keep``)."""
+    spec = resolve_model(config, source)
+    cls = model_class(spec.family)
+    abstract_model = nnx.eval_shape(lambda: cls(spec.config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    axes = sharding.logical_axes(abstract_model)
+    param_sh = sharding.param_shardings(abstract_params, mesh, axes)
+    loss_fn = make_loss_fn(spec, graphdef, abstract_state, config.get("loss", {}))
+    init_step = 0  # the dense step count, when the recipe keeps it (step=keep)
+    if source is not None and getattr(source, "is_upcycled", False) and source.step:
+        init_step = int(source.step)  # written by `upcycle` with step=keep
+    elif source is not None and spec.recipe is not None and spec.recipe.step == "keep":
+        init_step = int(source.step or 0)  # online upcycling with step=keep
+    opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+    if init_step:
+        opt_cfg.step_offset = opt_cfg.get("step_offset", 0) + init_step
+    try:
+        tx, schedule = optim.make_optimizer(opt_cfg)
+    except ValueError as e:
+        raise ConfigError(f"optimizer: {e}") from None
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = sharding.opt_state_shardings(abstract_opt, param_sh, mesh, abstract_params)
+    replicated = NamedSharding(mesh, P())
+    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    return Training(
+        mesh,
+        spec,
+        abstract_params,
+        abstract_opt,
+        param_sh,
+        state_sh,
+        replicated,
+        loss_fn,
+        tx,
+        schedule,
+    )
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
+    """``step(state, batch, seed) -> (state, metrics)``: one optimizer update of ``state``
+    (``{"params", "opt_state", "step"}``), its randomness ``fold_in(key(seed), step)``. The seed
+    (an int32 scalar) is an argument, not a constant of the program, so runs that differ only
+    in their seed compile to the same program (and share the persistent compilation cache)."""
+
+    def train_step(state, batch, seed):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state["params"], batch, rng, True)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = schedule(state["step"])
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new, metrics
+
+    return train_step
