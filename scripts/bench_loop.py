@@ -12,7 +12,10 @@ dense model (the pre-training run) and its MoE (the upcycled / from-scratch arms
   (goal ≥ 0.9);
 * compile time per run: the first step's time minus a steady step, in fresh processes, without
   the persistent compilation cache, then twice with one empty cache directory (the second run
-  is what every later run of a ``compare`` with the same shapes sees).
+  is what every later run of a ``compare`` with the same shapes sees);
+* ``malloc_speedup``: the bare step in fresh processes with glibc's default allocator settings
+  (``SPARSE_UPCYCLE_MALLOC=system``) over the same with ``host_memory.tune()`` (what the CLI
+  and the tests use), alternated, medians; with the page faults per step of each.
 
 Prints one JSON object. ``--steps``/``--repeats`` trade time for noise.
 
@@ -98,11 +101,49 @@ def loop_timing(cfg, steps: int) -> dict:
         return train_and_evaluate(cfg, workdir)["timing"]
 
 
+def child_bare(arm: str, steps: int) -> None:
+    """The bare step in this fresh process, allocator as ``$SPARSE_UPCYCLE_MALLOC`` says."""
+    import resource
+
+    from sparse_upcycle import host_memory
+
+    tuned = host_memory.tune()
+    timer = bare_step(run_config(arm, steps))
+    timer(3)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = timer(steps)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "tuned": tuned,
+                "step_s": seconds,
+                "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+                "kernel_s_per_step": (after.ru_stime - before.ru_stime) / steps,
+            }
+        )
+    )
+
+
+def bare_in_fresh_process(arm: str, steps: int, malloc: str) -> dict:
+    env = {**os.environ, "SPARSE_UPCYCLE_MALLOC": malloc}
+    out = subprocess.run(
+        [sys.executable, __file__, "--child-bare", arm, "--steps", str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def child(arm: str, steps: int) -> None:
     """One run in this fresh process; prints its timing (the parent sets the cache)."""
     import logging
 
-    from sparse_upcycle import compile_cache
+    from sparse_upcycle import compile_cache, host_memory
+
+    host_memory.tune()
 
     compile_cache.enable()  # as the CLI does; $SPARSE_UPCYCLE_JAX_CACHE set by the parent
     logging.getLogger("sparse_upcycle").setLevel(logging.WARNING)
@@ -128,10 +169,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=("dense", "moe"))
+    parser.add_argument("--child-bare", choices=("dense", "moe"))
     args = parser.parse_args()
+    if args.child_bare:
+        child_bare(args.child_bare, args.steps)
+        return
     if args.child:
         child(args.child, args.steps)
         return
+    from sparse_upcycle import host_memory
+
+    host_memory.tune()  # as the CLI does
     import jax
 
     out = {
@@ -155,6 +203,10 @@ def main() -> None:
             cold = compile_in_fresh_process(arm, 5, cache)
             warm = compile_in_fresh_process(arm, 5, cache)
         off = compile_in_fresh_process(arm, 5, None)
+        system, tuned = [], []
+        for _ in range(args.repeats):
+            system.append(bare_in_fresh_process(arm, 20, "system"))
+            tuned.append(bare_in_fresh_process(arm, 20, "tuned"))
         out[arm] = {
             "bare_step_s": statistics.median(bare),
             "loop_step_s": statistics.median(loop),
@@ -165,6 +217,17 @@ def main() -> None:
             "compile_s_cache_cold": cold["compile_s"],
             "compile_s_cache_warm": warm["compile_s"],
             "compile_cache_speedup": off["compile_s"] / max(warm["compile_s"], 1e-9),
+            "bare_step_s_malloc_system": statistics.median(r["step_s"] for r in system),
+            "bare_step_s_malloc_tuned": statistics.median(r["step_s"] for r in tuned),
+            "malloc_speedup": statistics.median(
+                a["step_s"] / b["step_s"] for a, b in zip(system, tuned, strict=True)
+            ),
+            "page_faults_per_step_system": statistics.median(
+                r["page_faults_per_step"] for r in system
+            ),
+            "page_faults_per_step_tuned": statistics.median(
+                r["page_faults_per_step"] for r in tuned
+            ),
         }
     print(json.dumps(out, indent=2))
 

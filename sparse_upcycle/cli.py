@@ -206,6 +206,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparse_upcycle import host_memory
+
+    host_memory.tune()  # before jax starts its threads: see host_memory.py
     warnings.formatwarning = _one_line_warning
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)

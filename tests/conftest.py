@@ -7,6 +7,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from sparse_upcycle import host_memory  # noqa: E402  (no jax import)
+
+host_memory.tune()  # before jax starts its threads, as the command line does
+
 
 def pytest_configure(config):
     """One persistent JAX compilation cache for the session (many tests compile the same tiny
