@@ -1,10 +1,14 @@
 """Upcycling methods, checked against dense MLPs and MoE outputs computed in numpy here."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from sparse_upcycle import routing
-from sparse_upcycle.upcycle import methods
+from sparse_upcycle.models.moe_config import MoeConfig
+from sparse_upcycle.upcycle import methods, recipe, rules, verdict
+from sparse_upcycle.upcycle.recipe import Recipe
 
 D, F = 6, 8
 
@@ -133,3 +137,128 @@ def test_drop_upcycling_reinitialises_a_shared_unit_set(ratio):
         assert len(set(sets)) == 3  # each expert drops its own units
         dropped = experts["wi_0"][0][:, list(sets[0])]
         assert abs(dropped.mean() - 2.0) < 0.3 and abs(dropped.std() - 3.0) < 0.3
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: methods as data
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_holds_the_three_methods_and_their_settings():
+    assert methods.names() == ("copy", "virtual_group", "drop")
+    assert isinstance(methods.get("drop"), methods.Drop)
+    with pytest.raises(ValueError, match=r"must be one of \('copy', 'virtual_group', 'drop'\)"):
+        methods.get("magic")
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(methods.Copy())
+    # Every Recipe field is shared or read by some method, and each setting is a Recipe field.
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    settings = {s for m in methods.METHODS.values() for s in m.settings}
+    assert settings | set(recipe.COMMON_SETTINGS) == fields
+    assert settings <= fields
+    assert rules.Recipe is Recipe  # the old import path keeps working
+
+
+def test_recipe_asks_its_method():
+    vg = Recipe(method="virtual_group", expansion=4, granularity=2, k=2)
+    assert (vg.total_experts, vg.name, methods.get(vg.method).granularity(vg)) == (8, "E4G2T2", 2)
+    drop = Recipe(method="drop", num_experts=5)
+    assert (drop.total_experts, drop.name, methods.get("drop").granularity(drop)) == (5, "drop", 1)
+    assert Recipe().preserves_dense_function and not Recipe(noise_std=0.1).preserves_dense_function
+    assert not drop.preserves_dense_function
+    assert Recipe(
+        method="virtual_group", k=2, ordering="topk_then_softmax", scaling="exact"
+    ).preserves_dense_function
+    # recipe.json is Recipe.to_dict(): its keys and their order are the fields'.
+    assert list(Recipe().to_dict()) == [f.name for f in dataclasses.fields(Recipe)]
+    assert Recipe().to_dict()["drop_stats"] == "matrix"
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(method="virtual_group", k=3, granularity=2), "K % G == 0; got K=3, G=2"),
+        (dict(method="virtual_group", scaling="half"), "scaling must be one of"),
+        (dict(method="virtual_group", ordering="random"), "ordering must be one of"),
+        (dict(method="drop", drop_ratio=1.5), r"drop_ratio r must be in \[0, 1\]"),
+        (dict(method="drop", drop_stats="layer"), "stats must be one of"),
+        (dict(method="drop", optimizer="tile"), "needs method=copy"),
+        (dict(method="magic"), "recipe method must be one of"),
+    ],
+)
+def test_methods_validate_their_own_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe(**kw)
+
+
+def test_settings_a_method_does_not_read_are_not_its_business():
+    Recipe(method="copy", scaling="half", drop_stats="layer", k=3, granularity=2)
+
+
+def test_virtual_group_checks_the_models_routing():
+    vg = Recipe(method="virtual_group", expansion=4, granularity=1, k=2)
+    fits = MoeConfig(num_experts=4, router="top_k", k=2)
+    methods.get("virtual_group").check_model(vg, {"moe": fits})
+    dense_block = MoeConfig(num_experts=4, router="expert_choice", layers="none")
+    methods.get("virtual_group").check_model(vg, {"moe": fits, "decoder_moe": dense_block})
+    with pytest.raises(
+        ValueError,
+        match="assumes top-2 softmax_then_topk routing; the model "
+        "routes expert_choice k=2 softmax_then_topk",
+    ):
+        methods.get("virtual_group").check_model(
+            vg, {"moe": MoeConfig(num_experts=4, router="expert_choice")}
+        )
+    methods.get("copy").check_model(Recipe(), {"moe": MoeConfig(num_experts=4, k=1)})
+
+
+class HalvedCopy(methods.Method):
+    """A method defined here: every expert is the dense MLP with its output kernel halved."""
+
+    name = "halved_copy"
+    settings = ("num_experts",)
+
+    def experts(self, mlp, names, recipe, layer):
+        out = methods.copy_experts(mlp, recipe.num_experts, names)
+        out[names.output] = out[names.output] * 0.5
+        return out
+
+
+@pytest.fixture
+def halved_copy():
+    method = methods.register(HalvedCopy())
+    yield method
+    methods.unregister(method.name)
+
+
+def test_a_new_method_is_one_class_and_one_registry_entry(halved_copy):
+    rng = np.random.default_rng(5)
+    d, f, e = 4, 6, 3
+    prefixes = ("encoder/layers_1/mlp", "decoder/layers_3/mlp")
+    dense, target = {}, {}
+    for prefix in prefixes:
+        for name, shape in (("wi_0", (d, f)), ("wi_1", (d, f)), ("wo", (f, d))):
+            dense[f"{prefix}/{name}/kernel"] = rng.normal(size=shape).astype(np.float32)
+            target[f"{prefix}/expert/{name}/kernel"] = ((e, *shape), np.dtype(np.float32))
+        target[f"{prefix}/router/w/kernel"] = ((d, e), np.dtype(np.float32))
+    dense["encoder/layers_1/attention/query/kernel"] = rng.normal(size=(d, d)).astype(np.float32)
+    target["encoder/layers_1/attention/query/kernel"] = ((d, d), np.dtype(np.float32))
+
+    r = Recipe(method="halved_copy", num_experts=e, seed=11, router_init_std=0.5)
+    out = dict(rules.upcycle_tree(dense, dense.__getitem__, target, r))
+
+    assert set(out) == set(target)
+    for prefix, layer in zip(prefixes, (1, 100_003), strict=True):
+        for name, scale in (("wi_0", 1.0), ("wi_1", 1.0), ("wo", 0.5)):
+            want = np.stack([dense[f"{prefix}/{name}/kernel"] * scale] * e)
+            np.testing.assert_array_equal(out[f"{prefix}/expert/{name}/kernel"], want)
+        router = np.random.default_rng([11, layer, 0, 999]).normal(0.0, 0.5, (d, e))
+        np.testing.assert_array_equal(out[f"{prefix}/router/w/kernel"], router.astype(np.float32))
+    np.testing.assert_array_equal(
+        out["encoder/layers_1/attention/query/kernel"],
+        dense["encoder/layers_1/attention/query/kernel"],
+    )
+    assert (r.name, r.total_experts, r.preserves_dense_function) == ("halved_copy", e, False)
+    assert verdict._recipe_problem(r) == "method 'halved_copy' changes the experts' weights"
+    with pytest.raises(ValueError, match="needs method=copy"):
+        Recipe(method="halved_copy", optimizer="tile")

@@ -8,7 +8,8 @@ from flax import nnx
 
 from sparse_upcycle.checkpoints.tree import flatten, unflatten
 from sparse_upcycle.models import vit
-from sparse_upcycle.upcycle.rules import Recipe, plan, upcycle_tree
+from sparse_upcycle.upcycle.recipe import Recipe
+from sparse_upcycle.upcycle.rules import plan, upcycle_tree
 
 E = 4
 

@@ -16,7 +16,7 @@ from sparse_upcycle.checkpoints.t5x import write_t5x
 from sparse_upcycle.checkpoints.tree import flatten
 from sparse_upcycle.models import t5
 from sparse_upcycle.models.moe_config import MoeConfig
-from sparse_upcycle.upcycle.rules import Recipe
+from sparse_upcycle.upcycle.recipe import Recipe
 from sparse_upcycle.upcycle.verdict import dense_function_verdict
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")

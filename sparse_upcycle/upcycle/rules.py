@@ -3,10 +3,11 @@
 The target tree comes from the MoE model's ``abstract_params`` (shapes only). Each target path
 is produced by exactly one rule, tried in order:
 
-1. ``<prefix>/router/w/kernel``               -> a fresh router [d, E] (``Recipe.router_init_std``;
-   virtual groups: [d, E_x] with each column repeated G times)
-2. ``<prefix>/expert/<name>/{kernel,bias}``   -> the method applied to the dense MLP at
-   ``<prefix>/<name>/…`` (T5X ``mlp/wi_0`` …, big_vision ``MlpBlock_0/Dense_0`` …)
+1. ``<prefix>/router/w/kernel``               -> a fresh router [d, E] (``Method.router``:
+   N(0, ``Recipe.router_init_std``²); virtual groups: [d, E_x] with each column repeated G times)
+2. ``<prefix>/expert/<name>/{kernel,bias}``   -> the recipe's method (``Method.experts``)
+   applied to the dense MLP at ``<prefix>/<name>/…`` (T5X ``mlp/wi_0`` …, big_vision
+   ``MlpBlock_0/Dense_0`` …)
 3. any other path                             -> copied from the dense checkpoint unchanged
 
 Dense paths that no rule consumed (other than the MLPs that became experts) are an error, and
@@ -16,97 +17,16 @@ at a time, so a caller can write each tensor and let it go (streaming).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
 from sparse_upcycle.upcycle import methods
+from sparse_upcycle.upcycle.recipe import Recipe  # also re-exported: rules.Recipe
 
-METHODS = ("copy", "virtual_group", "drop")
 ROUTER_RE = re.compile(r"^(?P<prefix>.+)/router/w/kernel$")
 EXPERT_RE = re.compile(r"^(?P<prefix>.+)/expert/(?P<name>[^/]+)/(?P<leaf>kernel|bias)$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """Everything that determines an upcycled checkpoint (written next to it as recipe.json).
-
-    ``num_experts`` is E for copy/drop; for virtual_group E = expansion · granularity.
-    ``k`` and ``ordering`` must match the model's top-K router (virtual_group scaling uses
-    them). ``optimizer``: "reset" (default; the paper's language setting: training starts
-    from a fresh optimizer state) or "tile" (the paper's vision setting: the dense moments are
-    copied into every expert, written as ``opt_state`` next to the params; ``copy`` only).
-    ``step``: "reset" (default; the MoE checkpoint is at step 0) or "keep" (it carries the
-    dense step count, so a schedule keyed on the step continues where the dense run stopped)."""
-
-    method: str = "copy"
-    num_experts: int = 32
-    router_init_std: float = 0.02
-    seed: int = 0
-    noise_std: float = 0.0  # copy
-    expansion: int = 8  # virtual_group: E_x
-    granularity: int = 1  # virtual_group: G
-    k: int = 2
-    ordering: str = "softmax_then_topk"
-    scaling: str = "paper"  # virtual_group: paper | exact | none
-    drop_ratio: float = 0.5  # drop: r
-    drop_stats: str = "matrix"
-    optimizer: str = "reset"
-    step: str = "reset"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"recipe method must be one of {METHODS}, got {self.method!r}")
-        if self.optimizer not in ("reset", "tile"):
-            raise ValueError(f"recipe optimizer must be reset or tile, got {self.optimizer!r}")
-        if self.optimizer == "tile" and self.method != "copy":
-            raise ValueError(
-                "optimizer=tile copies the dense moments into experts that equal the dense MLP, "
-                f"so it needs method=copy (got {self.method!r}); use optimizer=reset"
-            )
-        if self.step not in ("reset", "keep"):
-            raise ValueError(f"recipe step must be reset or keep, got {self.step!r}")
-        if self.num_experts < 1 or self.expansion < 1 or self.granularity < 1 or self.k < 1:
-            raise ValueError(
-                "num_experts, expansion, granularity and k must all be >= 1; got "
-                f"{self.num_experts}, {self.expansion}, {self.granularity}, {self.k}"
-            )
-        if not 0.0 <= self.drop_ratio <= 1.0:
-            raise ValueError(f"drop_ratio r must be in [0, 1], got {self.drop_ratio}")
-        if self.method == "virtual_group" and self.k % self.granularity:
-            raise ValueError(
-                f"virtual groups need K % G == 0; got K={self.k}, G={self.granularity}"
-            )
-
-    @property
-    def total_experts(self) -> int:
-        if self.method == "virtual_group":
-            return self.expansion * self.granularity
-        return self.num_experts
-
-    @property
-    def name(self) -> str:
-        if self.method == "virtual_group":
-            return methods.recipe_name(self.expansion, self.granularity, self.k)
-        return self.method
-
-    @property
-    def preserves_dense_function(self) -> bool:
-        """Whether the MoE is *meant* to compute the dense function (given a router setting
-        that sums each token's weights to one and drops nothing; ``verify`` checks the rest):
-        exact copies, or virtual groups with exact scaling and ``topk_then_softmax``, where a
-        picked group's G experts share its weight p_r/G, carry G·(shard of the MLP) each and so
-        sum to p_r·MLP for any router scores."""
-        if self.method == "copy":
-            return self.noise_std == 0.0
-        if self.method == "virtual_group":
-            return self.scaling == "exact" and self.ordering == "topk_then_softmax"
-        return False
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _layer_index(prefix: str) -> int:
@@ -141,44 +61,13 @@ def _experts(dense, read, prefix, recipe: Recipe) -> dict[str, np.ndarray]:
     mlp = {key: read(path) for key, path in paths.items()}
     if names is methods.BIG_VISION and "Dense_0_bias" not in mlp:
         names = methods.MlpNames(("Dense_0",), "Dense_1")
-    layer = _layer_index(prefix)
-    if recipe.method == "copy":
-        return methods.copy_experts(
-            mlp,
-            recipe.num_experts,
-            names,
-            noise_std=recipe.noise_std,
-            seed=recipe.seed,
-            layer=layer,
-        )
-    if recipe.method == "drop":
-        return methods.drop_upcycle_experts(
-            mlp,
-            recipe.num_experts,
-            recipe.drop_ratio,
-            names,
-            seed=recipe.seed,
-            layer=layer,
-            stats=recipe.drop_stats,
-        )
-    return methods.virtual_group_experts(
-        mlp,
-        recipe.expansion,
-        recipe.granularity,
-        recipe.k,
-        names,
-        ordering=recipe.ordering,
-        scaling=recipe.scaling,
-    )
+    return methods.get(recipe.method).experts(mlp, names, recipe, _layer_index(prefix))
 
 
 def _router(shape, prefix, recipe: Recipe) -> np.ndarray:
-    d, e = shape
-    rng = np.random.default_rng([recipe.seed, _layer_index(prefix), 0, 999])
-    if recipe.method == "virtual_group":
-        base = rng.normal(0.0, recipe.router_init_std, (d, recipe.expansion))
-        return methods.virtual_group_router(base, recipe.granularity).astype(np.float32)
-    return rng.normal(0.0, recipe.router_init_std, (d, e)).astype(np.float32)
+    layer = _layer_index(prefix)
+    rng = np.random.default_rng([recipe.seed, layer, 0, 999])
+    return methods.get(recipe.method).router(tuple(shape), layer, recipe, rng)
 
 
 def plan(dense_paths, target_paths) -> list[tuple[str, str, str]]:

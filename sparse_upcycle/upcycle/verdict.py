@@ -3,7 +3,7 @@
 and ``export``.
 
 Two things must hold: the recipe builds experts whose weighted sum is the dense MLP
-(``Recipe.preserves_dense_function``: exact copies, or exact virtual-group scaling), and every
+(``Method.preserves_dense_function``: exact copies, or exact virtual-group scaling), and every
 MoE layer's evaluation routing gives each token weights that sum to one without dropping it,
 whatever the router's scores (``MoeConfig.eval_routing_problem``, which computes the capacity
 at the configured group size with ``MoeConfig.capacity``).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from sparse_upcycle.models.moe_config import MoeConfig
+from sparse_upcycle.upcycle import methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +38,8 @@ def moe_blocks(model_config) -> dict[str, MoeConfig]:
 
 
 def _recipe_problem(recipe) -> str | None:
-    if recipe.preserves_dense_function:
-        return None
-    if recipe.method == "copy":
-        return f"copy with noise_std={recipe.noise_std:g} perturbs the experts"
-    if recipe.method == "virtual_group":
-        return (
-            f"virtual_group with scaling={recipe.scaling!r}, ordering={recipe.ordering!r} "
-            "(only scaling='exact' with topk_then_softmax sums to the dense MLP)"
-        )
-    return f"method {recipe.method!r} changes the experts' weights"
+    """Why the recipe's experts do not sum to the dense MLP (None when they are meant to)."""
+    return methods.get(recipe.method).preserves_dense_function(recipe)
 
 
 def dense_function_verdict(recipe, moe_model_config) -> Verdict:

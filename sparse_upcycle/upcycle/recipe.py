@@ -1,0 +1,85 @@
+"""The upcycling recipe: everything that determines an upcycled checkpoint.
+
+``Recipe`` is flat (one field per setting, the same names as the ``upcycle`` config section
+and ``recipe.json``). It checks what every recipe shares here and asks the method it names
+(``methods.get(recipe.method)``) for the rest: the method's own settings, the expert count,
+the display name and whether the MoE is meant to compute the dense function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sparse_upcycle.upcycle import methods
+
+# The fields every method shares; each method lists the others it reads (``Method.settings``).
+COMMON_SETTINGS = ("method", "router_init_std", "seed", "optimizer", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that determines an upcycled checkpoint (written next to it as recipe.json).
+
+    ``num_experts`` is E for copy/drop; for virtual_group E = expansion · granularity.
+    ``k`` and ``ordering`` must match the model's top-K router (virtual_group scaling uses
+    them). ``optimizer``: "reset" (default; the paper's language setting: training starts
+    from a fresh optimizer state) or "tile" (the paper's vision setting: the dense moments are
+    copied into every expert, written as ``opt_state`` next to the params; ``copy`` only).
+    ``step``: "reset" (default; the MoE checkpoint is at step 0) or "keep" (it carries the
+    dense step count, so a schedule keyed on the step continues where the dense run stopped)."""
+
+    method: str = "copy"
+    num_experts: int = 32
+    router_init_std: float = 0.02
+    seed: int = 0
+    noise_std: float = 0.0  # copy
+    expansion: int = 8  # virtual_group: E_x
+    granularity: int = 1  # virtual_group: G
+    k: int = 2
+    ordering: str = "softmax_then_topk"
+    scaling: str = "paper"  # virtual_group: paper | exact | none
+    drop_ratio: float = 0.5  # drop: r
+    drop_stats: str = "matrix"
+    optimizer: str = "reset"
+    step: str = "reset"
+
+    def __post_init__(self):
+        if self.method not in methods.METHODS:
+            raise ValueError(f"recipe method must be one of {methods.names()}, got {self.method!r}")
+        if self.optimizer not in ("reset", "tile"):
+            raise ValueError(f"recipe optimizer must be reset or tile, got {self.optimizer!r}")
+        if self.step not in ("reset", "keep"):
+            raise ValueError(f"recipe step must be reset or keep, got {self.step!r}")
+        if self.num_experts < 1 or self.expansion < 1 or self.granularity < 1 or self.k < 1:
+            raise ValueError(
+                "num_experts, expansion, granularity and k must all be >= 1; got "
+                f"{self.num_experts}, {self.expansion}, {self.granularity}, {self.k}"
+            )
+        self.method_impl.validate(self)
+
+    @property
+    def method_impl(self) -> methods.Method:
+        """The registered ``Method`` this recipe names."""
+        return methods.get(self.method)
+
+    @property
+    def total_experts(self) -> int:
+        """E, the number of experts per MoE layer."""
+        return self.method_impl.total_experts(self)
+
+    @property
+    def name(self) -> str:
+        """A short name: the method's, or the paper's notation (virtual groups, e.g. E8G1T2)."""
+        return self.method_impl.display_name(self)
+
+    @property
+    def preserves_dense_function(self) -> bool:
+        """Whether the MoE is *meant* to compute the dense function (given a router setting
+        that sums each token's weights to one and drops nothing; ``verify`` checks the rest):
+        exact copies, or virtual groups with exact scaling and ``topk_then_softmax``, where a
+        picked group's G experts share its weight p_r/G, carry G·(shard of the MLP) each and so
+        sum to p_r·MLP for any router scores."""
+        return self.method_impl.preserves_dense_function(self) is None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
