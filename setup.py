@@ -35,6 +35,10 @@ setup(
         "test": [
             "pytest>=8,<10",
             "ruff>=0.15,<0.18",
+            # pyright's PyPI wheel bundles the checker; [nodejs] brings node as a PyPI wheel too
+            # (no download at run time). Pinned exactly: a new release can add diagnostics.
+            "pyright[nodejs]==1.1.414",
+            "pre-commit>=4,<5",
             "torch==2.13.0",
             "transformers>=5.0,<6",
         ],

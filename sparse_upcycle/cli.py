@@ -224,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     from sparse_upcycle.checkpoints.errors import CheckpointError
     from sparse_upcycle.config import ConfigError
 
-    class TrainingError(Exception):
-        pass
-
+    training_errors: tuple[type[Exception], ...] = ()  # `except ()` catches nothing
     if args.command in ("train", "compare"):
         from sparse_upcycle.train import TrainingError
+
+        training_errors = (TrainingError,)
     from sparse_upcycle.compare import Preempted
 
     try:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"sparse-upcycle: {e}", file=sys.stderr)
         return 0
-    except TrainingError as e:
+    except training_errors as e:
         print(f"sparse-upcycle: error: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, ConfigError, ValueError) as e:

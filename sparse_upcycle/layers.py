@@ -7,6 +7,7 @@ Every parameter carries its logical axis names (``embed``, ``mlp``, ``expert``, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -283,7 +284,7 @@ class Attention(nnx.Module):
             head_dim,
             scale,
         )
-        kw = dict(use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
         self.query = Dense(
             emb_dim, num_heads * head_dim, ("embed", "joined_kv"), init=query_init, **kw
         )
@@ -310,9 +311,13 @@ class Attention(nnx.Module):
         k = self.key(x_kv).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.value(x_kv).reshape(b, s, self.num_kv_heads, self.head_dim)
         if rope_theta is not None:
+            if q_positions is None or kv_positions is None:
+                raise ValueError("rope_theta needs q_positions and kv_positions")
             q = apply_rope(q, q_positions, rope_theta)
             k = apply_rope(k, kv_positions, rope_theta)
         if cache is not None:
+            if cache_index is None:
+                raise ValueError("a KV cache needs cache_index")
             k_cache, v_cache = cache
             k = jax.lax.dynamic_update_slice_in_dim(
                 k_cache, k.astype(k_cache.dtype), cache_index, 1

@@ -37,10 +37,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -132,7 +135,7 @@ class MetricWriter:
             process_index = jax.process_index()
         self.active = process_index == 0
         self._file: IO[str] | None = None
-        self._tb = None
+        self._tb: SummaryWriter | None = None
         if self.active:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
@@ -169,16 +172,17 @@ class MetricWriter:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a line per record reaches the OS even if the run dies
+        tb = self._tensorboard()
         for name, value in scalars.items():
-            self._tb.add_scalar(f"{split}/{name}", value, step)
+            tb.add_scalar(f"{split}/{name}", value, step)
         for name, value in histograms.items():
-            self._tb.add_histogram(f"{split}/{name}", value.reshape(-1), step)
+            tb.add_histogram(f"{split}/{name}", value.reshape(-1), step)
 
     def _expert_histogram(self, tag: str, load_E: np.ndarray, step: int) -> None:
         """Histogram over expert ids weighted by load: bucket e spans (e-1/2, e+1/2]."""
         load = np.asarray(load_E, np.float64).reshape(-1)
         ids = np.arange(load.size, dtype=np.float64)
-        self._tb.add_histogram_raw(
+        self._tensorboard().add_histogram_raw(
             tag,
             min=0.0,
             max=float(load.size - 1),
@@ -217,12 +221,20 @@ class MetricWriter:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.writelines(kept)
             os.replace(tmp, self.path)
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        # Type-checker ignores: the protobuf module defines its classes at import time, and
+        # tensorboardX declares file_writer None until its constructor has set it.
+        from tensorboardX.proto.event_pb2 import Event, SessionLog  # pyright: ignore[reportAttributeAccessIssue]
 
         purge = SessionLog(status=SessionLog.START)
-        self._tb.file_writer.add_event(
+        self._tensorboard().file_writer.add_event(  # pyright: ignore[reportOptionalMemberAccess]
             Event(step=step + 1, wall_time=time.time(), session_log=purge)
         )
+
+    def _tensorboard(self) -> SummaryWriter:
+        """The TensorBoard writer (there is one exactly while ``active``)."""
+        if self._tb is None:
+            raise RuntimeError("this MetricWriter is inactive (not process 0, or closed)")
+        return self._tb
 
     # -- lifetime ------------------------------------------------------------------------
 

@@ -78,9 +78,11 @@ class ExpertMlp(nnx.Module):
         for name in self.activations:
             activation(name)  # fail early on an unknown name
         gated_names, plain_name, out_name = EXPERT_NAMING[naming]
-        if self.gated and gated_names is None:
-            raise ValueError(f"{naming} naming has no gated MLP; use one activation")
-        self.input_names = gated_names if self.gated else (plain_name,)
+        self.input_names: tuple[str, ...] = (plain_name,)
+        if self.gated:
+            if gated_names is None:
+                raise ValueError(f"{naming} naming has no gated MLP; use one activation")
+            self.input_names = gated_names
         self.output_name = out_name
         init = fan_in_init(batch_axis=(0,))
         e, d, f = num_experts, emb_dim, mlp_dim

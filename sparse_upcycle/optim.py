@@ -84,7 +84,7 @@ it is this project's option.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -231,7 +231,7 @@ def decay_mask(params: Any) -> Any:
 
 # --------------------------------------------------------------------------- config checking
 def _resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    def is_block(x):
+    def is_block(x) -> TypeGuard[Mapping | ml_collections.ConfigDict]:
         return isinstance(x, (Mapping, ml_collections.ConfigDict))
 
     block = cfg.get("optimizer", cfg) if is_block(cfg) else cfg

@@ -359,7 +359,8 @@ class TopKRouter:
         lb_loss = jnp.sum(n_G * e * jnp.sum(f_GE * p_GE, axis=-1)) / jnp.maximum(n_G.sum(), 1)
         z_loss, entropy, top1 = _token_stats(logits, probs, mask)
 
-        if self.dropless:
+        cap = self.capacity(s)
+        if cap is None:  # dropless (capacity_factor None): every choice is kept
             expert_GSK = jnp.where(mask[..., None], expert_GSK, e).astype(jnp.int32)
             kept_GE = jnp.where(mask[..., None], chose_GSE, 0.0).sum(axis=1)
             metrics = RouterMetrics(
@@ -367,7 +368,6 @@ class TopKRouter:
             )
             return DroplessDecision(expert_GSK, weight_GSK, metrics, e)
 
-        cap = self.capacity(s)
         if self.batch_prioritized:
             # Real tokens by descending top-1 prob (stable: ties keep position order), padding last.
             priority = jnp.where(mask, probs.max(axis=-1), -1.0)

@@ -3,6 +3,7 @@ meshes. Runs use tests/configs/train_tiny.py."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,15 +172,22 @@ def test_cli_reports_a_missing_init_checkpoint(tmp_path, capsys):
     assert code == 2 and "no such file" in err and len(err.strip().splitlines()) == 1
 
 
+DENSE_STEP = 500  # the step of the dense_t5x checkpoint
+
+
+def _dense_t5_params():
+    """The parameters of the ``dense_t5x`` checkpoint, flat."""
+    model = t5.T5(t5.config("tiny"), rngs=nnx.Rngs(3))
+    return flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model))))
+
+
 @pytest.fixture(scope="module")
 def dense_t5x(tmp_path_factory):
-    """A dense tiny T5 in T5X format with Adafactor-style slots (step 500)."""
-    src = str(tmp_path_factory.mktemp("dense") / "checkpoint_500")
-    params = flatten(
-        jax.tree.map(
-            np.asarray, nnx.to_pure_dict(nnx.state(t5.T5(t5.config("tiny"), rngs=nnx.Rngs(3))))
-        )
-    )
+    """A dense tiny T5 in T5X format with Adafactor-style slots (step 500): a factored
+    ``v_row``/``v_col`` (and a ``(1,)`` placeholder ``v``) for each matrix, a full ``v`` for
+    every other parameter."""
+    src = str(tmp_path_factory.mktemp("dense") / f"checkpoint_{DENSE_STEP}")
+    params = _dense_t5_params()
     rng = np.random.default_rng(0)
     slots = {}
     for path, p in params.items():
@@ -189,7 +197,7 @@ def dense_t5x(tmp_path_factory):
             slots[f"{path}/v"] = np.zeros((1,), np.float32)
         else:
             slots[f"{path}/v"] = rng.random(p.shape).astype(np.float32)
-    write_t5x(src, params, step=500, param_states=slots)
+    write_t5x(src, params, step=DENSE_STEP, param_states=slots)
     return src
 
 
@@ -250,7 +258,30 @@ def test_tiled_optimizer_slots_reach_the_optax_state(dense_t5x, tmp_path, caplog
     )
     train_and_evaluate(config, str(tmp_path))
     (line,) = [r.getMessage() for r in caplog.records if "optimizer slots" in r.getMessage()]
-    assert "loaded" in line
+    got = re.search(
+        r"optimizer slots: (\d+) loaded, (\d+) skipped, \d+ params left at init; "
+        r"second-moment count set to (\d+)$",
+        line,
+    )
+    assert got, line
+    # What must load, from the dense checkpoint's shapes. optax factors a parameter's second
+    # moment when its second-largest dim is >= min_dim_size_to_factor (an expert kernel
+    # [E, d, f] per expert, i.e. on the dense [d, f] the surgeon tiled). A full T5X ``v`` loads
+    # into a full optax ``v`` (1 slot); a factored pair loads into a factored optax state
+    # (2 slots) and is skipped when optax keeps the full ``v`` (2 slots); placeholders count
+    # for neither. Every dense parameter is in the MoE model, tiled or as is.
+    opt = config.optimizer
+    loaded = skipped = 0
+    for p in _dense_t5_params().values():
+        assert p.ndim in (1, 2), p.shape  # the fixture's two kinds of slots
+        if p.ndim == 1:
+            loaded += 1
+        elif opt.factored and sorted(p.shape)[-2] >= opt.min_dim_size_to_factor:
+            loaded += 2
+        else:
+            skipped += 2
+    assert loaded > 0
+    assert (int(got[1]), int(got[2]), int(got[3])) == (loaded, skipped, DENSE_STEP), line
 
 
 @pytest.mark.parametrize("family", ["t5", "vit", "decoder"])

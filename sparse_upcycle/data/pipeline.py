@@ -20,6 +20,7 @@ their batch ``n`` is the same in every evaluation, for every arm of an experimen
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -61,12 +62,15 @@ class GrainPipeline:
         # A source with ``batch_indexing`` takes an index array and returns the whole batch
         # (numpy fancy indexing), so a batch costs one gather, not B Python calls: the chain
         # then shuffles and batches the indices, the same permutation as shuffling the rows.
+        # Elements are indices or rows here, batches below: the chain is typed loosely.
+        ds: grain.MapDataset[Any]
         ds = grain.MapDataset.range(len(source)) if vectorised else grain.MapDataset.source(source)
         if shuffle_seed is not None:
             ds = ds.shuffle(seed=shuffle_seed)
         ds = ds.repeat(None)
         if transform is not None:
             ds = ds.random_map(transform, seed=transform_seed)
+        self.dataset: grain.MapDataset[dict[str, np.ndarray]]
         if vectorised:
             self.dataset = ds.batch(self.local_batch, batch_fn=np.asarray).map(source.__getitem__)
         else:
@@ -84,5 +88,7 @@ class GrainPipeline:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = self.dataset[self.next_batch * self.process_count + self.process_index]
+        if batch is None:  # grain's "filtered out"; this chain has no filter
+            raise RuntimeError(f"batch {self.next_batch} is missing from the grain dataset")
         self.next_batch += 1
         return batch
