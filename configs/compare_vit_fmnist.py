@@ -13,9 +13,9 @@ fewer experts. ``upcycled`` copies the dense MLP into every expert and adds a fr
 dense pre-training FLOPs, over 3 seeds.
 
 Sizes (2-core CPU): ``:tiny`` width 64, depth 4, 8 experts, 400 pre-training steps, +50% extra
-compute (8 min 46 s on a fresh clone, 2 idle cores, measured after issue 13; the machine's
-speed varies by up to ~1.4× within an hour); the default width 64, depth 6, 16 experts, 1,500
-pre-training steps, +100% (see README for the measured time and results).
+compute (7 min 43 s on a fresh clone, 2 nearly idle cores, measured after issue 13; the
+machine's speed varies by up to ~1.4× within an hour); the default width 64, depth 6, 16
+experts, 1,500 pre-training steps, +100% (see README for the measured time and results).
 """
 
 import ml_collections
