@@ -30,9 +30,9 @@ float32. The output goes to a temporary directory renamed to ``--dst`` only when
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,30 +41,34 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from sparse_upcycle import __version__
+from sparse_upcycle import models
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.hf import ShardedSafetensorsWriter, parse_size
-from sparse_upcycle.checkpoints.tree import LazyTree, check_output_path, make_output_tmpdir
+from sparse_upcycle.checkpoints.hf import HFCheckpoint, ShardedSafetensorsWriter, parse_size
+from sparse_upcycle.checkpoints.layout import (
+    CHECKPOINT_DIR,
+    EXTRAS_FILE,
+    HF_SOURCE_DIR,
+    is_side_file,
+    read_hf_side,
+    save_hf_source,
+    write_recipe_json,
+)
+from sparse_upcycle.checkpoints.open import open_checkpoint
+from sparse_upcycle.checkpoints.orbax import StreamingWriter
+from sparse_upcycle.checkpoints.output import TempOutput
+from sparse_upcycle.checkpoints.reader import CheckpointReader
+from sparse_upcycle.checkpoints.tree import LazyTree
 from sparse_upcycle.config import ConfigError
-from sparse_upcycle.surgeon import _remove_stale_partials
+from sparse_upcycle.task import resolve_model
 
-HF_SOURCE_DIR = "hf_source"
-EXTRAS_FILE = "extras.safetensors"
 DTYPES = {
     "float32": np.dtype(np.float32),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16),
 }
 MOE_LAYOUTS = {"fused": "fused", "per_expert": "legacy"}
-# Files of an HF directory that are not carried into hf_source/ (weights, the index, the model
-# card, which describes the source model, not ours).
-_NOT_SIDE_FILES = re.compile(
-    r"(.*\.(safetensors|bin|pt|pth|h5|msgpack|ckpt)|.*\.index\.json|README\.md|\.gitattributes)$"
-)
-_SIDE_FILE_MAX_BYTES = 200 << 20
 # LlamaConfig keys MixtralConfig has no use for.
 _LLAMA_ONLY = ("mlp_bias", "attention_bias", "pretraining_tp")
-_HF_FAMILY = {"llama": "decoder", "t5": "t5", "vit": "vit"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +80,7 @@ _HF_FAMILY = {"llama": "decoder", "t5": "t5", "vit": "vit"}
 class Source:
     """A model to export: its family and config, and its tensors read one at a time."""
 
-    family: str  # t5 | vit | decoder
+    family: str  # a registered model family (models.get)
     config: Any
     keys: list[str]
     read: Callable[[str], np.ndarray]
@@ -85,28 +89,7 @@ class Source:
     step: int | None = None
     hf_dir: str | None = None  # holds the source's config.json, tokenizer, extras
     recipe: dict | None = None
-    handle: Any = None  # the checkpoint reader
-
-
-def config_from_dict(family: str, values: dict):
-    """A model config dataclass from its ``dataclasses.asdict`` JSON (``recipe.json``)."""
-    from sparse_upcycle.models.moe_config import MoeConfig
-    from sparse_upcycle.surgeon import family_module
-
-    module = family_module(family)
-    cls = {"t5": "T5Config", "vit": "ViTConfig", "decoder": "DecoderConfig"}[family]
-    cls = getattr(module, cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        v = values[f.name]
-        if isinstance(v, dict):
-            v = MoeConfig(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
-        elif isinstance(v, list):
-            v = tuple(v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
+    handle: CheckpointReader | None = None  # the checkpoint reader
 
 
 def open_source(
@@ -119,64 +102,50 @@ def open_source(
     the HF config, tokenizer and generation files when ``src`` does not carry them; for a
     ``train`` step directory it defaults to the ``hf_source/`` that ``train`` keeps in its
     workdir when it started from an HF model (directly or through ``upcycle``)."""
-    from sparse_upcycle.surgeon import RECIPE_FILE, open_checkpoint
-
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such file or directory")
-    if os.path.isfile(os.path.join(src, RECIPE_FILE)):
-        from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
-
-        try:
-            with open(os.path.join(src, RECIPE_FILE), encoding="utf-8") as f:
-                info = json.load(f)
-            family = info["family"]
-            model_cfg = config_from_dict(family, info["model"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{src}/{RECIPE_FILE}: unreadable ({e})") from None
-        ckpt = OrbaxCheckpoint(os.path.join(src, "checkpoint"))
+    ckpt = open_checkpoint(src, src_format)
+    if ckpt.is_upcycled:
+        assert ckpt.family is not None and ckpt.info is not None
         hf_dir = os.path.join(src, HF_SOURCE_DIR)
         source = Source(
-            family,
-            model_cfg,
+            ckpt.family,
+            ckpt.model_config,
             ckpt.keys(),
             ckpt.read,
-            "orbax",
+            "orbax",  # our layout: an Orbax checkpoint + recipe.json
             src,
             ckpt.step,
             hf_dir if os.path.isfile(os.path.join(hf_dir, "config.json")) else None,
-            info.get("recipe"),
+            ckpt.info.get("recipe"),
             ckpt,
         )
+    elif ckpt.format == "hf":
+        assert ckpt.family is not None
+        source = Source(ckpt.family, ckpt.config, ckpt.keys(), ckpt.read, "hf", src, None, src)
+        source.handle = ckpt
     else:
-        ckpt = open_checkpoint(src, src_format)
-        if ckpt.format == "hf":
-            family = _HF_FAMILY[ckpt.model_family]
-            source = Source(family, ckpt.config, ckpt.keys(), ckpt.read, "hf", src, None, src)
-            source.handle = ckpt
-        else:
-            if config is None:
-                raise ConfigError(
-                    f"{src} is a {ckpt.format} checkpoint without a model description; pass "
-                    "the experiment config it was trained with (--config CONFIG.py[:arg])"
-                )
-            from sparse_upcycle.task import resolve_model
-
-            if hf_source is None:  # a `train` step directory: WORKDIR/checkpoints/STEP
-                kept = os.path.join(src, os.pardir, os.pardir, HF_SOURCE_DIR)
-                if os.path.isfile(os.path.join(kept, "config.json")):
-                    hf_source = os.path.normpath(kept)
-            if hf_source is not None:  # model.name="checkpoint" takes the HF architecture
-                ckpt.config = _hf_model_config(hf_source)
-            elif config.get("model", {}).get("name") == "checkpoint":
-                raise ConfigError(
-                    "the config takes its architecture from a Hugging Face checkpoint "
-                    "(model.name='checkpoint'): pass that directory as --hf-source"
-                )
-            spec = resolve_model(config, ckpt)
-            source = Source(
-                spec.family, spec.config, ckpt.keys(), ckpt.read, ckpt.format, src, ckpt.step
+        if config is None:
+            raise ConfigError(
+                f"{src} is a {ckpt.format} checkpoint without a model description; pass "
+                "the experiment config it was trained with (--config CONFIG.py[:arg])"
             )
-            source.handle = ckpt
+        if hf_source is None:  # a `train` step directory: WORKDIR/checkpoints/STEP
+            kept = os.path.join(src, os.pardir, os.pardir, HF_SOURCE_DIR)
+            if os.path.isfile(os.path.join(kept, "config.json")):
+                hf_source = os.path.normpath(kept)
+        if hf_source is not None:  # model.name="checkpoint" takes the HF architecture
+            ckpt = open_checkpoint(src, ckpt.format, config=_hf_model_config(hf_source))
+        elif config.get("model", {}).get("name") == "checkpoint":
+            raise ConfigError(
+                "the config takes its architecture from a Hugging Face checkpoint "
+                "(model.name='checkpoint'): pass that directory as --hf-source"
+            )
+        spec = resolve_model(config, ckpt)
+        source = Source(
+            spec.family, spec.config, ckpt.keys(), ckpt.read, ckpt.format, src, ckpt.step
+        )
+        source.handle = ckpt
     if hf_source is not None:
         source.hf_dir = _hf_side_dir(hf_source)
     _check_tensors(source)
@@ -195,22 +164,20 @@ def _hf_side_dir(path: str) -> str:
 
 def _hf_model_config(path: str):
     """Our model config from the ``config.json`` of ``--hf-source`` (no tensors read)."""
-    from sparse_upcycle.checkpoints.hf import MODEL_TYPES, _maps
-
-    base, _ = _read_hf_side(_hf_side_dir(path))
-    family = MODEL_TYPES.get(base.get("model_type"))
+    base, _ = read_hf_side(_hf_side_dir(path))
+    assert base is not None
+    family = models.for_hf_model_type(base.get("model_type"))
     if family is None:
         raise CheckpointError(f"--hf-source {path}: model_type {base.get('model_type')!r}")
     try:
-        return _maps(family).config_from_hf(base)
+        return models.hf_map(family).config_from_hf(base)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"--hf-source {path}: {e}") from None
 
 
 def _check_tensors(source: Source) -> None:
-    from sparse_upcycle.surgeon import target_shapes
-
-    target = target_shapes(source.family, source.config)
+    assert source.handle is not None
+    target = models.target_shapes(source.family, source.config)
     missing = sorted(set(target) - set(source.keys))
     extra = sorted(set(source.keys) - set(target))
     if missing or extra:
@@ -224,63 +191,6 @@ def _check_tensors(source: Source) -> None:
             raise CheckpointError(
                 f"{source.path}: {key} has shape {shape}, the model config says {target[key][0]}"
             )
-
-
-# --------------------------------------------------------------------------------------------
-# hf_source/: what an HF source carries besides the tensors we keep.
-# --------------------------------------------------------------------------------------------
-
-
-def save_hf_source(checkpoint, dst_dir: str) -> None:
-    """Copy an HF checkpoint's side files (config, tokenizer, generation config…) and the
-    tensors our layout folds or drops into ``dst_dir/hf_source``."""
-    out = os.path.join(dst_dir, HF_SOURCE_DIR)
-    os.makedirs(out, exist_ok=True)
-    src_dir = checkpoint.path
-    for name in sorted(os.listdir(src_dir)):
-        path = os.path.join(src_dir, name)
-        if (
-            os.path.isfile(path)
-            and not _NOT_SIDE_FILES.fullmatch(name)
-            and os.path.getsize(path) <= _SIDE_FILE_MAX_BYTES
-        ):
-            shutil.copy2(path, os.path.join(out, name))
-    extras = {}
-    if checkpoint.model_family == "vit":
-        from sparse_upcycle.checkpoints import hf_vit
-
-        extras = hf_vit.extras_from_hf(checkpoint.tensors)
-    if extras:
-        from safetensors.numpy import save_file
-
-        save_file(extras, os.path.join(out, EXTRAS_FILE), metadata={"format": "pt"})
-
-
-def _read_hf_side(hf_dir: str | None) -> tuple[dict | None, dict[str, np.ndarray]]:
-    if hf_dir is None:
-        return None, {}
-    path = os.path.join(hf_dir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            base = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    if not isinstance(base, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    extras = {}
-    path = os.path.join(hf_dir, EXTRAS_FILE)
-    if os.path.isfile(path):
-        from safetensors.numpy import load_file
-
-        extras = load_file(path)
-    else:  # an HF directory read directly
-        from sparse_upcycle.checkpoints.hf import LazySafetensors
-
-        if base.get("model_type") == "vit":
-            from sparse_upcycle.checkpoints import hf_vit
-
-            extras = hf_vit.extras_from_hf(LazySafetensors(hf_dir))
-    return base, extras
 
 
 def merge_hf_config(base: dict | None, ours: dict) -> dict:
@@ -316,28 +226,26 @@ def merge_hf_config(base: dict | None, ours: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _options(fn: Callable, **options) -> dict:
+    """The ``options`` that ``fn`` (a family's HF map function) takes: a map declares the
+    export options it has a use for (``moe_format``, ``dropless``, ``extras``) as parameters."""
+    accepted = inspect.signature(fn).parameters
+    return {name: value for name, value in options.items() if name in accepted}
+
+
 def _hf_tensors(source: Source, moe_layout: str, extras: dict) -> Iterator[tuple[str, np.ndarray]]:
     params = LazyTree(source.keys, source.read)
-    if source.family == "decoder":
-        from sparse_upcycle.checkpoints import hf_llama
-
-        return hf_llama.iter_to_hf(params, source.config, moe_format=MOE_LAYOUTS[moe_layout])
-    if source.family == "t5":
-        from sparse_upcycle.checkpoints import hf_t5
-
-        return hf_t5.iter_to_hf(params, source.config)
-    from sparse_upcycle.checkpoints import hf_vit
-
-    return hf_vit.iter_to_hf(params, source.config, extras)
+    to_hf = models.hf_map(source.family).iter_to_hf
+    options = _options(to_hf, moe_format=MOE_LAYOUTS[moe_layout], extras=extras)
+    return to_hf(params, source.config, **options)
 
 
 def _hf_config(source: Source, base: dict | None, dropless: bool) -> dict:
-    from sparse_upcycle.checkpoints import hf_llama, hf_t5, hf_vit
-
-    module = {"decoder": hf_llama, "t5": hf_t5, "vit": hf_vit}[source.family]
-    kwargs = {"dropless": dropless} if source.family == "decoder" else {}
     try:
-        ours = module.config_to_hf(source.config, **kwargs)
+        module = models.hf_map(source.family)
+        ours = module.config_to_hf(
+            source.config, **_options(module.config_to_hf, dropless=dropless)
+        )
     except ValueError as e:
         raise ConfigError(f"cannot export {source.path} to Hugging Face: {e}") from None
     if base is not None and base.get("model_type") == ours["model_type"]:
@@ -386,29 +294,20 @@ def export(
         max_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    dst_abs = check_output_path(src, dst, overwrite)
+    output = TempOutput(src, dst, kind="export", overwrite=overwrite)
     source = open_source(src, src_format, config, hf_source)
-    base, extras = _read_hf_side(source.hf_dir)
+    base, extras = read_hf_side(source.hf_dir)
+    hf_config, target_dtype = None, None
     if fmt == "hf":  # refuse before writing anything
         hf_config = _hf_config(source, base, dropless)
         target_dtype = _target_dtype(dtype, base)
-    parent = os.path.dirname(dst_abs)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_partials(parent, os.path.basename(dst_abs), "export")
-    tmp = make_output_tmpdir(parent, f".export-{os.path.basename(dst_abs)}-{os.getpid()}-")
-    try:
-        if fmt == "hf":
+    with output as tmp:
+        if hf_config is not None and target_dtype is not None:
             summary = _write_hf(
                 source, tmp, hf_config, target_dtype, moe_layout, max_bytes, extras, progress
             )
         else:
             summary = _write_orbax(source, tmp, progress)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"dst": dst, "format": fmt, "family": source.family, **summary}
 
 
@@ -428,14 +327,8 @@ def _write_hf(source, out, hf_config, target_dtype, moe_layout, max_bytes, extra
         f.write(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if source.hf_dir is not None:  # tokenizer, generation config, … of the source
         for name in sorted(os.listdir(source.hf_dir)):
-            path = os.path.join(source.hf_dir, name)
-            if (
-                os.path.isfile(path)
-                and name not in ("config.json", EXTRAS_FILE)
-                and not _NOT_SIDE_FILES.fullmatch(name)
-                and os.path.getsize(path) <= _SIDE_FILE_MAX_BYTES
-            ):
-                shutil.copy2(path, os.path.join(out, name))
+            if name not in ("config.json", EXTRAS_FILE) and is_side_file(source.hf_dir, name):
+                shutil.copy2(os.path.join(source.hf_dir, name), os.path.join(out, name))
     return {
         "architecture": (hf_config.get("architectures") or ["?"])[0],
         "dtype": target_dtype.name,
@@ -444,11 +337,8 @@ def _write_hf(source, out, hf_config, target_dtype, moe_layout, max_bytes, extra
     }
 
 
-def _write_orbax(source, out, progress):
-    from sparse_upcycle.checkpoints.orbax import StreamingWriter
-    from sparse_upcycle.surgeon import RECIPE_FILE, _checksums, _config_dict
-
-    writer = StreamingWriter(os.path.join(out, "checkpoint"))
+def _write_orbax(source: Source, out: str, progress: bool) -> dict:
+    writer = StreamingWriter(os.path.join(out, CHECKPOINT_DIR))
     try:
         for key in tqdm(source.keys, desc="export", unit="tensor", disable=not progress):
             writer.add(key, source.read(key))
@@ -456,26 +346,20 @@ def _write_orbax(source, out, progress):
     except BaseException:
         writer.abort()
         raise
-    if source.format == "hf":
+    if isinstance(source.handle, HFCheckpoint):
         save_hf_source(source.handle, out)
     elif source.hf_dir is not None:
         shutil.copytree(source.hf_dir, os.path.join(out, HF_SOURCE_DIR))
-    model = _config_dict(source.config)
-    info = {
-        "package_version": __version__,
-        "recipe": source.recipe,
-        "recipe_name": None,
-        "family": source.family,
-        "model": model,
-        "source": {
-            "path": os.path.abspath(source.path),
-            "format": source.format,
-            "step": source.step,
-            "sha256": _checksums(source.path),
-        },
-        "step": source.step or 0,
-        "optimizer_slots": 0,
-    }
-    with open(os.path.join(out, RECIPE_FILE), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, default=str)
+    write_recipe_json(
+        out,
+        recipe=source.recipe,
+        recipe_name=None,
+        family=source.family,
+        model=source.config,
+        source_path=source.path,
+        source_format=source.format,
+        source_step=source.step,
+        step=source.step or 0,
+        optimizer_slots=0,
+    )
     return {"architecture": source.family, "tensors": len(source.keys)}

@@ -4,8 +4,8 @@ into sharded device arrays so the whole model never sits on one host device."""
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -13,9 +13,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.hf import HFCheckpoint
+from sparse_upcycle.checkpoints.layout import HF_SOURCE_DIR, save_hf_source
+from sparse_upcycle.checkpoints.open import open_checkpoint
+from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import flatten, unflatten
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.task import ModelSpec, model_class
+from sparse_upcycle.upcycle.rules import Recipe, tile_optimizer_state, upcycle_tree
 
 
 def _device_put_host(value: np.ndarray, sharding_: NamedSharding) -> jax.Array:
@@ -24,7 +29,9 @@ def _device_put_host(value: np.ndarray, sharding_: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
 
 
-def initial_params(config, spec: ModelSpec, source, abstract, shardings) -> tuple[dict, dict]:
+def initial_params(
+    config, spec: ModelSpec, source: CheckpointReader | None, abstract, shardings
+) -> tuple[dict, dict]:
     """(params, slots): params as sharded arrays (pure dict) and the optimizer slots to load
     (flat ``{param path/slot: array}``, empty unless the recipe tiles them)."""
     if source is None:
@@ -36,12 +43,10 @@ def initial_params(config, spec: ModelSpec, source, abstract, shardings) -> tupl
 
         return jax.jit(init, out_shardings=shardings)(), {}
 
-    from sparse_upcycle.upcycle.rules import Recipe, tile_optimizer_state, upcycle_tree
-
     target = {p: (tuple(s.shape), np.dtype(s.dtype)) for p, s in flatten(abstract).items()}
     flat_sh = flatten(shardings)
     slots: dict[str, np.ndarray] = {}
-    if getattr(source, "is_upcycled", False):  # an `upcycle` output: take it as it is
+    if source.is_upcycled:  # an `upcycle` output: take it as it is
         missing = sorted(set(target) - set(source.keys()))
         extra = sorted(set(source.keys()) - set(target))
         if missing or extra:
@@ -68,7 +73,7 @@ def initial_params(config, spec: ModelSpec, source, abstract, shardings) -> tupl
     except ValueError as e:
         raise CheckpointError(f"{config.init_from}: {e}") from None
     if spec.recipe is not None and spec.recipe.optimizer == "tile":
-        keys = source.optimizer_state_keys() if hasattr(source, "optimizer_state_keys") else []
+        keys = source.optimizer_state_keys()
         if not keys:
             raise CheckpointError(
                 f"{config.init_from}: upcycle.optimizer=tile needs the dense optimizer state "
@@ -78,9 +83,9 @@ def initial_params(config, spec: ModelSpec, source, abstract, shardings) -> tupl
     return unflatten(out), slots
 
 
-def open_init_source(config):
-    """The checkpoint ``init_from`` names (None for scratch), marked ``is_upcycled`` when it
-    is an ``upcycle`` output."""
+def open_init_source(config) -> CheckpointReader | None:
+    """The checkpoint ``init_from`` names (None for scratch); an ``upcycle`` output opens as
+    one (``is_upcycled``)."""
     init_from = config.get("init_from", "scratch")
     if init_from == "scratch":
         return None
@@ -89,41 +94,19 @@ def open_init_source(config):
             "config.init_from is not set: give a checkpoint (--config.init_from=PATH) or "
             "--config.init_from=scratch"
         )
-    from sparse_upcycle.surgeon import RECIPE_FILE, open_checkpoint
-
-    if os.path.isfile(os.path.join(init_from, RECIPE_FILE)):
-        from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
-
-        source = OrbaxCheckpoint(os.path.join(init_from, "checkpoint"))
-        with open(os.path.join(init_from, RECIPE_FILE), encoding="utf-8") as f:
-            info = json.load(f)
-        source.format, source.is_upcycled = "upcycled", True
-        source.dense_step = info.get("source", {}).get("step")
-        if info.get("dense_model") and info.get("family"):  # for model.name="checkpoint"
-            from sparse_upcycle.export import config_from_dict
-
-            try:
-                source.config = config_from_dict(info["family"], info["dense_model"])
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"{init_from}/{RECIPE_FILE}: dense_model: {e}") from None
-        return source
     return open_checkpoint(init_from, config.get("init_format", "auto"))
 
 
-def keep_hf_source(config, source, workdir: str) -> None:
+def keep_hf_source(config, source: CheckpointReader | None, workdir: str) -> None:
     """Copy what an HF initial checkpoint came with (config, tokenizer, generation config:
-    ``export.save_hf_source``) to ``workdir/hf_source``, for ``export`` of the run's steps.
+    ``layout.save_hf_source``) to ``workdir/hf_source``, for ``export`` of the run's steps.
     The source is an HF directory, or an ``upcycle`` output that kept its HF source."""
-    import shutil
-
-    from sparse_upcycle.export import HF_SOURCE_DIR, save_hf_source
-
     dst = os.path.join(workdir, HF_SOURCE_DIR)
     if source is None or os.path.exists(dst):
         return
-    if getattr(source, "format", None) == "hf":
+    if isinstance(source, HFCheckpoint):
         save_hf_source(source, workdir)
         return
     kept = os.path.join(config.get("init_from", ""), HF_SOURCE_DIR)
-    if getattr(source, "is_upcycled", False) and os.path.isfile(os.path.join(kept, "config.json")):
+    if source.is_upcycled and os.path.isfile(os.path.join(kept, "config.json")):
         shutil.copytree(kept, dst)

@@ -1,5 +1,7 @@
 """big_vision .npz and Orbax readers on files written by numpy / orbax directly."""
 
+import os
+
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -78,3 +80,189 @@ def test_streaming_writer_flushes_in_parts_and_reads_back(tmp_path):
     assert ckpt.keys() == sorted(params) and ckpt.step == 42
     for key, value in params.items():
         np.testing.assert_array_equal(ckpt.read(key), value)
+
+
+# --------------------------------------------------------------------------------------------
+# The reader face, format detection, our layout's recipe.json, and TempOutput.
+# --------------------------------------------------------------------------------------------
+
+
+def test_readers_set_their_own_attributes(tmp_path):
+    from sparse_upcycle.checkpoints.open import open_checkpoint
+    from sparse_upcycle.checkpoints.reader import CheckpointReader
+    from sparse_upcycle.models import vit
+
+    path = tmp_path / "vit.npz"
+    np.savez(path, **PARAMS)
+    ckpt = open_checkpoint(str(path))
+    assert isinstance(ckpt, CheckpointReader)
+    assert (ckpt.path, ckpt.format, ckpt.step, ckpt.dense_step) == (str(path), "npz", None, None)
+    assert not ckpt.is_upcycled and ckpt.info is None and ckpt.family is None
+    assert ckpt.config is None and ckpt.model_config is None
+    assert ckpt.optimizer_state_keys() == []
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        ckpt.read_optimizer_state("head/bias/v")
+    # A format that does not describe its model takes the caller's config.
+    cfg = vit.config("tiny")
+    assert open_checkpoint(str(path), "npz", config=cfg).config is cfg
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(tmp_path / "ckpt"), {"params": {"w": np.ones(3)}, "step": np.asarray(9)})
+    checkpointer.wait_until_finished()
+    ckpt = open_checkpoint(str(tmp_path / "ckpt"))
+    assert (ckpt.format, ckpt.step, ckpt.dense_step, ckpt.is_upcycled) == ("orbax", 9, 9, False)
+    assert ckpt.keys() == ["w"] and ckpt.optimizer_state_keys() == []
+
+
+def test_detect_format_names_the_problem(tmp_path):
+    from sparse_upcycle.checkpoints.open import FORMATS, detect_format, open_checkpoint
+
+    assert FORMATS == ("auto", "t5x", "orbax", "npz", "hf")
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        detect_format(str(tmp_path / "nothing"))
+    with pytest.raises(CheckpointError, match=r"cannot tell .* \(t5x \| orbax \| npz \| hf\)"):
+        detect_format(str(tmp_path))
+    with pytest.raises(CheckpointError, match="unknown format 'zip'"):
+        open_checkpoint(str(tmp_path), "zip")
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "recipe.json").write_text("{}")
+    assert detect_format(str(tmp_path / "ours")) == "orbax"  # our layout is Orbax underneath
+
+
+UPCYCLE_KEYS = [
+    "package_version",
+    "recipe",
+    "recipe_name",
+    "family",
+    "model",
+    "dense_model",
+    "source",
+    "step",
+    "optimizer_slots",
+    "preserves_dense_function",
+    "preservation",
+]
+
+
+def test_recipe_json_one_writer_one_reader(tmp_path):
+    import json
+
+    from sparse_upcycle.checkpoints import layout
+    from sparse_upcycle.models import vit
+
+    src = tmp_path / "vit.npz"
+    np.savez(src, **PARAMS)
+    cfg = vit.config("tiny")
+    common = dict(
+        family="vit",
+        model=cfg,
+        source_path=str(src),
+        source_format="npz",
+        source_step=None,
+        step=0,
+    )
+    (tmp_path / "up").mkdir()
+    info = layout.write_recipe_json(
+        str(tmp_path / "up"),
+        recipe={"method": "copy"},
+        recipe_name="copy",
+        dense_model=cfg,
+        optimizer_slots=0,
+        preserves_dense_function=False,
+        preservation=["why"],
+        **common,
+    )
+    with open(tmp_path / "up" / "recipe.json", encoding="utf-8") as f:
+        text = f.read()
+    assert list(json.loads(text)) == UPCYCLE_KEYS  # upcycle's keys, in upcycle's order
+    assert text == json.dumps(info, indent=2, default=str)
+    assert layout.read_recipe_json(str(tmp_path / "up")) == json.loads(text)
+    assert info["source"]["sha256"] == {"vit.npz": layout.checksums(str(src))["vit.npz"]}
+    assert info["source"]["path"] == os.path.abspath(src)
+    assert layout.config_from_dict("vit", info["model"]) == cfg
+
+    (tmp_path / "ex").mkdir()  # export --format orbax: no dense model, no verdict
+    info = layout.write_recipe_json(
+        str(tmp_path / "ex"), recipe=None, recipe_name=None, optimizer_slots=0, **common
+    )
+    assert list(info) == [
+        k
+        for k in UPCYCLE_KEYS
+        if k not in ("dense_model", "preserves_dense_function", "preservation")
+    ]
+    assert info["recipe"] is None and info["recipe_name"] is None
+
+    with pytest.raises(CheckpointError, match="no recipe.json; not written by"):
+        layout.read_recipe_json(str(tmp_path))
+    (tmp_path / "ex" / "recipe.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"recipe.json: unreadable"):
+        layout.read_recipe_json(str(tmp_path / "ex"))
+
+
+def test_temp_output_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    from sparse_upcycle.checkpoints.output import TempOutput
+
+    src, dst = tmp_path / "src.npz", tmp_path / "out" / "dst"
+    src.write_bytes(b"x")
+    with TempOutput(str(src), str(dst), kind="upcycle", overwrite=False) as tmp:
+        assert os.path.basename(tmp).startswith(f".upcycle-dst-{os.getpid()}-")
+        assert not dst.exists()
+        (tmp_path / "out" / os.path.basename(tmp) / "f").write_text("done")
+    assert (dst / "f").read_text() == "done"
+    assert os.listdir(tmp_path / "out") == ["dst"]
+
+    with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
+        TempOutput(str(src), str(dst), kind="upcycle", overwrite=False)
+    with pytest.raises(RuntimeError, match="midway"):
+        with TempOutput(str(src), str(dst), kind="export", overwrite=True) as tmp:
+            (tmp_path / "out" / os.path.basename(tmp) / "g").write_text("half")
+            raise RuntimeError("midway")
+    assert os.listdir(tmp_path / "out") == ["dst"] and (dst / "f").read_text() == "done"
+    with TempOutput(str(src), str(dst), kind="export", overwrite=True) as tmp:
+        (tmp_path / "out" / os.path.basename(tmp) / "g").write_text("new")
+    assert os.listdir(dst) == ["g"]  # replaced, not merged
+
+    # --dst appearing while a run without --overwrite writes is not deleted.
+    late = tmp_path / "out" / "late"
+    with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
+        with TempOutput(str(src), str(late), kind="upcycle", overwrite=False):
+            late.mkdir()
+            (late / "theirs").write_text("keep")
+    assert os.listdir(late) == ["theirs"] and sorted(os.listdir(tmp_path / "out")) == [
+        "dst",
+        "late",
+    ]
+
+
+def test_temp_output_path_checks_and_stale_partials(tmp_path):
+    from sparse_upcycle.checkpoints.output import TempOutput
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with pytest.raises(CheckpointError, match="must not be --src or inside it"):
+        TempOutput(str(src), str(src / "moe"), kind="upcycle", overwrite=True)
+    with pytest.raises(CheckpointError, match="must not contain --src"):
+        TempOutput(str(src), str(tmp_path), kind="upcycle", overwrite=True)
+    # A temporary of a run whose process is gone is removed; a live one's and another kind's
+    # are left alone.
+    gone = subprocess_pid_that_exited()
+    for name in (
+        f".upcycle-moe-{gone}-abc",
+        f".upcycle-moe-{os.getpid()}-live",
+        f".export-moe-{gone}-x",
+    ):
+        (tmp_path / name).mkdir()
+    with TempOutput(str(src), str(tmp_path / "moe"), kind="upcycle", overwrite=False):
+        pass
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f".export-moe-{gone}-x", f".upcycle-moe-{os.getpid()}-live", "moe", "src"]
+    )
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

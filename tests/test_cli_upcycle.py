@@ -14,6 +14,9 @@ import transformers
 from flax import nnx
 
 from sparse_upcycle import cli
+from sparse_upcycle.checkpoints.layout import config_from_dict
+from sparse_upcycle.checkpoints.open import open_checkpoint
+from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
 from sparse_upcycle.checkpoints.t5x import write_t5x
 from sparse_upcycle.checkpoints.tree import flatten
 from sparse_upcycle.models import t5, vit
@@ -75,6 +78,7 @@ def test_vit_from_big_vision_npz(tmp_path, capsys):
     dst = _upcycle_and_verify("vit", src, tmp_path, capsys)
     assert cli.main(["inspect", dst]) == 0
     report = capsys.readouterr().out
+    assert "format:  orbax (sparse_upcycle upcycle output)" in report
     assert "Transformer/encoderblock_1/MlpBlock_0/expert/Dense_0/kernel" in report
     assert "active per token" in report and "expert_choice" in report
     # A tampered expert must make verify fail (exit 1): verify can fail.
@@ -98,6 +102,49 @@ def test_t5_from_t5x(tmp_path, capsys):
     dst = _upcycle_and_verify("t5", src, tmp_path, capsys)
     info = json.load(open(os.path.join(dst, "recipe.json")))
     assert info["source"]["format"] == "t5x" and info["source"]["step"] == 100
+    assert list(info) == [
+        "package_version",
+        "recipe",
+        "recipe_name",
+        "family",
+        "model",
+        "dense_model",
+        "source",
+        "step",
+        "optimizer_slots",
+        "preserves_dense_function",
+        "preservation",
+    ]
+    # Both checkpoints open behind the one reader face, with what they know set by themselves.
+    dense = open_checkpoint(src)
+    assert (dense.format, dense.step, dense.dense_step, dense.is_upcycled) == (
+        "t5x",
+        100,
+        100,
+        False,
+    )
+    assert dense.info is None and dense.config is None and dense.family is None
+    ours = open_checkpoint(dst)
+    assert (ours.format, ours.is_upcycled, ours.family, ours.path) == ("upcycled", True, "t5", dst)
+    assert ours.info == info and (ours.step, ours.dense_step) == (info["step"], 100)
+    assert ours.model_config == config_from_dict("t5", info["model"])
+    assert ours.config == config_from_dict("t5", info["dense_model"])  # the dense architecture
+    assert (
+        ours.config.encoder_moe.num_experts == 0
+        and ours.config.emb_dim == t5.config("tiny").emb_dim
+    )
+    assert ours.model_config.encoder_moe.num_experts == info["recipe"]["num_experts"]
+    assert ours.keys() == OrbaxCheckpoint(os.path.join(dst, "checkpoint")).keys()
+    assert ours.optimizer_state_keys() == []
+    # An upcycle output is not a dense checkpoint to upcycle or verify against.
+    for argv in (
+        ["upcycle", "--src", dst, "--dst", str(tmp_path / "again")],
+        ["verify", "--dense", dst, "--moe", dst],
+    ):
+        code = cli.main([argv[0], "--config", f"{CONFIG}:t5", *argv[1:]])
+        err = capsys.readouterr().err
+        assert code == 2 and "not a dense checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "again")
 
 
 def test_llama_from_hf_safetensors(tmp_path, capsys):

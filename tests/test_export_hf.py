@@ -20,9 +20,9 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from sparse_upcycle import surgeon
+from sparse_upcycle import models, surgeon
+from sparse_upcycle.checkpoints.layout import config_from_dict
 from sparse_upcycle.cli import main
-from sparse_upcycle.export import config_from_dict
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "llama_moe_8x_top2.py")
 VOCAB = 96
@@ -93,7 +93,7 @@ def _our_logits(moe_dir, ids):
     """Logits of our JAX decoder built from the upcycled checkpoint at ``moe_dir``."""
     info, flat = surgeon.load_upcycled(moe_dir)
     cfg = config_from_dict("decoder", info["model"])
-    model = surgeon.build_model("decoder", cfg, flat)
+    model = models.build_model("decoder", cfg, flat)
     logits, _ = model(np.asarray(ids.numpy()), train=False)
     return np.asarray(logits, np.float32)
 
@@ -504,7 +504,7 @@ def test_a_train_step_of_the_upcycled_model_exports_with_the_hf_files(moe, dense
     info, _ = surgeon.load_upcycled(moe[0])
     cfg = config_from_dict("decoder", info["model"])
     flat = {k: ckpt.read(k) for k in ckpt.keys()}
-    model = surgeon.build_model("decoder", cfg, flat)
+    model = models.build_model("decoder", cfg, flat)
     ours = model(jnp.asarray(ids.numpy()), train=False)
     ours = np.asarray(ours[0] if isinstance(ours, tuple) else ours)
     mixtral = transformers.MixtralForCausalLM.from_pretrained(out).eval()
@@ -518,7 +518,7 @@ def test_router_jitter_is_off_at_evaluation(moe, ids):
     info, flat = surgeon.load_upcycled(moe[0])
     cfg = config_from_dict("decoder", info["model"])
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, jitter_eps=0.5))
-    model = surgeon.build_model("decoder", cfg, flat)
+    model = models.build_model("decoder", cfg, flat)
     tokens = jnp.asarray(ids.numpy())
     plain = model(tokens, train=False)
     keyed = model(tokens, train=False, rng=jax.random.key(0))

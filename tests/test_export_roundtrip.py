@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from sparse_upcycle.checkpoints.tree import flatten
 from sparse_upcycle.cli import main
-from sparse_upcycle.surgeon import build_model
+from sparse_upcycle.models import build_model
 
 _TINY = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
 

@@ -17,12 +17,13 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 from safetensors import safe_open
 
+from sparse_upcycle import models
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.tree import InMemoryCheckpoint, flatten
+from sparse_upcycle.checkpoints.reader import InMemoryReader
+from sparse_upcycle.checkpoints.tree import flatten
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-MODEL_TYPES = {"t5": "t5", "vit": "vit", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
 
 
 def is_hf(path: str) -> bool:
@@ -76,39 +77,38 @@ class LazySafetensors(Mapping):
         return len(self._files)
 
 
-def _maps(model_type: str):
-    if model_type == "t5":
-        from sparse_upcycle.checkpoints import hf_t5 as m
-    elif model_type == "vit":
-        from sparse_upcycle.checkpoints import hf_vit as m
-    else:
-        from sparse_upcycle.checkpoints import hf_llama as m
-    return m
+def supported_model_types() -> list[str]:
+    """The ``config.json`` ``model_type`` values some registered family's HF map reads."""
+    return sorted({t for name in models.names() for t in models.get(name).HF_MODEL_TYPES})
 
 
-class HFCheckpoint(InMemoryCheckpoint):
-    """A Hugging Face model directory, read into our paths; ``config`` is our model config."""
+class HFCheckpoint(InMemoryReader):
+    """A Hugging Face model directory, read into our paths; ``config`` (= ``model_config``) is
+    our model config, ``family`` the registered family whose HF map reads its ``model_type``,
+    ``model_family`` that map's name (``llama`` for Llama, Mistral and Mixtral), ``tensors``
+    the safetensors by HF name and ``hf_config`` its ``config.json``."""
 
     def __init__(self, path: str):
         if not is_hf(path):
             raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
-        self.path = os.path.abspath(path)
         try:
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
                 self.hf_config = json.load(f)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}/config.json: unreadable ({e})") from None
         hf_type = self.hf_config.get("model_type")
-        if hf_type not in MODEL_TYPES:
+        family = models.for_hf_model_type(hf_type)
+        if family is None:
             raise CheckpointError(
-                f"{path}: model_type {hf_type!r} is not supported; supported: {sorted(MODEL_TYPES)}"
+                f"{path}: model_type {hf_type!r} is not supported; supported: "
+                f"{supported_model_types()}"
             )
-        self.model_family = MODEL_TYPES[hf_type]
-        maps = _maps(self.model_family)
+        maps = models.hf_map(family)
+        self.model_family = maps.__name__.rpartition(".")[2].removeprefix("hf_")
         tensors = self.tensors = LazySafetensors(path)  # refuses .bin-only, broken dirs first
         try:
-            self.config = maps.config_from_hf(self.hf_config)
-            params = maps.from_hf(tensors, self.config)
+            config = maps.config_from_hf(self.hf_config)
+            params = maps.from_hf(tensors, config)
         except CheckpointError:
             raise
         except KeyError as e:
@@ -116,7 +116,9 @@ class HFCheckpoint(InMemoryCheckpoint):
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         self._flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-        self.step = None
+        super().__init__(
+            os.path.abspath(path), "hf", config=config, model_config=config, family=family
+        )
 
 
 # --------------------------------------------------------------------------------------------

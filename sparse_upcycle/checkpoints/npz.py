@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import os
 import zipfile
+from typing import Any
 
 import numpy as np
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.reader import CheckpointReader
 
 
-class NpzCheckpoint:
-    def __init__(self, path: str):
+class NpzCheckpoint(CheckpointReader):
+    """A big_vision ``.npz``; ``config`` is the model config when the caller knows it (the
+    file does not say)."""
+
+    def __init__(self, path: str, *, config: Any = None):
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such .npz file")
         try:
@@ -25,8 +30,7 @@ class NpzCheckpoint:
             raise CheckpointError(f"{path}: not a readable .npz archive ({e})") from None
         prefix = "params/" if names and all(n.startswith("params/") for n in names) else ""
         self._names = {n[len(prefix) :]: n for n in names}
-        self.path = path
-        self.step = None
+        super().__init__(path, "npz", config=config)
 
     def keys(self) -> list[str]:
         return sorted(self._names)
@@ -47,8 +51,3 @@ class NpzCheckpoint:
 
     def dtype(self, key: str) -> np.dtype:
         return self.read(key).dtype
-
-
-def write_npz(path: str, params: dict[str, np.ndarray]) -> None:
-    """Write flat ``a/b/c`` keys as big_vision does (uncompressed ``np.savez``)."""
-    np.savez(path, **{k: np.asarray(v) for k, v in params.items()})

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import flatten, path_str, unflatten
 
 SLOT_NAMES = ("v_row", "v_col", "v", "m")  # per-parameter slots as T5X names them
@@ -35,21 +37,23 @@ def is_orbax(path: str) -> bool:
     )
 
 
-class OrbaxCheckpoint:
+class OrbaxCheckpoint(CheckpointReader):
     """Reads one tensor at a time: the tree's shapes and dtypes come from Orbax's metadata, and
     ``read`` restores a single leaf (``partial_restore``), so a dense model larger than memory
     can be upcycled. Optimizer slots written by ``upcycle`` (``optimizer=tile``) live under a
-    top-level ``opt_state`` item and are read with ``read_optimizer_state``."""
+    top-level ``opt_state`` item and are read with ``read_optimizer_state``. ``config`` is the
+    model config when the caller knows it (the checkpoint does not say)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, config: Any = None):
         if not is_orbax(path):
             raise CheckpointError(f"{path}: not an Orbax checkpoint directory (no _METADATA)")
-        self.path = os.path.abspath(path)
+        self.path = os.path.abspath(path)  # before the first restore: its messages name it
         self._tree_dir = _tree_dir(self.path)
         self._checkpointer = ocp.PyTreeCheckpointer()
         try:
             with _quiet_absl():
-                meta = self._checkpointer.metadata(self._tree_dir)
+                meta: Any = self._checkpointer.metadata(self._tree_dir)
+            # Orbax versions differ: StepMetadata(item_metadata=TreeMetadata(tree=…)) or the tree
             tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
             tree = getattr(tree, "tree", tree)
             flat = _flatten_metadata(tree)
@@ -71,9 +75,10 @@ class OrbaxCheckpoint:
         self._all_keys = [k for k, m in flat.items() if not k.startswith("opt_state/")]
         self._cache: dict[str, np.ndarray] = {}
         self._cached_group: str | None = None
-        self.step = None
+        step = None
         if self._prefix and "step" in flat:
-            self.step = int(np.asarray(self._restore("step")))
+            step = int(np.asarray(self._restore("step")))
+        super().__init__(self.path, "orbax", step=step, dense_step=step, config=config)
 
     def _restore(self, full_key: str) -> np.ndarray:
         # One partial restore per group (the first two path components: a layer, an
@@ -155,7 +160,7 @@ def write_orbax(
 ) -> None:
     """Write flat params as ``{"params": tree[, "step": n][, "opt_state": slots]}`` (the
     layout ``upcycle`` writes)."""
-    state = {"params": unflatten(params)}
+    state: dict[str, Any] = {"params": unflatten(params)}
     if step is not None:
         state["step"] = np.asarray(step, np.int64)
     if opt_state:

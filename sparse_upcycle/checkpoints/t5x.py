@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
 from flax import serialization
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import unflatten
 
 CHECKPOINT_FILE = "checkpoint"
@@ -57,10 +59,11 @@ def resolve_step_dir(path: str) -> str:
     )
 
 
-class T5XCheckpoint:
-    """A T5X step directory: ``params`` keys, ``shape``/``dtype`` without reading, ``read``."""
+class T5XCheckpoint(CheckpointReader):
+    """A T5X step directory: ``params`` keys, ``shape``/``dtype`` without reading, ``read``;
+    ``path`` is the step directory, ``config`` the model config when the caller knows it."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, config: Any = None):
         self.step_dir = resolve_step_dir(path)
         file = os.path.join(self.step_dir, CHECKPOINT_FILE)
         try:
@@ -76,7 +79,8 @@ class T5XCheckpoint:
         param_states = opt_state.get("param_states") if isinstance(opt_state, Mapping) else None
         self._opt_state = _flatten(param_states) if isinstance(param_states, Mapping) else {}
         step = opt_state.get("step") if isinstance(opt_state, Mapping) else None
-        self.step = None if step is None else int(np.asarray(step))
+        step = None if step is None else int(np.asarray(step))
+        super().__init__(self.step_dir, "t5x", step=step, dense_step=step, config=config)
 
     # ---------------------------------------------------------------- parameters
     def keys(self) -> list[str]:
@@ -133,9 +137,6 @@ class T5XCheckpoint:
             raise
         except Exception as e:
             raise CheckpointError(f"{self.step_dir}: cannot read {key!r} ({e})") from None
-
-    def read_all(self) -> dict[str, np.ndarray]:
-        return {key: self.read(key) for key in self.keys()}
 
     # ---------------------------------------------------------------- optimizer state
     def optimizer_state_keys(self) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 
 
@@ -68,57 +66,3 @@ class LazyTree(Mapping):
 
     def __len__(self) -> int:
         return len(self._children)
-
-
-class InMemoryCheckpoint:
-    """Reader interface over a flat dict held in memory (``self._flat``, ``self.path``):
-    ``keys``, ``in``, ``read``, ``shape``, ``dtype`` — the same calls the lazy readers answer."""
-
-    _flat: dict
-    path: str
-
-    def keys(self) -> list[str]:
-        return sorted(self._flat)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._flat
-
-    def read(self, key: str):
-        from sparse_upcycle.checkpoints.errors import CheckpointError
-
-        try:
-            return self._flat[key]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.read(key).shape)
-
-    def dtype(self, key: str):
-        return self.read(key).dtype
-
-
-def make_output_tmpdir(parent: str, prefix: str) -> str:
-    """A temporary directory in ``parent`` (renamed into place when the output is complete)
-    with the mode a plain ``mkdir`` would give it: ``mkdtemp``'s 0700 would hide the output
-    from other users of a shared directory."""
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-def check_output_path(src: str, dst: str, overwrite: bool) -> str:
-    """Refuse a ``--dst`` that exists (without ``overwrite``), is ``--src``, lies inside it or
-    contains it (replacing it would delete the source); returns ``dst`` made absolute."""
-    from sparse_upcycle.checkpoints.errors import CheckpointError
-
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
-    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
-    if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
-        raise CheckpointError("--dst must not be --src or inside it (the source is never modified)")
-    if src_abs.startswith(dst_abs + os.sep):
-        raise CheckpointError("--dst must not contain --src (--overwrite would delete the source)")
-    return dst_abs
