@@ -34,7 +34,12 @@ import time
 import ml_collections
 
 from sparse_upcycle import flops as flops_lib
+from sparse_upcycle import loop
 from sparse_upcycle.config import ConfigError, check, check_names, run_schema
+from sparse_upcycle.data import make_pipeline
+from sparse_upcycle.defaults import default_compare_config
+from sparse_upcycle.report import write_report
+from sparse_upcycle.task import ModelSpec, resolve_model
 
 log = logging.getLogger("sparse_upcycle.compare")
 
@@ -44,30 +49,7 @@ class Preempted(RuntimeError):
 
 
 KINDS = ("dense", "upcycle", "scratch")
-
-
-def default_compare_config() -> ml_collections.ConfigDict:
-    """Every ``compare`` field with its default; ``configs/compare_*.py`` start from this."""
-    from sparse_upcycle.train import default_config
-
-    c = ml_collections.ConfigDict()
-    c.train = default_config()  # shared by all runs: model (dense), data, loss, eval, mesh
-    c.train.eval_every = 0
-    c.pretrain = ml_collections.ConfigDict({"steps": 1000, "optimizer": c.train.optimizer})
-    c.dense_checkpoint = ""  # reuse this dense checkpoint instead of pre-training
-    c.dense_checkpoint_format = "auto"
-    c.upcycle = ml_collections.ConfigDict({"method": "copy", "num_experts": 8})
-    c.extra_compute = 0.5  # the extra budget, as a fraction of the dense pre-training FLOPs
-    c.num_points = 4
-    c.seeds = [0, 1, 2]
-    c.arms = ml_collections.ConfigDict(
-        {
-            "dense": {"kind": "dense", "overrides": {}},
-            "upcycled": {"kind": "upcycle", "overrides": {}},
-            "moe_scratch": {"kind": "scratch", "overrides": {}},
-        }
-    )
-    return c
+__all__ = ["KINDS", "Preempted", "default_compare_config", "run_compare"]
 
 
 def _merge(
@@ -119,10 +101,8 @@ def _read_evals(workdir: str) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
-def _step_flops(cfg) -> tuple[int, str, object]:
-    """(training FLOPs per step, family, model config) of a run config, from one real batch."""
-    from sparse_upcycle.data import make_pipeline
-    from sparse_upcycle.task import resolve_model
+def _step_flops(cfg) -> tuple[int, ModelSpec]:
+    """(training FLOPs per step, the resolved model) of a run config, from one real batch."""
 
     spec = resolve_model(cfg, None)
     try:
@@ -154,7 +134,6 @@ def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.
 
 def _run(cfg, workdir: str, label: str) -> dict:
     """One training run, or its recorded result when it has finished before."""
-    from sparse_upcycle.train import train_and_evaluate
 
     done_path = os.path.join(workdir, "result.json")
     config_path = os.path.join(workdir, "config.json")
@@ -181,7 +160,7 @@ def _run(cfg, workdir: str, label: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     _write_json(config_path, json.loads(json.dumps(settings, default=str)))
     start = time.perf_counter()
-    out = train_and_evaluate(cfg, workdir)
+    out = loop.train_and_evaluate(cfg, workdir)
     if out["status"] != "done":
         raise Preempted(
             f"{label}: {out['status']} at step {out['step']}; rerun the same command to resume"
@@ -310,6 +289,5 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
         },
         "runs": results,
     }
-    from sparse_upcycle.report import write_report
 
     return write_report(report, workdir)

@@ -9,8 +9,8 @@ field after loading; ``v`` is parsed as a Python literal when it is one, else ke
 string (always a string for a string field).
 
 Configs refuse what they do not know. A file lists only what differs from the command's
-defaults (``load_config(schema=...)``: ``"run"`` is ``train.default_config()`` plus an
-``upcycle`` recipe, ``"compare"`` is ``compare.default_compare_config()``); a field of the
+defaults (``load_config(schema=...)``: ``"run"`` is ``defaults.default_config()`` plus an
+``upcycle`` recipe, ``"compare"`` is ``defaults.default_compare_config()``); a field of the
 file or of an override that names no field of those defaults, or a value of another type
 than the default's (a ``None`` default takes any value), stops loading with one line naming
 it and the closest known names. Sections whose fields depend on something else are checked
@@ -28,10 +28,16 @@ import difflib
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
+from sparse_upcycle import models
+from sparse_upcycle.defaults import default_compare_config, default_config
 from sparse_upcycle.models.moe_config import MoeConfig
+from sparse_upcycle.optim import OPTIMIZERS, default_optimizer_config
+from sparse_upcycle.upcycle.recipe import Recipe
 
 
 class ConfigError(ValueError):
@@ -39,7 +45,7 @@ class ConfigError(ValueError):
 
 
 def load_config(
-    spec: str, overrides: list[str] = (), schema: str = "run"
+    spec: str, overrides: Sequence[str] = (), schema: str = "run"
 ) -> ml_collections.ConfigDict:
     """The config ``spec`` (``PATH.py[:arg]``) with ``overrides`` applied, checked against the
     ``schema`` (``"run"``: train/upcycle/verify/export, ``"compare"``) defaults."""
@@ -49,6 +55,8 @@ def load_config(
     if schema not in SCHEMAS:
         raise ValueError(f"schema must be one of {sorted(SCHEMAS)}, got {schema!r}")
     module_spec = importlib.util.spec_from_file_location("_sparse_upcycle_config", path)
+    if module_spec is None or module_spec.loader is None:  # a name without a ``.py`` suffix
+        raise ConfigError(f"{path}: cannot load (not a Python source file)")
     module = importlib.util.module_from_spec(module_spec)
     # The config's own directory is importable while it loads, so configs can share a helper
     # module next to them (``from _t5_common import …``), as big_vision's configs do.
@@ -160,7 +168,14 @@ class OrNone:
     default: object
 
 
-MODEL_FIELDS = ("family", "name", "overrides", "moe", "encoder_moe", "decoder_moe")
+MODEL_FIELDS = ("family", "name", "overrides")  # + each registered family's MOE_FIELDS
+
+
+def model_fields() -> tuple[str, ...]:
+    """The fields a ``model`` block may have: ``MODEL_FIELDS`` and every registered family's
+    MoE blocks (``moe``, ``encoder_moe``, ...; ``model_configs`` refuses another family's)."""
+    moe = dict.fromkeys(f for name in models.names() for f in models.get(name).MOE_FIELDS)
+    return (*MODEL_FIELDS, *moe)
 
 
 def _defaults(tree) -> dict:
@@ -172,8 +187,6 @@ def _defaults(tree) -> dict:
 
 def optimizer_schema() -> dict:
     """The fields of an ``optimizer`` block (every optimizer has the same fields)."""
-    from sparse_upcycle.optim import OPTIMIZERS, default_optimizer_config
-
     blocks = [default_optimizer_config(name) for name in OPTIMIZERS]
     out = {}
     for key, value in blocks[0].items():
@@ -189,14 +202,10 @@ def optimizer_schema() -> dict:
 
 
 def run_schema() -> dict:
-    """What a train/upcycle/verify/export config may hold: ``train.default_config()`` and an
+    """What a train/upcycle/verify/export config may hold: ``defaults.default_config()`` and an
     ``upcycle`` recipe."""
-    # Imported here: the defaults live with the commands, which import this module.
-    from sparse_upcycle.train import default_config
-    from sparse_upcycle.upcycle.rules import Recipe
-
     out = _defaults(default_config())
-    out["model"] = {"family": "", "name": "", **dict.fromkeys(MODEL_FIELDS[2:], OPEN)}
+    out["model"] = {"family": "", "name": "", **dict.fromkeys(model_fields()[2:], OPEN)}
     out["data"] = OPEN
     out["optimizer"] = optimizer_schema()
     out["upcycle"] = {f.name: f.default for f in dataclasses.fields(Recipe)}
@@ -204,10 +213,8 @@ def run_schema() -> dict:
 
 
 def compare_schema() -> dict:
-    """What a ``compare`` config may hold: ``compare.default_compare_config()``, its ``train``
+    """What a ``compare`` config may hold: ``defaults.default_compare_config()``, its ``train``
     section a run config, each arm a ``kind`` and run-config ``overrides``."""
-    from sparse_upcycle.compare import default_compare_config
-
     run = run_schema()
     out = _defaults(default_compare_config())
     out["train"] = run
@@ -327,7 +334,8 @@ def check(value, field, where: str, types: bool = True) -> None:
         )
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
+    """``value`` with its ``ConfigDict``s as dicts and lists as tuples (any type a config holds)."""
     if isinstance(value, ml_collections.ConfigDict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -346,9 +354,6 @@ def moe_config(base: MoeConfig, block, where: str = "model.moe", **forced) -> Mo
         raise ConfigError(f"moe config: {e}") from None
 
 
-MLP_WIDTH_FIELD = {"t5": "mlp_dim", "vit": "mlp_dim", "decoder": "intermediate_size"}
-
-
 def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     """(family, dense config, MoE config) for a config's ``model`` block.
 
@@ -356,14 +361,13 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     when ``model.name == "checkpoint"``. The MoE config gets ``num_experts`` (the recipe's
     total); the dense one none. ``granularity`` G > 1 makes the experts f/G wide (virtual
     groups)."""
-    from sparse_upcycle.models import decoder, t5, vit
-
     family = model.get("family")
-    modules = {"t5": t5, "vit": vit, "decoder": decoder}
-    if family not in modules:
-        raise ConfigError(f"model.family must be one of {sorted(modules)}, got {family!r}")
+    try:
+        module = models.get(family)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     overrides = _plain(model.get("overrides", ml_collections.ConfigDict()))
-    moe_keys = ("encoder_moe", "decoder_moe") if family == "t5" else ("moe",)
+    moe_keys = module.MOE_FIELDS
     # A t5 model has no `moe` block (nor vit/decoder an `encoder_moe`): refused, not ignored.
     check_names(model, ("family", "name", "overrides", *moe_keys), "model")
     try:
@@ -372,20 +376,20 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
                 raise ConfigError("model.name='checkpoint' needs a Hugging Face source")
             start = base
         else:
-            start = modules[family].config(model.name)
+            start = module.config(model.name)
         fields = [f.name for f in dataclasses.fields(start) if f.init]
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {family}/{model.get('name')}: {e}") from None
     check_names(overrides, fields, "model.overrides")
     try:
         if model.get("name") == "checkpoint":
-            start = dataclasses.replace(base, **overrides)
+            start = dataclasses.replace(start, **overrides)  # start is base here
         else:
-            start = modules[family].config(model.name, **overrides)
+            start = module.config(model.name, **overrides)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {family}/{model.get('name')}: {e}") from None
 
-    width = getattr(start, MLP_WIDTH_FIELD[family])
+    width = getattr(start, module.MLP_WIDTH_FIELD)
     if width % granularity:
         raise ConfigError(
             f"virtual groups need f % G == 0; the dense hidden width f={width} is not divisible "

@@ -1,4 +1,5 @@
-"""``train_and_evaluate(config, workdir)``: one sharded training run, read top to bottom.
+"""``train_and_evaluate(config, workdir)``: one sharded training run, read top to bottom
+(shared by the ``train`` and ``compare`` commands; defaults: ``defaults.default_config``).
 
 Dense, upcycled and from-scratch MoE models all go through here. What the model is comes from
 the config: ``model`` (the family and size, with ``moe``/``encoder_moe``/``decoder_moe``
@@ -35,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparse_upcycle import flops as flops_lib
-from sparse_upcycle import optim, sharding
+from sparse_upcycle import models, sharding
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.init_from import initial_params, keep_hf_source, open_init_source
@@ -44,38 +45,12 @@ from sparse_upcycle.optim_slots import load_adafactor_slots
 from sparse_upcycle.task import ModelSpec, moe_layer_names
 from sparse_upcycle.training import build_training, make_train_step
 
-log = logging.getLogger("sparse_upcycle.train")
+log = logging.getLogger("sparse_upcycle.train")  # the name users filter on
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss or gradient); the message names the step and
     the last good checkpoint. The CLI prints it and exits 1."""
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every training field with its default; experiment configs start from this."""
-    c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"family": "t5", "name": "tiny", "overrides": {}})
-    c.init_from = "scratch"  # "scratch" | a dense checkpoint | an `upcycle` output directory
-    c.init_format = "auto"
-    c.seed = 0
-    c.total_steps = 100
-    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
-    c.distributed = ml_collections.ConfigDict(
-        {"num_processes": 1, "process_id": 0, "coordinator_address": ""}
-    )
-    c.data = ml_collections.ConfigDict(
-        {"name": "synthetic", "batch_size": 16, "seq_len": 32, "target_len": 8, "seed": 0}
-    )
-    c.optimizer = optim.default_optimizer_config("adafactor")
-    c.loss = ml_collections.ConfigDict({"z_loss": 1e-4, "label_smoothing": 0.0})
-    c.log_every = 10
-    c.eval_every = 100  # <= 0: only at eval_at and at the end
-    c.eval_at = []  # extra steps to evaluate at (matched compute points of `compare`)
-    c.eval_steps = 4
-    c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async": True})
-    c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # None: measure it
-    return c
 
 
 # ============================================================================================
@@ -253,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total = int(config.total_steps)
     log_every, eval_every = int(config.get("log_every", 10)), int(config.get("eval_every", 100))
     eval_at = {int(s) for s in config.get("eval_at", ())}
-    batch_shapes = None
+    batch_shapes: dict[str, tuple[int, ...]] = {}  # set with the first batch
     peak = config.get("peak_flops") or flops_lib.measure_peak_flops(size=1024, repeats=3)
     progress = Progress(total, start_step, every=log_every)
     pending: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet checked
@@ -388,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _dense_step(source) -> int:
     """The dense run's step count, the age of the optimizer slots taken from it (Adafactor's
     second-moment decay depends on it; 0 would discard them at the first update)."""
-    step = getattr(source, "dense_step", None) or getattr(source, "step", None)
+    step = source.dense_step or source.step
     return max(int(step or 0), 1)
 
 
@@ -401,8 +376,8 @@ def _throughput(spec: ModelSpec, shapes: dict, seconds: float, peak: float) -> d
         "model_flops_per_step": float(step_flops),
         "mfu": flops_lib.mfu(step_flops, seconds, peak, jax.device_count()),
     }
-    if spec.family != "vit":
-        key = "decoder_target_tokens" if spec.family == "t5" else "tokens"
+    key = models.get(spec.family).TOKENS_KEY
+    if key is not None:
         out["tokens_per_second"] = math.prod(shapes[key]) / seconds
     return out
 

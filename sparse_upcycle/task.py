@@ -16,46 +16,62 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_upcycle import losses
-from sparse_upcycle.config import ConfigError, model_configs
+from sparse_upcycle import losses, models
+from sparse_upcycle.config import ConfigError, check_names, model_configs
+from sparse_upcycle.upcycle.recipe import Recipe
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     family: str
-    config: Any  # T5Config | ViTConfig | DecoderConfig
-    recipe: Any  # upcycle.rules.Recipe, or None for a dense model
+    config: Any  # the family's Config
+    recipe: Any  # upcycle Recipe, or None for a dense model
     dense_config: Any
+
+
+def recipe_from(config) -> Recipe:
+    """The ``upcycle`` block of an experiment config as a ``Recipe`` (ConfigError if bad)."""
+    block = dict(config.get("upcycle", {}))
+    check_names(block, [f.name for f in dataclasses.fields(Recipe)], "upcycle")
+    try:
+        return Recipe(**block)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"upcycle recipe: {e}") from None
+
+
+def resolve_models(config, source=None):
+    """(family, dense config, MoE config, recipe) for an experiment config and its source
+    checkpoint (whose ``config`` is the base when ``model.name == "checkpoint"``)."""
+    recipe = recipe_from(config)
+    base = source.config if source is not None else None
+    method = recipe.method_impl
+    family, dense, moe = model_configs(
+        config.model, recipe.total_experts, base, method.granularity(recipe)
+    )
+    try:
+        method.check_model(recipe, models.moe_blocks(moe))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return family, dense, moe, recipe
 
 
 def resolve_model(config, source=None) -> ModelSpec:
     """The model to train: the MoE of the ``upcycle`` recipe when the config has one, else the
     dense model of ``config.model``."""
-    from sparse_upcycle.surgeon import resolve_models
-
     if "upcycle" in config:
         family, dense, moe, recipe = resolve_models(config, source)
         return ModelSpec(family, moe, recipe, dense)
-    base = getattr(source, "config", None)
+    base = source.config if source is not None else None
     family, dense, _ = model_configs(config.model, 0, base)
     return ModelSpec(family, dense, None, dense)
 
 
 def model_class(family: str):
-    from sparse_upcycle.surgeon import model_class
-
-    name, module = model_class(family)
-    return getattr(module, name)
-
-
-def _moe_blocks(spec: ModelSpec) -> list:
-    cfg = spec.config
-    blocks = [cfg.encoder_moe, cfg.decoder_moe] if spec.family == "t5" else [cfg.moe]
-    return [b for b in blocks if b.num_experts]
+    return models.get(family).Model
 
 
 def _aux_weights(spec: ModelSpec) -> tuple[float, float]:
-    blocks = _moe_blocks(spec)
+    blocks = list(models.moe_blocks(spec.config).values())
     if not blocks:
         return 0.0, 0.0
     weights = {(b.aux_loss_weight, b.router_z_loss_weight) for b in blocks}
@@ -69,47 +85,19 @@ def _aux_weights(spec: ModelSpec) -> tuple[float, float]:
 
 def moe_layer_names(spec: ModelSpec) -> list[str]:
     """Names of the MoE layers, in the order of the model's ``expert_load`` rows."""
-    cfg = spec.config
-    if spec.family == "t5":
-        names = [
-            f"encoder/layers_{i}" for i in cfg.encoder_moe.sparse_layers(cfg.num_encoder_layers)
-        ]
-        n_dec = cfg.num_decoder_layers
-        return names + [f"decoder/layers_{i}" for i in cfg.decoder_moe.sparse_layers(n_dec)]
-    if spec.family == "vit":
-        return [f"encoderblock_{i}" for i in cfg.moe.sparse_layers(cfg.depth)]
-    return [f"layers_{i}" for i in cfg.moe.sparse_layers(cfg.num_hidden_layers)]
-
-
-def _forward(model, family: str, batch: dict, train: bool, rng):
-    """(logits, targets, weights, router metrics) of one batch."""
-    if family == "t5":
-        targets = batch["decoder_target_tokens"]
-        logits, aux = model(
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            decoder_mask=targets > 0,
-            train=train,
-            rng=rng,
-        )
-        return logits, targets, batch["decoder_loss_weights"], aux
-    if family == "decoder":
-        weights = batch["weights"]
-        logits, aux = model(batch["tokens"], token_mask=weights > 0, train=train, rng=rng)
-        return logits, batch["targets"], weights, aux
-    logits, aux = model(batch["image"], train=train, rng=rng)
-    return logits, batch["label"], jnp.ones(batch["label"].shape, jnp.float32), aux
+    return models.get(spec.family).moe_layer_names(spec.config)
 
 
 def make_loss_fn(spec: ModelSpec, graphdef, abstract_state, loss_cfg) -> Callable:
     """``loss_fn(params, batch, rng, train) -> (loss, metrics)`` over pure-dict params."""
     aux_w, router_z_w = _aux_weights(spec)
+    forward = models.get(spec.family).forward
 
     def loss_fn(params, batch, rng, train: bool):
         state = jax.tree.map(lambda x: x, abstract_state)
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)
-        logits, targets, weights, aux = _forward(model, spec.family, batch, train, rng)
+        logits, targets, weights, aux = forward(model, batch, train, rng)
         loss_sum, z_sum, weight_sum = losses.cross_entropy_loss(
             logits,
             targets,

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from sparse_upcycle import models
 from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -101,7 +102,7 @@ class FashionMnistSource:
 def make_fashion_mnist_pipeline(
     data_config, family: str, model_config, split: str, *, process_index=0, process_count=1
 ) -> GrainPipeline:
-    if family != "vit":
+    if models.get(family).TASK != "images":
         raise ValueError(f"fashion_mnist is an image data set; model family is {family!r}")
     if tuple(model_config.image_size) != (28, 28) or model_config.num_channels != 1:
         raise ValueError(

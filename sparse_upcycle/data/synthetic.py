@@ -24,8 +24,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from sparse_upcycle import models
+
 SPLITS = {"train": 0, "validation": 1, "test": 2}
-TASKS = {"t5": "seq2seq", "decoder": "lm", "vit": "images"}
+TASKS = models.TASKS
 # The ``data`` fields make_synthetic_pipeline reads (besides name, batch_size, seed).
 DATA_FIELDS = frozenset({"noise", "seq_len", "target_len", "branching"})
 
@@ -46,8 +48,8 @@ class SyntheticSource:
     noise: float = 1.0
 
     def __post_init__(self):
-        if self.task not in TASKS.values():
-            raise ValueError(f"synthetic task must be one of {sorted(TASKS.values())}")
+        if self.task not in TASKS:
+            raise ValueError(f"synthetic task must be one of {sorted(TASKS)}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {self.split!r}")
         world = np.random.default_rng([self.seed, 1_000_003])
@@ -67,7 +69,7 @@ class SyntheticSource:
             out[t] = self._next[out[t - 1], choices[t]]
         return out
 
-    def example(self, index: int) -> dict[str, np.ndarray]:
+    def example(self, index: int) -> dict[str, np.ndarray | np.generic]:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         if self.task == "images":
             label = int(rng.integers(0, self.num_classes))
@@ -135,8 +137,9 @@ def make_synthetic_pipeline(
 ) -> Pipeline:
     """The pipeline a config's ``data`` block asks for (``name: "synthetic"``), with shapes
     taken from the model config (vocabulary, image size, classes)."""
-    kwargs = dict(task=TASKS[family], split=split, seed=data_config.get("seed", 0))
-    if family == "vit":
+    task = models.get(family).TASK
+    kwargs = dict(task=task, split=split, seed=data_config.get("seed", 0))
+    if task == "images":
         h, w = model_config.image_size
         kwargs.update(
             image_shape=(h, w, model_config.num_channels),

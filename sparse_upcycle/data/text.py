@@ -49,6 +49,7 @@ import time
 
 import numpy as np
 
+from sparse_upcycle import models
 from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
 
 log = logging.getLogger("sparse_upcycle.data.text")
@@ -351,7 +352,8 @@ def make_text_pipeline(
     process_index: int = 0,
     process_count: int = 1,
 ) -> GrainPipeline:
-    """The text pipeline of ``split`` for model ``family`` ("t5" or "decoder").
+    """The text pipeline of ``split`` for model ``family``: span corruption for a ``seq2seq``
+    family (T5), packed language-model sequences for an ``lm`` one (decoder).
 
     ``data_config`` fields (defaults): vocab_size (8000 SentencePiece pieces), extra_ids (100,
     T5 only), seq_len (512), target_len (computed), noise_density (0.15),
@@ -359,12 +361,15 @@ def make_text_pipeline(
     ``SPARSE_UPCYCLE_CACHE`` or ~/.cache/sparse_upcycle), seed (0), batch_size.
     """
     get = data_config.get
-    if family not in ("t5", "decoder"):
-        raise ValueError(f"text data is for families 't5' and 'decoder', not {family!r}")
+    task = models.get(family).TASK
+    if task not in ("seq2seq", "lm"):
+        raise ValueError(
+            f"text data is for seq2seq and language-model families, not {family!r} ({task})"
+        )
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     pieces = int(get("vocab_size", 8000))
-    extra_ids = int(get("extra_ids", 100)) if family == "t5" else 0
+    extra_ids = int(get("extra_ids", 100)) if task == "seq2seq" else 0
     needed = pieces + extra_ids
     if model_config.vocab_size < needed:
         raise ValueError(
@@ -378,7 +383,7 @@ def make_text_pipeline(
     seed, seq_len = int(get("seed", 0)), int(get("seq_len", 512))
     shuffle_seed = seed if split == "train" else None
     transform = None
-    if family == "decoder":
+    if task == "lm":
         source = PackedLMSource(stream, seq_len)
     else:
         density = float(get("noise_density", 0.15))

@@ -45,17 +45,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
-from sparse_upcycle import routing
-from sparse_upcycle.layers import Attention, Dense, Embed, RMSNorm, activation
+from sparse_upcycle import flop_terms, routing
+from sparse_upcycle.layers import Dense, Embed, RMSNorm
+from sparse_upcycle.models.decoder_blocks import DecoderBlock
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
-
-SWIGLU = ("silu", "linear")
 
 # Decoder MoE default: Mixtral / Llama-3-MoE routing (top-2, softmax over the chosen two so
 # the weights sum to 1, dropless). num_experts=0 keeps the model dense until asked otherwise.
@@ -108,12 +109,12 @@ class DecoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_hidden_layers < 0:
             raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers}")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads % self.kv_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.head_dim < 2 or self.head_dim % 2:
+        if self.head_size < 2 or self.head_size % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.moe.sparse_layers(self.num_hidden_layers) and self.moe.router != "top_k":
             # Expert choice lets each expert pick tokens from the whole group, so a token's
@@ -125,6 +126,18 @@ class DecoderConfig:
     @property
     def sparse_layers(self) -> tuple[int, ...]:
         return self.moe.sparse_layers(self.num_hidden_layers)
+
+    @property
+    def kv_heads(self) -> int:
+        """``num_key_value_heads`` as ``__post_init__`` resolved it (never None)."""
+        assert self.num_key_value_heads is not None
+        return self.num_key_value_heads
+
+    @property
+    def head_size(self) -> int:
+        """``head_dim`` as ``__post_init__`` resolved it (never None)."""
+        assert self.head_dim is not None
+        return self.head_dim
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,72 +219,6 @@ def config(name: str, **overrides: Any) -> DecoderConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class GatedMlp(nnx.Module):
-    """Dense gated MLP ``wo(act_0(wi_0 x) * act_1(wi_1 x))`` with T5X names; SwiGLU for
-    activations ("silu", "linear") (wi_0 = HF gate_proj, wi_1 = up_proj, wo = down_proj)."""
-
-    def __init__(self, emb_dim: int, mlp_dim: int, activations=SWIGLU, *, rngs: nnx.Rngs):
-        self.activations = tuple(activations)
-        self.wi_0 = Dense(emb_dim, mlp_dim, ("embed", "mlp"), rngs=rngs)
-        self.wi_1 = Dense(emb_dim, mlp_dim, ("embed", "mlp"), rngs=rngs)
-        self.wo = Dense(mlp_dim, emb_dim, ("mlp", "embed"), rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        act_0, act_1 = (activation(a) for a in self.activations)
-        return self.wo(act_0(self.wi_0(x)) * act_1(self.wi_1(x)))
-
-
-class DecoderBlock(nnx.Module):
-    """One pre-norm block: attention, then a dense or MoE MLP, each with a residual."""
-
-    def __init__(self, config: DecoderConfig, sparse: bool, *, rngs: nnx.Rngs):
-        c = config
-        self.rope_theta = c.rope_theta
-        self.sparse = sparse
-        self.pre_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs)
-        self.attention = Attention(
-            c.hidden_size,
-            c.num_attention_heads,
-            c.head_dim,
-            num_kv_heads=c.num_key_value_heads,
-            scale=c.head_dim**-0.5,
-            rngs=rngs,
-        )
-        self.pre_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs)
-        if sparse:
-            self.mlp = c.moe.make_layer(
-                c.hidden_size,
-                c.intermediate_size,
-                SWIGLU,
-                causal=True,
-                rngs=rngs,
-                dtype=jnp.dtype(c.dtype),
-            )
-        else:
-            self.mlp = GatedMlp(c.hidden_size, c.intermediate_size, SWIGLU, rngs=rngs)
-
-    def __call__(self, x, *, positions, mask, token_mask, train, rng, cache, cache_index):
-        h = self.pre_attention_norm(x)
-        h, cache = self.attention(
-            h,
-            h,
-            mask=mask,
-            rope_theta=self.rope_theta,
-            q_positions=positions,
-            kv_positions=positions,
-            cache=cache,
-            cache_index=cache_index,
-        )
-        x = x + h
-        h = self.pre_mlp_norm(x)
-        metrics = None
-        if self.sparse:
-            h, metrics = self.mlp(h, token_mask, rng=rng if train else None, train=train)
-        else:
-            h = self.mlp(h)
-        return x + h.astype(x.dtype), cache, metrics
-
-
 @struct.dataclass
 class DecodeCache:
     """Per-layer keys/values [B, T, K, Dh] (after RoPE), which cache slots hold real tokens
@@ -342,7 +289,7 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> DecodeCache:
         """An empty cache for ``max_len`` positions, in the activation dtype by default."""
         c = self.config
-        shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (batch, max_len, c.kv_heads, c.head_size)
         dtype = jnp.dtype(dtype or c.dtype)
         layers = c.num_hidden_layers
         return DecodeCache(
@@ -478,3 +425,60 @@ def abstract_params(config: DecoderConfig) -> dict:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (nothing is allocated)."""
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+# --------------------------------------------------------------------------------------------
+# The family's face (``models/__init__.py``).
+# --------------------------------------------------------------------------------------------
+
+Config = DecoderConfig
+Model = Decoder
+MOE_FIELDS = ("moe",)
+MLP_WIDTH_FIELD = "intermediate_size"
+TASK = "lm"
+TOKENS_KEY = "tokens"
+HF_MAP = "sparse_upcycle.checkpoints.hf_llama"
+HF_MODEL_TYPES = ("llama", "mistral", "mixtral")
+_TOKEN_KEYS = ("tokens", "inputs", "input_tokens", "decoder_input_tokens", "targets")
+
+
+def moe_layer_names(cfg: DecoderConfig) -> list[str]:
+    return [f"layers_{i}" for i in cfg.moe.sparse_layers(cfg.num_hidden_layers)]
+
+
+def forward(model: Decoder, batch: dict, train: bool, rng):
+    """(logits, targets, weights, router metrics) of a language-model batch."""
+    weights = batch["weights"]
+    logits, aux = model(batch["tokens"], token_mask=weights > 0, train=train, rng=rng)
+    return logits, batch["targets"], weights, aux
+
+
+def example_inputs(cfg: DecoderConfig, seed: int = 0) -> tuple:
+    """Two random 16-token sequences, the inputs ``verify`` compares the models on."""
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 16))),)
+
+
+def batch_lengths(batch) -> tuple[int, int, int]:
+    """(batch size, sequence length, sequence length) of a dict batch or ``(B, L)``."""
+    if isinstance(batch, Mapping):
+        b, l = flop_terms.pick(batch, _TOKEN_KEYS, "decoder")[:2]
+        return b, l, l
+    sizes = (batch,) if isinstance(batch, int) else tuple(int(n) for n in batch)
+    if len(sizes) == 2 or len(sizes) == 3:
+        return sizes[0], sizes[1], sizes[1]
+    raise ValueError(f"decoder batch {sizes}: expected (batch_size, seq_len) or a dict of arrays")
+
+
+def forward_flops(cfg: DecoderConfig, b: int, s: int, l: int, train: bool) -> dict[str, int]:
+    """Forward model FLOPs by component (``flops.py``): GQA attention, SwiGLU MLPs (two input
+    projections), and logits for every token."""
+    out = flop_terms.zeros()
+    d, dh = cfg.hidden_size, cfg.head_size
+    n = b * l
+    heads, kv = cfg.num_attention_heads, cfg.kv_heads
+    for _ in range(cfg.num_hidden_layers):
+        flop_terms.add_attention(out, flop_terms.attention(d, heads, kv, dh, n, n, l))
+    flop_terms.mlp_stack(out, cfg.moe, cfg.num_hidden_layers, d, cfg.intermediate_size, 2, n, train)
+    out["logits"] = 2 * d * cfg.vocab_size * n
+    return out

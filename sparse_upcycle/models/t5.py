@@ -36,27 +36,30 @@ initialised truncated-normal instead of normal with the same variance.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import operator
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from sparse_upcycle import flop_terms
 from sparse_upcycle.layers import (
-    Attention,
-    Dense,
     Embed,
-    RelativePositionBias,
-    RMSNorm,
     activation,
-    dot_product_attention,
 )
 from sparse_upcycle.models import moe_config
 from sparse_upcycle.models.moe_config import MoeConfig
+from sparse_upcycle.models.t5_blocks import (
+    Decoder,
+    Encoder,
+    Keys,
+    dropout,
+    layers_of,
+    project_kv,
+)
 
 # --------------------------------------------------------------------------------------------
 # Config.
@@ -133,217 +136,6 @@ def config(name: str, **overrides: Any) -> T5Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Blocks.
-# --------------------------------------------------------------------------------------------
-
-
-class _Keys:
-    """Fresh PRNG keys for dropout sites and routers, or None everywhere when not training."""
-
-    def __init__(self, rng: jax.Array | None):
-        self.rng, self.count = rng, 0
-
-    def __call__(self) -> jax.Array | None:
-        if self.rng is None:
-            return None
-        self.count += 1
-        return jax.random.fold_in(self.rng, self.count)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None, broadcast_length=True):
-    """Inverted dropout; T5X shares the mask along the length axis (``broadcast_dims=(-2,)``)."""
-    if key is None or rate == 0.0:
-        return x
-    shape = (*x.shape[:-2], 1, x.shape[-1]) if broadcast_length else x.shape
-    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-class MlpBlock(nnx.Module):
-    """T5X ``MlpBlock``: ``prod_i act_i(x·wi_i)``, dropout, ``·wo`` (one activation: ``wi``)."""
-
-    def __init__(self, emb_dim: int, mlp_dim: int, activations: Sequence[str], *, rngs: nnx.Rngs):
-        self.activations = tuple(activations)
-        n = len(self.activations)
-        self.input_names = ("wi",) if n == 1 else tuple(f"wi_{i}" for i in range(n))
-        for name in self.input_names:
-            setattr(self, name, Dense(emb_dim, mlp_dim, ("embed", "mlp"), rngs=rngs))
-        self.wo = Dense(mlp_dim, emb_dim, ("mlp", "embed"), rngs=rngs)
-
-    def __call__(self, x: jax.Array, *, dropout_rate=0.0, key=None) -> jax.Array:
-        pairs = zip(self.activations, self.input_names, strict=True)
-        h = functools.reduce(operator.mul, [activation(a)(getattr(self, n)(x)) for a, n in pairs])
-        return self.wo(_dropout(h, dropout_rate, key))
-
-
-def _attention(cfg: T5Config, rngs: nnx.Rngs) -> Attention:
-    # T5X folds 1/sqrt(head_dim) into the query init (layers.py, MultiHeadDotProductAttention):
-    # variance_scaling(1, fan_in, normal) / sqrt(head_dim) == variance_scaling(1/head_dim, ...).
-    query_init = nnx.initializers.variance_scaling(1.0 / cfg.head_dim, "fan_in", "normal")
-    return Attention(
-        cfg.emb_dim, cfg.num_heads, cfg.head_dim, scale=1.0, query_init=query_init, rngs=rngs
-    )
-
-
-def _mlp(cfg: T5Config, moe: MoeConfig | None, *, causal: bool, rngs: nnx.Rngs):
-    if moe is None:
-        return MlpBlock(cfg.emb_dim, cfg.mlp_dim, cfg.mlp_activations, rngs=rngs)
-    return moe.make_layer(
-        cfg.emb_dim, cfg.mlp_dim, cfg.mlp_activations, causal=causal, rngs=rngs, dtype=cfg.dtype
-    )
-
-
-def _apply_mlp(layer, cfg: T5Config, x, token_mask, keys: _Keys, train: bool):
-    """Dense: (y, None); MoE: (y, RouterMetrics). Padding tokens never reach a router."""
-    if isinstance(layer, MlpBlock):
-        return layer(x, dropout_rate=cfg.dropout_rate, key=keys()), None
-    return layer(x, token_mask, rng=keys(), train=train)
-
-
-class EncoderLayer(nnx.Module):
-    def __init__(self, cfg: T5Config, moe: MoeConfig | None, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, eps = cfg.emb_dim, cfg.layer_norm_eps
-        self.pre_attention_layer_norm = RMSNorm(d, eps, rngs=rngs)
-        self.attention = _attention(cfg, rngs)
-        self.pre_mlp_layer_norm = RMSNorm(d, eps, rngs=rngs)
-        self.mlp = _mlp(cfg, moe, causal=False, rngs=rngs)
-
-    def __call__(self, x, bias, attn_mask, token_mask, keys: _Keys, train: bool):
-        rate = self.cfg.dropout_rate
-        h = self.pre_attention_layer_norm(x)
-        h, _ = self.attention(h, h, bias=bias, mask=attn_mask)
-        x = x + _dropout(h, rate, keys())
-        h, metrics = _apply_mlp(
-            self.mlp, self.cfg, self.pre_mlp_layer_norm(x), token_mask, keys, train
-        )
-        return x + _dropout(h, rate, keys()), metrics
-
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: T5Config, moe: MoeConfig | None, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, eps = cfg.emb_dim, cfg.layer_norm_eps
-        self.pre_self_attention_layer_norm = RMSNorm(d, eps, rngs=rngs)
-        self.self_attention = _attention(cfg, rngs)
-        self.pre_cross_attention_layer_norm = RMSNorm(d, eps, rngs=rngs)
-        self.encoder_decoder_attention = _attention(cfg, rngs)
-        self.pre_mlp_layer_norm = RMSNorm(d, eps, rngs=rngs)
-        self.mlp = _mlp(cfg, moe, causal=True, rngs=rngs)
-
-    def __call__(
-        self,
-        y,
-        cross,
-        self_bias,
-        self_mask,
-        cross_mask,
-        token_mask,
-        keys,
-        train,
-        cache=None,
-        index=None,
-    ):
-        """``cross`` is the encoder output [B, S, d], or its projected (k, v) when decoding."""
-        rate = self.cfg.dropout_rate
-        h = self.pre_self_attention_layer_norm(y)
-        h, cache = self.self_attention(
-            h, h, bias=self_bias, mask=self_mask, cache=cache, cache_index=index
-        )
-        y = y + _dropout(h, rate, keys())
-        h = self.pre_cross_attention_layer_norm(y)
-        if isinstance(cross, tuple):
-            h = _attend_to_kv(self.encoder_decoder_attention, h, *cross, mask=cross_mask)
-        else:
-            h, _ = self.encoder_decoder_attention(h, cross, mask=cross_mask)
-        y = y + _dropout(h, rate, keys())
-        h, metrics = _apply_mlp(
-            self.mlp, self.cfg, self.pre_mlp_layer_norm(y), token_mask, keys, train
-        )
-        return y + _dropout(h, rate, keys()), metrics, cache
-
-
-def _project_kv(attn: Attention, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values [B, S, heads, head_dim] of ``x`` (the encoder output, projected once)."""
-    b, s, _ = x.shape
-    shape = (b, s, attn.num_kv_heads, attn.head_dim)
-    return attn.key(x).reshape(shape), attn.value(x).reshape(shape)
-
-
-def _attend_to_kv(attn: Attention, x, k, v, *, mask):
-    """``attn(x, encoded)`` with the encoder's keys/values already projected."""
-    b, l, _ = x.shape
-    q = attn.query(x).reshape(b, l, attn.num_heads, attn.head_dim)
-    out = dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
-    return attn.out(out.reshape(b, l, attn.num_heads * attn.head_dim))
-
-
-def _relpos_bias(cfg: T5Config, *, bidirectional: bool, rngs: nnx.Rngs) -> RelativePositionBias:
-    return RelativePositionBias(
-        cfg.num_heads,
-        cfg.relative_attention_num_buckets,
-        cfg.relative_attention_max_distance,
-        bidirectional=bidirectional,
-        rngs=rngs,
-    )
-
-
-def _layers(module: nnx.Module, n: int) -> list:
-    return [getattr(module, f"layers_{i}") for i in range(n)]
-
-
-class Encoder(nnx.Module):
-    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.relpos_bias = _relpos_bias(cfg, bidirectional=True, rngs=rngs)
-        sparse = cfg.encoder_moe.sparse_layers(cfg.num_encoder_layers)
-        for i in range(cfg.num_encoder_layers):
-            moe = cfg.encoder_moe if i in sparse else None
-            # Attributes layers_0, layers_1, … give T5X's paths (a list would give layers/0).
-            setattr(self, f"layers_{i}", EncoderLayer(cfg, moe, rngs=rngs))
-        self.encoder_norm = RMSNorm(cfg.emb_dim, cfg.layer_norm_eps, rngs=rngs)
-
-    def __call__(self, x, mask_BS, keys: _Keys, train: bool):
-        s = x.shape[1]
-        bias = self.relpos_bias(s, s)
-        attn_mask = mask_BS[:, None, None, :]
-        metrics = []
-        for layer in _layers(self, self.cfg.num_encoder_layers):
-            x, m = layer(x, bias, attn_mask, mask_BS, keys, train)
-            metrics += [m] if m is not None else []
-        x = _dropout(self.encoder_norm(x), self.cfg.dropout_rate, keys(), broadcast_length=False)
-        return x, metrics
-
-
-class Decoder(nnx.Module):
-    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.relpos_bias = _relpos_bias(cfg, bidirectional=False, rngs=rngs)
-        sparse = cfg.decoder_moe.sparse_layers(cfg.num_decoder_layers)
-        for i in range(cfg.num_decoder_layers):
-            moe = cfg.decoder_moe if i in sparse else None
-            setattr(self, f"layers_{i}", DecoderLayer(cfg, moe, rngs=rngs))
-        self.decoder_norm = RMSNorm(cfg.emb_dim, cfg.layer_norm_eps, rngs=rngs)
-        if not cfg.logits_via_embedding:
-            self.logits_dense = Dense(cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), rngs=rngs)
-
-    def __call__(self, y, encoded, enc_mask_BS, dec_mask_BL, keys: _Keys, train: bool):
-        l = y.shape[1]
-        self_bias = self.relpos_bias(l, l)
-        causal = jnp.arange(l)[:, None] >= jnp.arange(l)[None, :]
-        self_mask = causal[None, None] & dec_mask_BL[:, None, None, :]
-        cross_mask = enc_mask_BS[:, None, None, :]
-        metrics = []
-        for layer in _layers(self, self.cfg.num_decoder_layers):
-            y, m, _ = layer(y, encoded, self_bias, self_mask, cross_mask, dec_mask_BL, keys, train)
-            metrics += [m] if m is not None else []
-        return self.final(y, keys), metrics
-
-    def final(self, y, keys: _Keys):
-        return _dropout(self.decoder_norm(y), self.cfg.dropout_rate, keys())
-
-
-# --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
 
@@ -361,9 +153,9 @@ class T5(nnx.Module):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _embed(self, tokens, keys: _Keys):
+    def _embed(self, tokens, keys: Keys):
         x = self.token_embedder(tokens.astype(jnp.int32), self.config.dtype)
-        return _dropout(x, self.config.dropout_rate, keys())
+        return dropout(x, self.config.dropout_rate, keys())
 
     def _logits(self, y):
         y = y.astype(jnp.float32)  # T5X computes the logits in float32 for stability
@@ -372,10 +164,10 @@ class T5(nnx.Module):
             return self.token_embedder.attend(y) / math.sqrt(self.config.emb_dim)
         return self.decoder.logits_dense(y)
 
-    def _keys(self, rng, train: bool) -> _Keys:
+    def _keys(self, rng, train: bool) -> Keys:
         if train and self.config.dropout_rate > 0 and rng is None:
             raise ValueError(f"train=True with dropout_rate={self.config.dropout_rate} needs rng")
-        return _Keys(rng if train else None)
+        return Keys(rng if train else None)
 
     # -- full forward ----------------------------------------------------------------------
 
@@ -455,8 +247,8 @@ class T5(nnx.Module):
     def cross_kv(self, encoded) -> tuple:
         """Each decoder layer's projected encoder keys/values, to compute once per sequence."""
         return tuple(
-            _project_kv(layer.encoder_decoder_attention, encoded)
-            for layer in _layers(self.decoder, self.config.num_decoder_layers)
+            project_kv(layer.encoder_decoder_attention, encoded)
+            for layer in layers_of(self.decoder, self.config.num_decoder_layers)
         )
 
     def decode_step(self, tokens_B1, cache, encoded, encoder_mask, *, cross_kv=None):
@@ -467,7 +259,7 @@ class T5(nnx.Module):
         cross_kv = cross_kv if cross_kv is not None else self.cross_kv(encoded)
         index = cache["index"]
         max_len = cache["layers"][0][0].shape[1]
-        keys = _Keys(None)
+        keys = Keys(None)
         y = self._embed(tokens_B1, keys)
         bias = self.decoder.relpos_bias(1, max_len, q_offset=index)
         self_mask = (jnp.arange(max_len) <= index)[None, None, None, :]
@@ -475,7 +267,7 @@ class T5(nnx.Module):
         token_mask = jnp.ones(tokens_B1.shape, bool)
         new_kv = []
         for layer, kv, ckv in zip(
-            _layers(self.decoder, cfg.num_decoder_layers), cache["layers"], cross_kv, strict=True
+            layers_of(self.decoder, cfg.num_decoder_layers), cache["layers"], cross_kv, strict=True
         ):
             y, _, kv = layer(
                 y, ckv, bias, self_mask, cross_mask, token_mask, keys, False, kv, index
@@ -511,7 +303,7 @@ class T5(nnx.Module):
             logits, cache = self.decode_step(
                 token[:, None], cache, encoded, encoder_mask, cross_kv=cross
             )
-            if temperature > 0:
+            if temperature > 0 and rng is not None:  # rng is set when temperature > 0 (above)
                 nxt = jax.random.categorical(jax.random.fold_in(rng, t), logits / temperature)
             else:
                 nxt = jnp.argmax(logits, axis=-1)
@@ -533,3 +325,86 @@ def abstract_params(cfg: T5Config) -> dict:
     """The parameter tree (T5X paths) as ``jax.ShapeDtypeStruct`` leaves; nothing allocated."""
     model = nnx.eval_shape(lambda: T5(cfg, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+# --------------------------------------------------------------------------------------------
+# The family's face (``models/__init__.py``).
+# --------------------------------------------------------------------------------------------
+
+Config = T5Config
+Model = T5
+MOE_FIELDS = ("encoder_moe", "decoder_moe")
+MLP_WIDTH_FIELD = "mlp_dim"
+TASK = "seq2seq"
+TOKENS_KEY = "decoder_target_tokens"
+HF_MAP = "sparse_upcycle.checkpoints.hf_t5"
+HF_MODEL_TYPES = ("t5",)
+_INPUT_KEYS = ("encoder_input_tokens", "inputs")
+_TARGET_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "targets")
+
+
+def moe_layer_names(cfg: T5Config) -> list[str]:
+    enc = cfg.encoder_moe.sparse_layers(cfg.num_encoder_layers)
+    dec = cfg.decoder_moe.sparse_layers(cfg.num_decoder_layers)
+    return [f"encoder/layers_{i}" for i in enc] + [f"decoder/layers_{i}" for i in dec]
+
+
+def forward(model: T5, batch: dict, train: bool, rng):
+    """(logits, targets, weights, router metrics) of a T5X-style seq2seq batch."""
+    targets = batch["decoder_target_tokens"]
+    logits, aux = model(
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        decoder_mask=targets > 0,
+        train=train,
+        rng=rng,
+    )
+    return logits, targets, batch["decoder_loss_weights"], aux
+
+
+def example_inputs(cfg: T5Config, seed: int = 0) -> tuple:
+    """Random encoder (2 × 16) and decoder (2 × 8) tokens, what ``verify`` compares on."""
+    rng = np.random.default_rng(seed)
+    return (
+        jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 16))),
+        jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 8))),
+    )
+
+
+def batch_lengths(batch) -> tuple[int, int, int]:
+    """(batch size, input length, target length) of a dict batch or a 3-tuple."""
+    if isinstance(batch, Mapping):
+        b, s = flop_terms.pick(batch, _INPUT_KEYS, "t5")[:2]
+        b2, l = flop_terms.pick(batch, _TARGET_KEYS, "t5")[:2]
+        if b2 != b:
+            raise ValueError(f"encoder batch {b} != decoder batch {b2}")
+        return b, s, l
+    batch = (batch,) if isinstance(batch, int) else tuple(int(n) for n in batch)
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    raise ValueError(
+        f"t5 batch {batch}: expected (batch_size, input_len, target_len) or a dict of arrays"
+    )
+
+
+def forward_flops(cfg: T5Config, b: int, s: int, l: int, train: bool) -> dict[str, int]:
+    """Forward model FLOPs by component (``flops.py``): encoder self-attention, decoder self-
+    and cross-attention (the encoder's keys/values projected once per decoder layer), gated
+    MLPs of both stacks, and untied logits for every target token."""
+    out = flop_terms.zeros()
+    d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
+    n_in = len(cfg.mlp_activations)
+    enc, dec = b * s, b * l
+    for _ in range(cfg.num_encoder_layers):
+        flop_terms.add_attention(out, flop_terms.attention(d, h, h, dh, enc, enc, s))
+    for _ in range(cfg.num_decoder_layers):
+        for n_kv, attended in ((dec, l), (enc, s)):  # self-attention, then cross-attention
+            flop_terms.add_attention(out, flop_terms.attention(d, h, h, dh, dec, n_kv, attended))
+    flop_terms.mlp_stack(
+        out, cfg.encoder_moe, cfg.num_encoder_layers, d, cfg.mlp_dim, n_in, enc, train
+    )
+    flop_terms.mlp_stack(
+        out, cfg.decoder_moe, cfg.num_decoder_layers, d, cfg.mlp_dim, n_in, dec, train
+    )
+    out["logits"] = 2 * d * cfg.vocab_size * dec
+    return out

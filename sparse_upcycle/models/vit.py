@@ -49,13 +49,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from sparse_upcycle import routing
+from sparse_upcycle import flop_terms, routing
 from sparse_upcycle.layers import (
     Dense,
     Kernel,
@@ -66,6 +68,7 @@ from sparse_upcycle.layers import (
     logical_param,
 )
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
+from sparse_upcycle.moe import MoeMlp
 
 POOL_TYPES = ("tok", "gap")
 POSEMB_TYPES = ("learn",)
@@ -93,7 +96,11 @@ def default_moe() -> MoeConfig:
 
 
 def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
+    """``v`` as (height, width): an int is square, a sequence gives its two entries."""
+    if isinstance(v, int):
+        return (int(v), int(v))
+    height, width = v
+    return (int(height), int(width))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +145,8 @@ class ViTConfig:
     @property
     def grid(self) -> tuple[int, int]:
         """Patches along (height, width); a remainder is cropped, as a VALID conv does."""
-        return tuple(i // p for i, p in zip(self.image_size, self.patch_size, strict=True))
+        (height, width), (patch_h, patch_w) = self.image_size, self.patch_size
+        return (height // patch_h, width // patch_w)
 
     @property
     def num_patches(self) -> int:
@@ -216,15 +224,20 @@ class MultiHeadDotProductAttention(nnx.Module):
         head_dim = width // num_heads
         self.num_heads, self.head_dim = num_heads, head_dim
         xavier = nnx.initializers.xavier_uniform()
-        for name in ("query", "key", "value"):
-            kernel = Kernel(
+
+        def projection() -> Kernel:
+            return Kernel(
                 _flat_init(xavier, 1),
                 (width, num_heads, head_dim),
                 ("embed", "heads", "kv"),
                 rngs=rngs,
                 bias_axes=("heads", "kv"),
             )
-            setattr(self, name, kernel)
+
+        # Created in this order (query, key, value): each takes the next key from ``rngs``.
+        self.query = projection()
+        self.key = projection()
+        self.value = projection()
         self.out = Kernel(
             _flat_init(xavier, 2),
             (num_heads, head_dim, width),
@@ -251,9 +264,12 @@ class MlpBlock(nnx.Module):
 
     def __init__(self, width: int, mlp_dim: int, act: str, dropout: float, *, rngs: nnx.Rngs):
         xavier = nnx.initializers.xavier_uniform()
-        kw = dict(init=xavier, use_bias=True, rngs=rngs)
-        self.Dense_0 = Dense(width, mlp_dim, ("embed", "mlp"), **kw)
-        self.Dense_1 = Dense(mlp_dim, width, ("mlp", "embed"), **kw)
+        self.Dense_0 = Dense(
+            width, mlp_dim, ("embed", "mlp"), init=xavier, use_bias=True, rngs=rngs
+        )
+        self.Dense_1 = Dense(
+            mlp_dim, width, ("mlp", "embed"), init=xavier, use_bias=True, rngs=rngs
+        )
         self.act, self.dropout = act, dropout
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -273,6 +289,7 @@ class Encoder1DBlock(nnx.Module):
         )
         self.LayerNorm_1 = LayerNorm(c.width, c.layer_norm_eps, rngs=rngs)
         self.sparse = sparse
+        self.MlpBlock_0: MoeMlp | MlpBlock
         if sparse:
             self.MlpBlock_0 = c.moe.make_layer(
                 c.width,
@@ -293,7 +310,7 @@ class Encoder1DBlock(nnx.Module):
         x = x + _dropout(y, self.dropout, keys[0])
         y = self.LayerNorm_1(x)
         metrics = None
-        if self.sparse:
+        if isinstance(self.MlpBlock_0, MoeMlp):  # a sparse block
             y, metrics = self.MlpBlock_0(y, rng=keys[1], train=train)
         else:
             y = self.MlpBlock_0(y, keys[1])
@@ -407,6 +424,66 @@ def abstract_params(config: ViTConfig) -> dict:
 
 def num_params(config: ViTConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
+
+
+# --------------------------------------------------------------------------------------------
+# The family's face (``models/__init__.py``).
+# --------------------------------------------------------------------------------------------
+
+Config = ViTConfig
+Model = ViT
+MOE_FIELDS = ("moe",)
+MLP_WIDTH_FIELD = "mlp_dim"
+TASK = "images"
+TOKENS_KEY = None  # throughput is counted in images
+HF_MAP = "sparse_upcycle.checkpoints.hf_vit"
+HF_MODEL_TYPES = ("vit",)
+_IMAGE_KEYS = ("image", "images")
+
+
+def moe_layer_names(cfg: ViTConfig) -> list[str]:
+    return [f"encoderblock_{i}" for i in cfg.moe.sparse_layers(cfg.depth)]
+
+
+def forward(model: ViT, batch: dict, train: bool, rng):
+    """(logits, targets, weights, router metrics) of an image batch (``image``, ``label``)."""
+    logits, aux = model(batch["image"], train=train, rng=rng)
+    return logits, batch["label"], jnp.ones(batch["label"].shape, jnp.float32), aux
+
+
+def example_inputs(cfg: ViTConfig, seed: int = 0) -> tuple:
+    """Two random images, the inputs ``verify`` compares the dense and MoE models on."""
+    h, w = cfg.image_size
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=(2, h, w, cfg.num_channels)), jnp.float32),)
+
+
+def batch_lengths(batch) -> tuple[int, int, int]:
+    """(batch size, 0, 0): a ViT's lengths come from its config; ``batch`` is a dict holding
+    ``image``/``images``, an int or a tuple starting with the batch size."""
+    if isinstance(batch, Mapping):
+        return flop_terms.pick(batch, _IMAGE_KEYS, "vit")[0], 0, 0
+    batch = (batch,) if isinstance(batch, int) else tuple(int(n) for n in batch)
+    if len(batch) >= 1:
+        return batch[0], 0, 0
+    raise ValueError(
+        f"vit batch {batch}: expected batch_size, a tuple starting with it, or a dict of arrays"
+    )
+
+
+def forward_flops(cfg: ViTConfig, b: int, s: int, l: int, train: bool) -> dict[str, int]:
+    """Forward model FLOPs by component (``flops.py``): attention and MLP over the b·N tokens,
+    the patch embedding and the head (one row per image)."""
+    out = flop_terms.zeros()
+    d, h, dh, n_tok = cfg.width, cfg.num_heads, cfg.head_dim, cfg.seq_len
+    n = b * n_tok
+    for _ in range(cfg.depth):
+        flop_terms.add_attention(out, flop_terms.attention(d, h, h, dh, n, n, n_tok))
+    flop_terms.mlp_stack(out, cfg.moe, cfg.depth, d, cfg.mlp_dim, 1, n, train)
+    ph, pw = cfg.patch_size
+    out["embedding"] = 2 * ph * pw * cfg.num_channels * d * b * cfg.num_patches
+    out["logits"] = 2 * d * cfg.num_classes * b
+    return out
 
 
 __all__ = [

@@ -1,0 +1,60 @@
+"""The defaults of every run config field (``train``) and of ``compare``'s fields.
+
+Experiment configs start from these (``configs/*.py``) and ``config.load_config`` checks a
+config against them (unknown fields and wrong types are refused). They live below the commands
+so the config checker, ``train`` and ``compare`` all read them without importing each other.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sparse_upcycle import optim
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every training field with its default; experiment configs start from this."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict({"family": "t5", "name": "tiny", "overrides": {}})
+    c.init_from = "scratch"  # "scratch" | a dense checkpoint | an `upcycle` output directory
+    c.init_format = "auto"
+    c.seed = 0
+    c.total_steps = 100
+    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
+    c.distributed = ml_collections.ConfigDict(
+        {"num_processes": 1, "process_id": 0, "coordinator_address": ""}
+    )
+    c.data = ml_collections.ConfigDict(
+        {"name": "synthetic", "batch_size": 16, "seq_len": 32, "target_len": 8, "seed": 0}
+    )
+    c.optimizer = optim.default_optimizer_config("adafactor")
+    c.loss = ml_collections.ConfigDict({"z_loss": 1e-4, "label_smoothing": 0.0})
+    c.log_every = 10
+    c.eval_every = 100  # <= 0: only at eval_at and at the end
+    c.eval_at = []  # extra steps to evaluate at (matched compute points of `compare`)
+    c.eval_steps = 4
+    c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async": True})
+    c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # None: measure it
+    return c
+
+
+def default_compare_config() -> ml_collections.ConfigDict:
+    """Every ``compare`` field with its default; ``configs/compare_*.py`` start from this."""
+    c = ml_collections.ConfigDict()
+    c.train = default_config()  # shared by all runs: model (dense), data, loss, eval, mesh
+    c.train.eval_every = 0
+    c.pretrain = ml_collections.ConfigDict({"steps": 1000, "optimizer": c.train.optimizer})
+    c.dense_checkpoint = ""  # reuse this dense checkpoint instead of pre-training
+    c.dense_checkpoint_format = "auto"
+    c.upcycle = ml_collections.ConfigDict({"method": "copy", "num_experts": 8})
+    c.extra_compute = 0.5  # the extra budget, as a fraction of the dense pre-training FLOPs
+    c.num_points = 4
+    c.seeds = [0, 1, 2]
+    c.arms = ml_collections.ConfigDict(
+        {
+            "dense": {"kind": "dense", "overrides": {}},
+            "upcycled": {"kind": "upcycle", "overrides": {}},
+            "moe_scratch": {"kind": "scratch", "overrides": {}},
+        }
+    )
+    return c
