@@ -62,7 +62,7 @@ def bare_step(cfg):
 
     from sparse_upcycle import sharding
     from sparse_upcycle.data import make_pipeline
-    from sparse_upcycle.train import _global_batch
+    from sparse_upcycle.loop import _global_batch
     from sparse_upcycle.training import build_training, make_train_step
 
     mesh = sharding.make_mesh(-1, 1, 1)

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,12 @@ CASES = {
         "vit.npz",
         ["--config.upcycle.method=drop", "--config.upcycle.drop_ratio=0.5"],
     ),
-    "vit_copy_tile_keep": (
-        "vit",
-        "vit_opt",
+    "t5_copy": ("t5", "checkpoint_100", []),
+    "t5_tile_keep": (
+        "t5",
+        "checkpoint_700",
         ["--config.upcycle.optimizer=tile", "--config.upcycle.step=keep"],
     ),
-    "t5_copy": ("t5", "checkpoint_100", []),
     "t5_noise": (
         "t5",
         "checkpoint_100",
@@ -59,6 +58,7 @@ CASES = {
             "--config.upcycle.granularity=2",
             "--config.upcycle.k=2",
             "--config.upcycle.scaling=exact",
+            "--config.upcycle.ordering=topk_then_softmax",
         ],
     ),
 }
@@ -101,31 +101,34 @@ def make_sources(d: str) -> None:
             num_key_value_heads=2,
         )
         transformers.LlamaForCausalLM(cfg).save_pretrained(os.path.join(d, "llama"))
-    if not os.path.exists(os.path.join(d, "vit_opt")):
-        # A dense ViT with an optimizer state: 2 steps of the test suite's tiny train config.
-        subprocess.run(
-            [
-                *CLI,
-                "train",
-                "--config",
-                os.path.join(REPO, "tests", "configs", "train_tiny.py") + ":vit-dense",
-                "--workdir",
-                os.path.join(d, "vit_train"),
-                "--config.total_steps=2",
-            ],
-            check=True,
-            cwd=REPO,
-            capture_output=True,
-        )
-        ckpts = os.path.join(d, "vit_train", "checkpoints")
-        last = sorted(os.listdir(ckpts), key=lambda s: int(s) if s.isdigit() else -1)[-1]
-        shutil.copytree(os.path.join(ckpts, last), os.path.join(d, "vit_opt"))
+    if not os.path.exists(os.path.join(d, "checkpoint_700")):
+        # T5X with Adafactor slots (factored v_row/v_col for matrices, v for vectors).
+        rng = np.random.default_rng(0)
+        flat = params(t5.T5(t5.config("tiny"), rngs=nnx.Rngs(0)))
+        slots = {}
+        for path, p in flat.items():
+            one = np.zeros((1,), np.float32)
+            if p.ndim >= 2:
+                slots[f"{path}/v_row"] = rng.random(p.shape[:-1]).astype(np.float32)
+                slots[f"{path}/v_col"] = rng.random(p.shape[:-2] + p.shape[-1:]).astype(np.float32)
+                slots[f"{path}/v"] = one
+            else:
+                slots[f"{path}/v_row"], slots[f"{path}/v_col"] = one, one
+                slots[f"{path}/v"] = rng.random(p.shape).astype(np.float32)
+        write_t5x(os.path.join(d, "checkpoint_700"), flat, step=700, param_states=slots)
 
 
 def digest_tree(path: str, drop=()) -> dict[str, str]:
+    """sha256 per file, except an Orbax checkpoint directory (its file names and metadata
+    carry random ids and times), which is hashed per tensor: dtype, shape and bytes of every
+    leaf as Orbax itself restores them (not through this package's reader)."""
     out = {}
-    for root, _, files in sorted(os.walk(path)):
-        for f in sorted(files):
+    for root, dirs, files in os.walk(path):
+        if os.path.isfile(os.path.join(root, "state", "_METADATA")):
+            out.update(_digest_orbax(root, os.path.relpath(root, path)))
+            dirs[:] = []  # not its files
+            continue
+        for f in files:
             p = os.path.join(root, f)
             rel = os.path.relpath(p, path)
             if f.endswith(".json"):
@@ -136,6 +139,26 @@ def digest_tree(path: str, drop=()) -> dict[str, str]:
             else:
                 blob = open(p, "rb").read()
             out[rel] = hashlib.sha256(blob).hexdigest()
+    return dict(sorted(out.items()))
+
+
+def _digest_orbax(directory: str, rel: str) -> dict[str, str]:
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(directory, "state"))
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k in sorted(node):
+                walk(node[k], f"{prefix}/{k}")
+            return
+        a = np.asarray(node)
+        h = hashlib.sha256(f"{a.dtype}{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
+        out[f"{rel}:{prefix}"] = h.hexdigest()
+
+    walk(tree, "")
     return out
 
 
@@ -148,15 +171,24 @@ def _drop(data, path):
     if path[0] == "*":
         for v in data.values():
             _drop(v, path[1:])
+    elif path[0] == "[]":
+        for v in data.get(path[1], []) if isinstance(data, dict) else []:
+            _drop(v, path[2:])
     else:
         _drop(data.get(path[0]), path[1:])
 
 
 RECIPE_VOLATILE = ("package_version", "source.path", "dst", "created")
-REPORT_VOLATILE = ("files", "runs.*.wall_s", "runs.*.timing", "wall_s")
+REPORT_VOLATILE = (
+    "files",
+    "dense.wall_seconds",
+    "dense.checkpoint",
+    "[].runs.wall_seconds",
+    "aggregate.*.wall_seconds",
+)
 
 
-def run(sources: str) -> dict:
+def run(sources: str, keep_report: str | None = None) -> dict:
     make_sources(sources)
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,6 +233,9 @@ def run(sources: str) -> dict:
         report = json.load(open(os.path.join(wd, "report.json")))
         for key in REPORT_VOLATILE:
             _drop(report, key.split("."))
+        if keep_report:
+            with open(keep_report, "w") as f:
+                json.dump(report, f, indent=1, sort_keys=True)
         result["compare_report"] = {
             "report.json": hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
         }
@@ -232,7 +267,7 @@ def main(argv=None):
             )
         )
         return 0 if not bad else 1
-    r = run(os.path.abspath(a.sources))
+    r = run(os.path.abspath(a.sources), a.out and a.out + ".report.json")
     text = json.dumps(r, indent=1, sort_keys=True)
     if a.out:
         open(a.out, "w").write(text)

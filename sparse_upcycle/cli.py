@@ -12,12 +12,12 @@ import sys
 import warnings
 
 from sparse_upcycle import __version__
+from sparse_upcycle.checkpoints import FORMATS
 
 DESCRIPTION = (
     "Sparse upcycling: turn a trained dense Transformer (T5, ViT, Llama-style decoder) into a "
     "sparse Mixture-of-Experts model and train it further."
 )
-FORMATS = ("auto", "t5x", "orbax", "npz", "hf")
 
 
 def _build_parser() -> argparse.ArgumentParser:

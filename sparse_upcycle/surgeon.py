@@ -11,7 +11,6 @@ An HF source's config, tokenizer and generation files go to ``hf_source/``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from sparse_upcycle.checkpoints.hf import HFCheckpoint
 from sparse_upcycle.checkpoints.layout import (
     CHECKPOINT_DIR,
     UpcycledCheckpoint,
+    config_from_dict,
     save_hf_source,
     write_recipe_json,
 )
@@ -33,45 +33,11 @@ from sparse_upcycle.checkpoints.open import open_checkpoint
 from sparse_upcycle.checkpoints.orbax import StreamingWriter
 from sparse_upcycle.checkpoints.output import TempOutput
 from sparse_upcycle.checkpoints.reader import CheckpointReader
-from sparse_upcycle.config import ConfigError, check_names, model_configs
 from sparse_upcycle.models import build_model
-from sparse_upcycle.routing import expert_choice_capacity, top_k_capacity
-from sparse_upcycle.upcycle.rules import Recipe, tile_optimizer_state, upcycle_tree
+from sparse_upcycle.task import resolve_models
+from sparse_upcycle.upcycle.recipe import Recipe
+from sparse_upcycle.upcycle.rules import tile_optimizer_state, upcycle_tree
 from sparse_upcycle.upcycle.verdict import dense_function_verdict
-
-# --------------------------------------------------------------------------------------------
-# Models.
-# --------------------------------------------------------------------------------------------
-
-
-def recipe_from(config) -> Recipe:
-    block = dict(config.get("upcycle", {}))
-    check_names(block, [f.name for f in dataclasses.fields(Recipe)], "upcycle")
-    try:
-        return Recipe(**block)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"upcycle recipe: {e}") from None
-
-
-def resolve_models(config, source=None):
-    """(family, dense config, MoE config, recipe) for an experiment config and source."""
-    recipe = recipe_from(config)
-    base = getattr(source, "config", None)
-    granularity = recipe.granularity if recipe.method == "virtual_group" else 1
-    family, dense, moe = model_configs(config.model, recipe.total_experts, base, granularity)
-    if recipe.method == "virtual_group":
-        blocks = [moe.encoder_moe, moe.decoder_moe] if family == "t5" else [moe.moe]
-        for block in blocks:
-            if block.sparse_layers(1_000_000) and (
-                block.router != "top_k" or block.k != recipe.k or block.ordering != recipe.ordering
-            ):
-                raise ConfigError(
-                    f"virtual_group scaling assumes top-{recipe.k} {recipe.ordering} routing; the "
-                    f"model routes {block.router} k={block.k} {block.ordering}: set model.moe "
-                    "(router, k, ordering) to match upcycle (k, ordering)"
-                )
-    return family, dense, moe, recipe
-
 
 # --------------------------------------------------------------------------------------------
 # upcycle
@@ -230,43 +196,35 @@ def inspect(path: str, fmt: str = "auto") -> str:
     return "\n".join(lines)
 
 
+def _moe_blocks(info) -> dict:
+    """The MoE blocks (``MoeConfig`` by field name) of an ``upcycle`` output's model."""
+    try:
+        return models.moe_blocks(config_from_dict(info["family"], info["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"recipe.json: model: {e}") from None
+
+
 def _active_experts(info) -> tuple[int, str]:
-    if not info:
+    blocks = list(_moe_blocks(info).values()) if info else []
+    if not blocks:
         return 1, "assuming 1 expert per token"
-    moe = info["model"].get("moe") or info["model"].get("decoder_moe")
-    if moe and moe.get("router") == "top_k":
-        return int(moe["k"]), f"top-{moe['k']}"
-    if moe:  # expert choice: on average C experts per token
-        c = float(moe.get("capacity_factor") or 1)
-        return max(1, round(c)), f"expert choice: C={c:g} experts per token on average"
-    return 1, "assuming 1 expert per token"
+    moe = blocks[-1]  # T5: the decoder's (top-K) block
+    if moe.router == "top_k":
+        return int(moe.k), f"top-{moe.k}"
+    c = float(moe.capacity_factor or 1)  # expert choice: on average C experts per token
+    return max(1, round(c)), f"expert choice: C={c:g} experts per token on average"
 
 
 def _capacity_lines(info) -> list[str]:
     out = [
         "capacity per MoE layer (expert choice ceil(C·S/E), top-K ceil(C·S·K/E); S = group size):"
     ]
-    model = info["model"]
-    for key in ("moe", "encoder_moe", "decoder_moe"):
-        moe = model.get(key)
-        if not moe or not moe.get("num_experts"):
-            continue
-        s, e = int(moe["group_size"]), int(moe["num_experts"])
-        for phase in ("capacity_factor", "eval_capacity_factor"):
-            c = moe[phase]
-            if moe["router"] == "expert_choice":
-                cap = expert_choice_capacity(s, e, float(c), int(moe["capacity_multiple"]))
-            else:
-                cap = top_k_capacity(
-                    s,
-                    e,
-                    int(moe["k"]),
-                    None if c is None else float(c),
-                    int(moe["capacity_multiple"]),
-                )
-            label = "train" if phase == "capacity_factor" else "eval"
+    for key, moe in _moe_blocks(info).items():
+        for train in (True, False):
+            cap = moe.capacity(train)  # the one capacity formula (MoeConfig.capacity)
+            c = moe.capacity_factor if train else moe.eval_capacity_factor
             out.append(
-                f"  {key} ({moe['router']}, {label}): C={c}, S={s}, E={e} -> "
-                f"{'dropless' if cap is None else cap}"
+                f"  {key} ({moe.router}, {'train' if train else 'eval'}): C={c}, "
+                f"S={moe.group_size}, E={moe.num_experts} -> {'dropless' if cap is None else cap}"
             )
     return out

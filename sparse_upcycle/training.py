@@ -62,7 +62,7 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
     param_sh = sharding.param_shardings(abstract_params, mesh, axes)
     loss_fn = make_loss_fn(spec, graphdef, abstract_state, config.get("loss", {}))
     init_step = 0  # the dense step count, when the recipe keeps it (step=keep)
-    if source is not None and getattr(source, "is_upcycled", False) and source.step:
+    if source is not None and source.is_upcycled and source.step:
         init_step = int(source.step)  # written by `upcycle` with step=keep
     elif source is not None and spec.recipe is not None and spec.recipe.step == "keep":
         init_step = int(source.step or 0)  # online upcycling with step=keep

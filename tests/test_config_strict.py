@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from sparse_upcycle import compare as compare_lib
-from sparse_upcycle import surgeon
+from sparse_upcycle import task
 from sparse_upcycle.cli import main
 from sparse_upcycle.config import ConfigError, load_config
 from sparse_upcycle.data import make_pipeline
@@ -83,7 +83,7 @@ def test_unknown_upcycle_field_at_load_and_in_the_recipe_builder():
         "unknown field config.upcycle.num_expert; did you mean config.upcycle.num_experts?"
     )
     with pytest.raises(ConfigError, match=r"unknown field upcycle\.num_expert; did you mean "):
-        surgeon.recipe_from({"upcycle": {"method": "copy", "num_expert": 4}})
+        task.recipe_from({"upcycle": {"method": "copy", "num_expert": 4}})
 
 
 def test_model_block_is_closed():

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from sparse_upcycle import routing, sharding, surgeon
+from sparse_upcycle import models, routing, sharding
 from sparse_upcycle.config import load_config
 from sparse_upcycle.models import decoder
-from sparse_upcycle.task import moe_layer_names, resolve_model
+from sparse_upcycle.task import moe_layer_names, recipe_from, resolve_model
 from sparse_upcycle.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def test_config_loads_and_resolves(name, arg):
     config = load_config(path(name) + arg)
     spec = resolve(name, config)
     if "upcycle" in config:
-        recipe = surgeon.recipe_from(config)  # validates the recipe
+        recipe = recipe_from(config)  # validates the recipe
         assert spec.recipe == recipe and recipe.method == "copy"
         assert recipe.preserves_dense_function  # exact copies: no noise
         assert moe_layer_names(spec), "an upcycle config must have MoE layers"
@@ -95,7 +95,7 @@ def test_config_loads_and_resolves(name, arg):
 def test_paper_scale_expert_parameters(name, expected):
     """Expert parameter counts from the shapes alone (jax.eval_shape: nothing allocated)."""
     spec = resolve(name, load_config(path(name)))
-    family = surgeon.family_module(spec.family)
+    family = models.get(spec.family)
     shapes = jax.eval_shape(lambda: family.abstract_params(spec.config))
     flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
     expert = sum(

@@ -130,6 +130,7 @@ def upcycle_tree(
                 cache.clear()
                 cache[source] = _experts(dense_paths, read, source, recipe)
             m = EXPERT_RE.match(path)
+            assert m is not None  # plan() gave this path the "expert" rule by this pattern
             value = cache[source][m["name"] if m["leaf"] == "kernel" else f"{m['name']}_bias"]
         else:
             value = read(source)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sparse_upcycle.models.moe_config import MoeConfig
+from sparse_upcycle import models
 from sparse_upcycle.upcycle import methods
 
 
@@ -26,15 +26,7 @@ class Verdict:
         return "True" if self.preserves else f"False ({'; '.join(self.reasons)})"
 
 
-def moe_blocks(model_config) -> dict[str, MoeConfig]:
-    """The ``MoeConfig`` fields of a model config (``moe``, or ``encoder_moe``/``decoder_moe``)
-    that have experts."""
-    return {
-        f.name: getattr(model_config, f.name)
-        for f in dataclasses.fields(model_config)
-        if isinstance(getattr(model_config, f.name), MoeConfig)
-        and getattr(model_config, f.name).num_experts
-    }
+moe_blocks = models.moe_blocks  # the MoE blocks of a model config, by field name
 
 
 def _recipe_problem(recipe) -> str | None:
