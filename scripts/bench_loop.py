@@ -62,13 +62,13 @@ def bare_step(cfg):
 
     from sparse_upcycle import sharding
     from sparse_upcycle.data import make_pipeline
-    from sparse_upcycle.loop import _global_batch
+    from sparse_upcycle.loop import global_batch
     from sparse_upcycle.training import build_training, make_train_step
 
     mesh = sharding.make_mesh(-1, 1, 1)
     t = build_training(cfg, None, mesh)
     batch = next(make_pipeline(cfg.data, t.spec.family, t.spec.config, "train"))
-    batch = _global_batch(batch, mesh, 1)
+    batch = global_batch(batch, mesh, 1)
     step = jax.jit(
         make_train_step(t.loss_fn, t.tx, t.schedule),
         in_shardings=(t.state_sh, {k: v.sharding for k, v in batch.items()}, t.replicated),

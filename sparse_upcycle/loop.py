@@ -58,7 +58,8 @@ class TrainingError(RuntimeError):
 # ============================================================================================
 
 
-def _global_batch(local: dict, mesh, process_count: int) -> dict:
+def global_batch(local: dict, mesh, process_count: int) -> dict:
+    """Global device arrays from this process's numpy batch (data-parallel over the mesh)."""
     out = {}
     for key, value in local.items():
         sh = sharding.batch_sharding(mesh, value.ndim)
@@ -216,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         outs = []  # fetched once at the end, so the batches are dispatched back to back
         for _ in range(config.get("eval_steps", 4)):
             with jax.set_mesh(mesh):
-                outs.append(eval_step_jit(params, _global_batch(next(data), mesh, process_count)))
+                outs.append(eval_step_jit(params, global_batch(next(data), mesh, process_count)))
         fetched = jax.device_get(outs)
         sums = {
             k: sum(float(o[k]) for o in fetched) for k in ("loss_sum", "correct_sum", "weight_sum")
@@ -286,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with _Preemption() as preemption:
         try:
             for step in range(start_step, total):
-                batch = _global_batch(next(train_data), mesh, process_count)
+                batch = global_batch(next(train_data), mesh, process_count)
                 if train_step_jit is None:
                     batch_sh = {k: v.sharding for k, v in batch.items()}
                     batch_shapes = {k: v.shape for k, v in batch.items()}

@@ -42,11 +42,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sparse_upcycle.moe import EXPERT_NAMING
+from sparse_upcycle.routing import ORDERINGS
+
 if TYPE_CHECKING:
     from sparse_upcycle.models.moe_config import MoeConfig
     from sparse_upcycle.upcycle.recipe import Recipe
 
-ORDERINGS = ("softmax_then_topk", "topk_then_softmax")
 SCALINGS = ("paper", "exact", "none")
 DROP_STATS = ("matrix", "none")
 
@@ -65,9 +67,12 @@ class MlpNames:
         return (*self.inputs, *self.input_biases, self.output, *extra)
 
 
-T5X_GATED = MlpNames()
-T5X_PLAIN = MlpNames(inputs=("wi",))
-BIG_VISION = MlpNames(("Dense_0",), "Dense_1", ("Dense_0_bias",), "Dense_1_bias")
+# The dense MLPs the MoE layer mirrors, in its own vocabulary (``moe.EXPERT_NAMING``).
+_T5X_INPUTS, _T5X_PLAIN, _T5X_OUT = EXPERT_NAMING["t5x"]
+_, _BV_IN, _BV_OUT = EXPERT_NAMING["big_vision"]
+T5X_GATED = MlpNames(tuple(_T5X_INPUTS), _T5X_OUT)
+T5X_PLAIN = MlpNames((_T5X_PLAIN,), _T5X_OUT)
+BIG_VISION = MlpNames((_BV_IN,), _BV_OUT, (f"{_BV_IN}_bias",), f"{_BV_OUT}_bias")
 
 
 def _rng(seed: int, layer: int, expert: int, purpose: int) -> np.random.Generator:
