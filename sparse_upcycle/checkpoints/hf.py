@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from sparse_upcycle import models
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.paths import check_entries, contained, source_root
 from sparse_upcycle.checkpoints.reader import InMemoryReader
 from sparse_upcycle.checkpoints.tree import flatten
 
@@ -31,21 +32,38 @@ def is_hf(path: str) -> bool:
 
 
 class LazySafetensors(Mapping):
-    """``{hf_name: array}`` over one or more safetensors files, read on access."""
+    """``{hf_name: array}`` over one or more safetensors files, read on access. Every file
+    (the index, each shard it names) must resolve inside the model directory, or inside the
+    hub cache entry of a snapshot (``paths.source_root``); checked here, before any is read."""
 
     def __init__(self, directory: str):
+        root = source_root(directory)
         index = os.path.join(directory, INDEX)
         if os.path.isfile(index):
+            real_index = contained(index, root, index)
             try:
-                with open(index, encoding="utf-8") as f:
+                with open(real_index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise CheckpointError(
+                    f"{index}: weight_map must be an object of tensor name -> shard file name"
+                )
             self._files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+            checked: set[str] = set()
+            for name, file in weight_map.items():
+                if file not in checked:
+                    entry = f"{index}: weight_map[{name!r}] = {file!r}"
+                    contained(os.path.join(directory, file), root, entry)
+                    checked.add(file)
         elif os.path.isfile(os.path.join(directory, SINGLE)):
             file = os.path.join(directory, SINGLE)
+            real_file = contained(file, root, file)
             try:
-                with safe_open(file, framework="numpy") as f:
+                with safe_open(real_file, framework="numpy") as f:
                     self._files = {name: file for name in f.keys()}
             except Exception as e:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
@@ -91,6 +109,9 @@ class HFCheckpoint(InMemoryReader):
     def __init__(self, path: str):
         if not is_hf(path):
             raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+        # The files read (config.json, the safetensors) and those copied along (tokenizer,
+        # generation config…: layout.save_hf_source) all resolve inside the model directory.
+        check_entries(path, source_root(path))
         try:
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
                 self.hf_config = json.load(f)

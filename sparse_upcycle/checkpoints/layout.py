@@ -30,6 +30,7 @@ from sparse_upcycle import __version__, models
 from sparse_upcycle.checkpoints.errors import CheckpointError
 from sparse_upcycle.checkpoints.hf import HFCheckpoint, LazySafetensors
 from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
+from sparse_upcycle.checkpoints.paths import check_entries, contained, source_root
 from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.models.moe_config import MoeConfig
 
@@ -247,12 +248,16 @@ def _extras_from_hf(family: str | None):
 def save_hf_source(checkpoint: HFCheckpoint, dst_dir: str) -> None:
     """Copy an HF checkpoint's side files (config, tokenizer, generation config…) and the
     tensors our layout folds or drops into ``dst_dir/hf_source``."""
+    src_dir = checkpoint.path
+    names = [name for name in sorted(os.listdir(src_dir)) if is_side_file(src_dir, name)]
+    root = source_root(src_dir)
+    for name in names:  # all checked before any is copied (by value: symlinks followed)
+        path = os.path.join(src_dir, name)
+        contained(path, root, path)
     out = os.path.join(dst_dir, HF_SOURCE_DIR)
     os.makedirs(out, exist_ok=True)
-    src_dir = checkpoint.path
-    for name in sorted(os.listdir(src_dir)):
-        if is_side_file(src_dir, name):
-            shutil.copy2(os.path.join(src_dir, name), os.path.join(out, name))
+    for name in names:
+        shutil.copy2(os.path.join(src_dir, name), os.path.join(out, name))
     extras_from_hf = _extras_from_hf(checkpoint.family)
     extras = {} if extras_from_hf is None else extras_from_hf(checkpoint.tensors)
     if extras:
@@ -264,6 +269,8 @@ def read_hf_side(hf_dir: str | None) -> tuple[dict | None, dict[str, np.ndarray]
     directory read directly; (None, {}) without one."""
     if hf_dir is None:
         return None, {}
+    # export copies this directory's files (side files, or all of hf_source/) by value
+    check_entries(hf_dir, source_root(hf_dir), recursive=True)
     path = os.path.join(hf_dir, "config.json")
     try:
         with open(path, encoding="utf-8") as f:

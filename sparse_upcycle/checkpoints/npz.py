@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -39,15 +40,28 @@ class NpzCheckpoint(CheckpointReader):
         return key in self._names
 
     def read(self, key: str) -> np.ndarray:
+        if key not in self._names:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}")
+        member = self._names[key]
         try:
-            return np.asarray(self._npz[self._names[key]])
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
-        except ValueError as e:  # e.g. an object array, which would need pickle
-            raise CheckpointError(f"{self.path}: cannot read {key!r} ({e})") from None
+            return np.asarray(self._npz[member])
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+            # a member failing its CRC, truncated, badly compressed or encrypted
+            raise CheckpointError(
+                f"{self.path}: cannot read member {member!r}: the archive is corrupt or "
+                f"truncated ({_one_line(e)})"
+            ) from None
+        except ValueError as e:  # e.g. an object array (would need pickle), a bad header
+            raise CheckpointError(
+                f"{self.path}: cannot read member {member!r} ({_one_line(e)})"
+            ) from None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.read(key).shape)
 
     def dtype(self, key: str) -> np.dtype:
         return self.read(key).dtype
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

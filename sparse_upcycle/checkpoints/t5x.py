@@ -25,6 +25,7 @@ import tensorstore as ts
 from flax import serialization
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.paths import check_entries, contained, source_root
 from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import unflatten
 
@@ -65,9 +66,12 @@ class T5XCheckpoint(CheckpointReader):
 
     def __init__(self, path: str, *, config: Any = None):
         self.step_dir = resolve_step_dir(path)
+        self._root = source_root(self.step_dir)  # the msgpack and every zarr array lie inside
+        self._checked: dict[str, str] = {}  # zarr path -> its checked realpath
         file = os.path.join(self.step_dir, CHECKPOINT_FILE)
+        real = contained(file, self._root, file)
         try:
-            with open(file, "rb") as f:
+            with open(real, "rb") as f:
                 state = serialization.msgpack_restore(f.read())
         except Exception as e:  # msgpack raises several unrelated types on bad bytes
             raise CheckpointError(f"{file}: cannot parse the T5X msgpack state ({e})") from None
@@ -101,30 +105,62 @@ class T5XCheckpoint(CheckpointReader):
         except KeyError:
             raise CheckpointError(f"{self.step_dir}: no tensor {key!r}") from None
 
-    def _open(self, spec):
+    def _open(self, spec, key: str):
+        spec, path = self._local_spec(spec, key)
+        try:
+            return ts.open(spec, open=True, read=True).result()
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot open the zarr array ({e})") from None
+
+    def _local_spec(self, spec, key: str) -> tuple[dict, str]:
+        """(``spec`` with its zarr array's path resolved, that path as the spec names it)
+        after checking that the array (and every file in it) resolves inside the checkpoint
+        (``paths.contained``): a spec naming an absolute path or ``..`` out of it is refused
+        before tensorstore opens anything."""
         spec = dict(spec)
-        kvstore = dict(spec["kvstore"])
+        kvstore = spec["kvstore"]
+        where = f"{self.step_dir}/{CHECKPOINT_FILE}: tensor {key!r}"
+        if spec["driver"] != "zarr":  # what T5X writes; another driver may name other files
+            raise CheckpointError(
+                f"{where}: tensorstore driver {spec['driver']!r} is not supported (expected 'zarr')"
+            )
+        if not isinstance(kvstore, Mapping):
+            raise CheckpointError(
+                f"{where}: tensorstore kvstore must be an object "
+                '{"driver": "file", "path": ...}, got ' + repr(kvstore)
+            )
+        kvstore = dict(kvstore)
         if kvstore.get("driver", "file") != "file":
             raise CheckpointError(
                 f"{self.step_dir}: tensor stored on {kvstore.get('driver')!r}; copy the "
                 "checkpoint to a local directory first"
             )
-        if not os.path.isabs(kvstore["path"]):
-            kvstore["path"] = os.path.join(self.step_dir, kvstore["path"])
+        if not isinstance(kvstore.get("path"), str):
+            raise CheckpointError(f"{where}: tensorstore kvstore 'path' must be a string")
+        given = kvstore["path"]
+        if "path" in spec:  # the driver-level path, appended to the kvstore's
+            if not isinstance(spec["path"], str):
+                raise CheckpointError(f"{where}: tensorstore 'path' must be a string")
+            given = os.path.join(given, spec.pop("path"))
+        path = os.path.join(self.step_dir, given)  # an absolute `given` stays as it is
+        entry = f"{where} (zarr path {given!r})"
+        real = self._checked.get(path)
+        if real is None:
+            real = contained(path, self._root, entry)
+            check_entries(path, self._root, recursive=True)
+            self._checked[path] = real
+        kvstore["path"] = real
         spec["kvstore"] = kvstore
-        try:
-            return ts.open(spec, open=True, read=True).result()
-        except Exception as e:
-            raise CheckpointError(f"{kvstore['path']}: cannot open the zarr array ({e})") from None
+        return spec, path
 
     def shape(self, key: str) -> tuple[int, ...]:
         node = self._node(key, self._params)
-        return tuple(self._open(node).shape) if _is_ts_spec(node) else np.shape(node)
+        return tuple(self._open(node, key).shape) if _is_ts_spec(node) else np.shape(node)
 
     def dtype(self, key: str) -> np.dtype:
         node = self._node(key, self._params)
         if _is_ts_spec(node):
-            return np.dtype(self._open(node).dtype.numpy_dtype)
+            return np.dtype(self._open(node, key).dtype.numpy_dtype)
         return np.asarray(node).dtype
 
     def read(self, key: str, tree=None) -> np.ndarray:
@@ -132,7 +168,7 @@ class T5XCheckpoint(CheckpointReader):
         if not _is_ts_spec(node):
             return np.asarray(node)
         try:
-            return np.asarray(self._open(node).read().result())
+            return np.asarray(self._open(node, key).read().result())
         except CheckpointError:
             raise
         except Exception as e:
