@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 
@@ -20,8 +21,26 @@ DESCRIPTION = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the one line every other refusal is: ``sparse-upcycle: error: …``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"sparse-upcycle: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _tolerance(text: str) -> float:
+    """``--tol``: a finite number >= 0 (``nan`` would make every comparison false)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-upcycle", description=DESCRIPTION)
+    parser = _Parser(prog="sparse-upcycle", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -50,7 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--format", default="auto", choices=FORMATS, help="dense format")
     ver.add_argument(
         "--tol",
-        type=float,
+        type=_tolerance,
         default=1e-4,
         help="max |Δlogits| allowed, relative to max(1, max |dense logit|)",
     )
@@ -158,6 +177,9 @@ def _run(args, overrides) -> int:
     schema = "compare" if args.command == "compare" else "run"
     config = load_config(args.config, overrides, schema)
     if args.command in ("train", "compare"):
+        from sparse_upcycle.config import check_command
+
+        check_command(config, args.command)
         import logging
 
         logger = logging.getLogger("sparse_upcycle")
@@ -172,6 +194,9 @@ def _run(args, overrides) -> int:
         compile_cache.enable()  # runs of the same shapes (seeds, arms, resumes) compile once
     if args.command == "train":
         from sparse_upcycle.train import dump_json, train_and_evaluate
+        from sparse_upcycle.training import check_resume
+
+        check_resume(config, args.workdir)
 
         result = train_and_evaluate(config, args.workdir)
         print(dump_json(result))

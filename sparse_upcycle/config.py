@@ -26,6 +26,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -81,7 +82,94 @@ def load_config(
         raise ConfigError(f"{path}: {e}") from None
     for item in overrides:
         apply_override(config, item, known)
+    check_finite(config, "config")
     return config
+
+
+def check_finite(value, where: str) -> None:
+    """Refuse a non-finite float (nan, inf, an overflowing literal such as ``1e999``)
+    anywhere in ``value`` (called ``where``): no setting of ours means anything at infinity."""
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+        for name, item in value.items():
+            check_finite(item, f"{where}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+
+
+_NON_FINITE = ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")
+
+
+# What ``train`` reads from a run config without a default of its own (a file that lists only
+# an upcycle recipe, like configs/upcycle_tiny.py, is not a training config).
+TRAIN_FIELDS = ("model", "data", "optimizer", "total_steps")
+
+
+def check_command(config: ml_collections.ConfigDict, command: str, where: str = "config") -> None:
+    """Refuse, before anything is written, a config ``command`` (``train`` | ``compare``)
+    cannot run: a missing section, an impossible setting (a negative learning rate,
+    ``total_steps <= 0``), or a batch the data-parallel devices do not divide."""
+    if command == "compare":
+        for name in ("train", "upcycle"):
+            if name not in config:
+                raise ConfigError(f"compare needs {where}.{name}; this config has none")
+        check_command(config.train, "train-section", f"{where}.train")
+        if "optimizer" in config.get("pretrain", {}):
+            _check_optimizer(config.pretrain.optimizer, f"{where}.pretrain.optimizer")
+        return
+    missing = [f"{where}.{f}" for f in TRAIN_FIELDS if f not in config]
+    if command == "train-section":  # compare's shared train section: steps come per arm
+        missing = [m for m in missing if not m.endswith(".total_steps")]
+    if missing:
+        raise ConfigError(
+            f"train needs {', '.join(missing)} and this config has none (it defines "
+            f"{', '.join(sorted(config.keys())) or 'nothing'}); start from "
+            "sparse_upcycle.train.default_config()"
+        )
+    if "total_steps" in config:
+        steps = config.total_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"{where}.total_steps must be an int >= 1, got {steps!r}")
+    _check_optimizer(config.optimizer, f"{where}.optimizer")
+    _check_batch(config, where)
+
+
+def _check_optimizer(block, where: str) -> None:
+    from sparse_upcycle.optim import check_optimizer_config
+
+    try:
+        check_optimizer_config(block)
+    except ValueError as e:
+        msg = str(e)
+        raise ConfigError(msg.replace("optimizer.", f"{where}.", 1) if where else msg) from None
+
+
+def _check_batch(config, where: str) -> None:
+    """The global batch is split over the ``data`` x ``expert`` mesh axes (sharding.py)."""
+    import jax
+
+    batch = config.data.get("batch_size") if _is_section(config.data) else None
+    mesh = config.get("mesh", ml_collections.ConfigDict())
+    sizes = [mesh.get("data", -1), mesh.get("expert", 1), mesh.get("model", 1)]
+    if not isinstance(batch, int) or not all(isinstance(s, int) for s in sizes):
+        return  # the pipeline and make_mesh name those
+    if batch < 1:
+        raise ConfigError(f"{where}.data.batch_size must be >= 1, got {batch}")
+    n = jax.device_count()
+    fixed = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1 or fixed < 1 or (-1 in sizes and n % fixed):
+        return  # make_mesh's message
+    data = n // fixed if sizes[0] == -1 else sizes[0]
+    expert = n // fixed if sizes[1] == -1 else sizes[1]
+    parallel = data * expert
+    if batch % parallel:
+        raise ConfigError(
+            f"{where}.data.batch_size={batch} must be divisible by the {parallel} data-parallel "
+            f"devices (mesh data={data} x expert={expert} of {n} devices); use a multiple of "
+            f"{parallel} or set {where}.mesh"
+        )
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str, schema=None) -> None:
@@ -97,7 +185,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str, schema=None) ->
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        # nan/inf are not literals: read them as the float they spell, refused as non-finite
+        value = float(raw) if raw.strip().lower() in _NON_FINITE else raw
     *parents, leaf = key.split(".")[1:]
     field, where = schema, "config"
     if schema is not None:  # first: a name it does not know is the clearest message

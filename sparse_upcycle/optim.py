@@ -83,6 +83,7 @@ it is this project's option.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
@@ -127,6 +128,13 @@ def default_optimizer_config(name: str = "adafactor") -> ml_collections.ConfigDi
             "clip_grad_norm": 0.0,
         }
     )
+
+
+def check_optimizer_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for an ``optimizer`` block ``make_optimizer`` would refuse or that
+    makes no sense (an unknown field or schedule, a negative or non-finite rate, ...), without
+    building anything."""
+    make_schedule(cfg)
 
 
 def make_optimizer(
@@ -245,7 +253,34 @@ def _resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for key, value in block.items():
             out[key] = value
     _check_choice("optimizer.schedule", out.schedule, SCHEDULES)
+    _check_ranges(out)
     return out
+
+
+# Fields that must be numbers >= 0 (a negative rate would ascend the loss; a negative decay or
+# threshold has no meaning), and those in [0, 1) (moving-average rates).
+_NON_NEGATIVE = (
+    "learning_rate",
+    "weight_decay",
+    "eps",
+    "clipping_threshold",
+    "clip_grad_norm",
+    "end_learning_rate_factor",
+)
+_UNIT = ("b1", "b2", "decay_rate", "momentum")
+
+
+def _check_ranges(o: ml_collections.ConfigDict) -> None:
+    for key in (*_NON_NEGATIVE, *_UNIT):
+        value = o.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"optimizer.{key} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"optimizer.{key} must be a finite number >= 0, got {value!r}")
+        if key in _UNIT and value >= 1:
+            raise ValueError(f"optimizer.{key} must be in [0, 1), got {value!r}")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -284,6 +319,7 @@ def _over_leading_axis(inner: optax.GradientTransformation) -> optax.GradientTra
 
 
 __all__ = [
+    "check_optimizer_config",
     "decay_mask",
     "default_optimizer_config",
     "make_optimizer",

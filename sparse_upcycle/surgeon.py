@@ -66,7 +66,8 @@ def upcycle(
     with output as tmp:
         writer = StreamingWriter(os.path.join(tmp, CHECKPOINT_DIR))
         try:
-            stream = upcycle_tree(source.keys(), source.read, target, recipe)
+            non_finite: list[str] = []
+            stream = upcycle_tree(source.keys(), _finite_read(source, non_finite), target, recipe)
             for path, value in tqdm(
                 stream, total=len(target), desc="upcycle", unit="tensor", disable=not progress
             ):
@@ -78,6 +79,7 @@ def upcycle(
                 writer.add(path, value, item="opt_state")
             step = source.step if recipe.step == "keep" and source.step is not None else 0
             writer.close(step=step)
+            _warn_non_finite(src, non_finite)
         except BaseException:
             writer.abort()
             raise
@@ -99,6 +101,28 @@ def upcycle(
         if isinstance(source, HFCheckpoint):  # config, tokenizer, … for `export --format hf`
             save_hf_source(source, tmp)
     return info
+
+
+def _finite_read(source: CheckpointReader, non_finite: list[str]):
+    """``source.read`` that records the names of tensors holding NaN or inf."""
+
+    def read(key: str) -> np.ndarray:
+        value = source.read(key)
+        if np.issubdtype(value.dtype, np.inexact) and key not in non_finite:
+            if not np.isfinite(value).all():
+                non_finite.append(key)
+        return value
+
+    return read
+
+
+def _warn_non_finite(src: str, names: list[str]) -> None:
+    if names:
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        warnings.warn(
+            f"{src}: {len(names)} source tensor(s) hold NaN/inf, copied as they are: {shown}",
+            stacklevel=2,
+        )
 
 
 def _open_dense(path: str, fmt: str) -> CheckpointReader:
@@ -142,7 +166,10 @@ def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float
     source = _open_dense(dense_path, fmt)
     info, moe_params = load_upcycled(moe_path)
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
-    dense = build_model(family, dense_cfg, {k: source.read(k) for k in source.keys()})
+    dense_params = {k: source.read(k) for k in source.keys()}
+    _check_fits(dense_params, models.target_shapes(family, dense_cfg), dense_path, "dense")
+    _check_fits(moe_params, models.target_shapes(family, moe_cfg), moe_path, "MoE")
+    dense = build_model(family, dense_cfg, dense_params)
     moe = build_model(family, moe_cfg, moe_params)
     batch = models.get(family).example_inputs(dense_cfg, 0)
     want, _ = dense(*batch, train=False)
@@ -151,6 +178,9 @@ def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float
     verdict = dense_function_verdict(recipe, moe_cfg)
     meant = verdict.preserves
     scale = float(np.max(np.abs(np.asarray(want))))
+    dropped = float(aux.get("dropped_fraction", 0.0)) if aux else 0.0
+    if not (np.isfinite(delta).all() and math.isfinite(scale)):
+        return _non_finite_result(source, moe_params, want, got, meant, verdict, tol, dropped)
     return {
         "max_abs_delta": float(delta.max()),
         "mean_abs_delta": float(delta.mean()),
@@ -159,8 +189,70 @@ def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float
         "not_meant_because": list(verdict.reasons),
         "tolerance": tol * max(1.0, scale),
         "ok": (not meant) or float(delta.max()) <= tol * max(1.0, scale),
-        "dropped_fraction": float(aux.get("dropped_fraction", 0.0)) if aux else 0.0,
+        "dropped_fraction": dropped,
     }
+
+
+def _check_fits(params: dict, target: dict, path: str, what: str) -> None:
+    """Refuse, naming the tensor, a checkpoint that is not the model of the config: a tensor
+    it lacks, one the model does not have, or one of another shape."""
+    missing = sorted(set(target) - set(params))
+    extra = sorted(set(params) - set(target))
+    if missing or extra:
+        which = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the model lacks"
+        more = len(missing) + len(extra) - 1
+        raise CheckpointError(
+            f"{path}: the {what} checkpoint {which}"
+            + (f" (+{more} more)" if more else "")
+            + "; verify with the config it was upcycled with"
+        )
+    for key in sorted(target):
+        if tuple(np.shape(params[key])) != target[key][0]:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(np.shape(params[key]))}, the {what} model of "
+                f"the config expects {target[key][0]}"
+            )
+
+
+def non_finite_tensors(keys, read) -> list[str]:
+    """The tensors (of ``keys``, read with ``read``) holding a NaN or an infinity."""
+    return [k for k in keys if not np.isfinite(np.asarray(read(k), np.float64)).all()]
+
+
+def _non_finite_result(source, moe_params, want, got, meant, verdict, tol, dropped) -> dict:
+    """verify's result when a model's logits are not finite: valid JSON (null, not NaN), the
+    tensors to blame, and an explicit verdict (not verified: exit 1 when meant to preserve)."""
+    dense_bad = non_finite_tensors(source.keys(), source.read)
+    moe_bad = non_finite_tensors(sorted(moe_params), moe_params.__getitem__)
+    which = [n for n, x in (("dense", want), ("MoE", got)) if not np.isfinite(np.asarray(x)).all()]
+    reason = (
+        f"the {' and '.join(which)} logits are not finite (NaN/inf)"
+        + (
+            f"; non-finite source tensors: {', '.join(dense_bad[:5])}"
+            + (f" (+{len(dense_bad) - 5} more)" if len(dense_bad) > 5 else "")
+            if dense_bad
+            else ""
+        )
+        + (f"; non-finite MoE tensors: {len(moe_bad)}" if moe_bad else "")
+    )
+    out = {
+        "max_abs_delta": None,
+        "mean_abs_delta": None,
+        "max_abs_dense_logit": None,
+        "meant_to_preserve": meant,
+        "not_meant_because": list(verdict.reasons),
+        "tolerance": None,
+        "ok": not meant,
+        "verdict": "not verified: " + reason,
+        "non_finite_tensors": dense_bad,
+        "dropped_fraction": dropped,
+    }
+    if dropped and (dense_bad or moe_bad):
+        out["dropped_because"] = (
+            "the router's scores are NaN/inf, so no token is routed: the fraction comes from "
+            "the non-finite weights, not from the capacity"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------

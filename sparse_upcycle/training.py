@@ -91,6 +91,54 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
     )
 
 
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse, before Orbax's restore does with its own advice, a resume whose config builds
+    another model than the latest checkpoint in ``workdir`` holds: a changed number of experts
+    (``upcycle.num_experts``), or any parameter of another shape or name. Nothing to check
+    without a checkpoint, or when the model needs its initial checkpoint to be built."""
+    import os
+    import re
+
+    from sparse_upcycle import models
+    from sparse_upcycle.checkpoints.errors import CheckpointError
+    from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
+
+    root = os.path.join(workdir, "checkpoints")
+    steps = (
+        [int(n) for n in os.listdir(root) if re.fullmatch(r"\d+", n)] if os.path.isdir(root) else []
+    )
+    if not steps:
+        return
+    where = os.path.join(root, str(max(steps)))
+    try:
+        stored = OrbaxCheckpoint(os.path.join(where, "state"))
+        shapes = {k: stored.shape(k) for k in stored.keys()}
+        spec = resolve_model(config, None)
+        target = models.target_shapes(spec.family, spec.config)
+    except (CheckpointError, ConfigError, ValueError, TypeError, KeyError):
+        return  # the run itself reports these (or the model needs init_from to be built)
+
+    def experts(table) -> int:
+        counts = {s[0] for k, s in table.items() if f"/{optim.EXPERT_KEY}/" in f"/{k}/"}
+        return max(counts, default=0)
+
+    have, want = experts(shapes), experts({k: v[0] for k, v in target.items()})
+    if have != want:
+        setting = "upcycle.num_experts" if "upcycle" in config else "the config's upcycle block"
+        raise ConfigError(
+            f"{where} holds {have} experts per MoE layer, the config gives {want} "
+            f"({setting}); resume with the settings it was trained with, or use a new --workdir"
+        )
+    for key in sorted(set(target) | set(shapes)):
+        if key not in shapes or key not in target or shapes[key] != target[key][0]:
+            got = shapes.get(key, "nothing")
+            expected = target[key][0] if key in target else "nothing"
+            raise ConfigError(
+                f"{where} holds {got} for {key}, the config's model has {expected}; resume "
+                "with the config it was trained with, or use a new --workdir"
+            )
+
+
 def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
     """``step(state, batch, seed) -> (state, metrics)``: one optimizer update of ``state``
     (``{"params", "opt_state", "step"}``), its randomness ``fold_in(key(seed), step)``. The seed

@@ -240,6 +240,49 @@ def _describe(config: DecoderConfig) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def check_hf_types(
+    hf: Any,
+    *,
+    ints: tuple[str, ...] = (),
+    floats: tuple[str, ...] = (),
+    bools: tuple[str, ...] = (),
+    strs: tuple[str, ...] = (),
+    dicts: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+) -> None:
+    """Refuse, naming the field, a ``config.json`` value of the wrong JSON type (a string or a
+    float where a positive int belongs, a list where an object belongs); an absent field or
+    ``null`` is left to the reader's default. Shared by the HF maps of every family."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+
+    def bad(name: str, expected: str):
+        value = hf[name]
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return ValueError(
+            f"config.json: {name} must be {expected}, got {shown} ({type(value).__name__})"
+        )
+
+    for name in required:  # absent: the reader names it; null: no value where one must be
+        if name in hf and hf[name] is None:
+            raise ValueError(f"config.json: {name} must be set, got null")
+    present = [n for n in (*ints, *floats, *bools, *strs, *dicts) if hf.get(n) is not None]
+    for name in present:
+        value = hf[name]
+        if name in ints and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise bad(name, "a positive integer")
+        if name in floats and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)
+        ):
+            raise bad(name, "a finite number")
+        if name in bools and not isinstance(value, bool):
+            raise bad(name, "true or false")
+        if name in strs and not isinstance(value, str):
+            raise bad(name, "a string")
+        if name in dicts and not isinstance(value, Mapping):
+            raise bad(name, "a JSON object (or null)")
+
+
 def _rope(hf: Mapping) -> tuple[float, str]:
     """(rope_theta, rope_type) from a 4.x config (``rope_theta``, ``rope_scaling``) or a 5.x
     one (``rope_parameters``)."""
@@ -259,9 +302,43 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
     Mixtral's sliding window. Mixtral becomes an every-layer MoE with top-K dropless routing,
     ``topk_then_softmax`` (its softmax-top-K-renormalise is the same function).
     """
-    kind = hf_config.get("model_type")
+    kind = hf_config.get("model_type") if isinstance(hf_config, Mapping) else None
     if kind not in ("llama", "mixtral"):
         raise ValueError(f"model_type {kind!r} is not supported; expected 'llama' or 'mixtral'")
+    check_hf_types(
+        hf_config,
+        ints=(
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "num_local_experts",
+            "num_experts_per_tok",
+        ),
+        floats=("rope_theta", "rms_norm_eps", "initializer_range", "router_aux_loss_coef"),
+        bools=("tie_word_embeddings", "attention_bias", "mlp_bias"),
+        strs=("hidden_act",),
+        dicts=("rope_scaling", "rope_parameters"),
+        required=(
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ),
+    )
+    for block in ("rope_scaling", "rope_parameters"):
+        if isinstance(hf_config.get(block), Mapping):
+            check_hf_types(hf_config[block], floats=("rope_theta", "factor"))
+            for key in ("rope_type", "type"):
+                if hf_config[block].get(key) is not None and not isinstance(
+                    hf_config[block][key], str
+                ):
+                    raise ValueError(f"config.json: {block}.{key} must be a string")
     theta, rope_type = _rope(hf_config)
     if rope_type != "default":
         raise ValueError(

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from sparse_upcycle.checkpoints.hf_llama import check_hf_types
 from sparse_upcycle.models.t5 import T5Config
 
 _ATTN = {"q": "query", "k": "key", "v": "value", "o": "out"}
@@ -77,6 +78,23 @@ _TO_HF_ACT = {
 
 def config_from_hf(hf_config: dict[str, Any]) -> T5Config:
     """A ``T5Config`` from an HF T5 ``config.json`` dict (or ``T5Config.to_dict()``)."""
+    check_hf_types(
+        hf_config,
+        ints=(
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "d_kv",
+            "d_ff",
+            "num_layers",
+            "num_decoder_layers",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+        ),
+        floats=("dropout_rate", "layer_norm_epsilon"),
+        bools=("scale_decoder_outputs", "tie_word_embeddings"),
+        strs=("feed_forward_proj",),
+    )
     proj = hf_config.get("feed_forward_proj", "relu")
     parts = proj.split("-")
     gated = parts[0] == "gated"

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from sparse_upcycle.checkpoints.hf_llama import check_hf_types
 from sparse_upcycle.models.vit import ViTConfig, default_moe
 
 # transformers ≥ 5 in-memory names → checkpoint-file names (after the ``vit.`` prefix is cut).
@@ -268,6 +269,25 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ViTConfig:
     in training and is ignored. ``overrides`` set any ``ViTConfig`` field (e.g. ``dtype``).
     """
     c = hf_config
+    check_hf_types(
+        c,
+        ints=(
+            "patch_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "image_size",
+            "num_channels",
+        ),
+        floats=("hidden_dropout_prob", "layer_norm_eps", "attention_probs_dropout_prob"),
+        bools=("qkv_bias",),
+        strs=("hidden_act",),
+        dicts=("id2label", "label2id"),
+    )
+    labels = c.get("num_labels")
+    if labels is not None and (isinstance(labels, bool) or not isinstance(labels, int)):
+        raise ValueError(f"config.json: num_labels must be an integer, got {labels!r}")
     if not c.get("qkv_bias", True):
         raise ValueError("HF ViT with qkv_bias=False has no big_vision counterpart")
     act = c.get("hidden_act", "gelu")

@@ -163,7 +163,31 @@ def read_recipe_json(directory: str) -> dict:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: unreadable (not a JSON object)")
+    # What the readers of our layout index (write_recipe_json's schema), and each one's type.
+    for key in ("family", "model", "recipe"):
+        if key not in info:
+            raise CheckpointError(f"{path}: no {key!r} key; not written by 'sparse-upcycle'?")
+    kinds = {
+        "family": (str,),
+        "model": (dict,),
+        "recipe": (dict, type(None)),
+        "dense_model": (dict, type(None)),
+        "source": (dict, type(None)),
+        "step": (int, type(None)),
+        "preserves_dense_function": (bool,),
+        "preservation": (list,),
+    }
+    for key, types in kinds.items():
+        if key in info and not isinstance(info[key], types):
+            names = " or ".join("null" if t is type(None) else _JSON_NAMES[t] for t in types)
+            raise CheckpointError(
+                f"{path}: {key!r} must be {names}, got {type(info[key]).__name__}"
+            )
     return info
+
+
+_JSON_NAMES = {str: "a string", dict: "an object", int: "an integer", bool: "true/false"}
+_JSON_NAMES[list] = "a list"
 
 
 class UpcycledCheckpoint(CheckpointReader):

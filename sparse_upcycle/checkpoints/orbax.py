@@ -30,6 +30,36 @@ def _tree_dir(path: str) -> str:
     return state if os.path.isfile(os.path.join(state, "_METADATA")) else path
 
 
+def _reason(e: Exception) -> str:
+    """Orbax's/TensorStore's message, first line only, without internals that explain nothing
+    (an AttributeError on a metadata object that failed to parse)."""
+    if isinstance(e, (AttributeError, TypeError, KeyError)):
+        return "unparsable metadata"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed restore, TensorStore may still complete reads into the event loop that
+    Orbax's call already closed; Python reports each as an unraisable ``RuntimeError: Event
+    loop is closed`` traceback at exit, after our one-line error. Those are harmless: drop
+    them (every other unraisable exception still reaches the previous hook)."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_sparse_upcycle", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._sparse_upcycle = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def is_orbax(path: str) -> bool:
     return os.path.isdir(path) and (
         os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))
@@ -58,7 +88,11 @@ class OrbaxCheckpoint(CheckpointReader):
             tree = getattr(tree, "tree", tree)
             flat = _flatten_metadata(tree)
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read the Orbax metadata ({e})") from None
+            _drop_closed_loop_noise()
+            raise CheckpointError(
+                f"{path}: cannot read the Orbax metadata: a corrupt or truncated metadata file "
+                f"under {self._tree_dir} ({_reason(e)}); re-create the checkpoint"
+            ) from None
         self._prefix = "params/" if any(k.startswith("params/") for k in flat) else ""
         self._meta = {
             k[len(self._prefix) :]: (tuple(m.shape), np.dtype(m.dtype))
@@ -104,7 +138,11 @@ class OrbaxCheckpoint(CheckpointReader):
                     args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
                 )
         except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot restore {full_keys[0]!r} ({e})") from None
+            _drop_closed_loop_noise()
+            raise CheckpointError(
+                f"{self.path}: cannot restore {full_keys[0]!r}: corrupt or truncated data "
+                f"({_reason(e)})"
+            ) from None
         flat = flatten(tree)
         return {k: np.asarray(flat[k]) for k in full_keys}
 

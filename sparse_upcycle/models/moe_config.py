@@ -12,6 +12,7 @@ Every model config (T5, ViT, decoder) holds one ``MoeConfig`` per stack. ``layer
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 
@@ -22,6 +23,14 @@ from flax import nnx
 from sparse_upcycle import moe, routing
 
 ROUTER_KINDS = ("expert_choice", "top_k")
+_FLOAT_FIELDS = (
+    "capacity_factor",
+    "eval_capacity_factor",
+    "router_init_std",
+    "jitter_eps",
+    "aux_loss_weight",
+    "router_z_loss_weight",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,18 @@ class MoeConfig:
             raise ValueError(f"moe.router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        for name in _FLOAT_FIELDS:  # nan/inf (e.g. 1e999) would overflow a capacity later
+            value = getattr(self, name)
+            capacity = name.endswith("capacity_factor")  # its sign: the router's check
+            if value is None and capacity:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"moe.{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or (value < 0 and not capacity):
+                raise ValueError(
+                    f"moe.{name} must be a finite number{'' if capacity else ' >= 0'}, "
+                    f"got {value!r}"
+                )
 
     def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
         """The 0-indexed blocks that are MoE layers, for a stack of ``num_layers`` blocks."""

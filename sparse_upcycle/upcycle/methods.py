@@ -83,14 +83,18 @@ def _check(mlp: Mapping[str, np.ndarray], names: MlpNames) -> tuple[int, int]:
     missing = [n for n in names.all() if n not in mlp]
     if missing:
         raise ValueError(f"dense MLP lacks {missing}; has {sorted(mlp)}")
-    d, f = np.shape(mlp[names.inputs[0]])
-    for n in names.inputs:
-        if np.shape(mlp[n]) != (d, f):
-            raise ValueError(f"input kernel {n} has shape {np.shape(mlp[n])}, expected {(d, f)}")
-    if np.shape(mlp[names.output]) != (f, d):
+    shapes = {n: tuple(np.shape(mlp[n])) for n in (*names.inputs, names.output)}
+    bad = [n for n, s in shapes.items() if len(s) != 2]
+    if bad:
+        raise ValueError(f"dense MLP kernel {bad[0]} has shape {shapes[bad[0]]}, expected 2-D")
+    # d from the output kernel's columns, f from its rows: the inputs must be [d, f]. When
+    # they disagree, every kernel is named: the one that is wrong is not always the first.
+    f, d = shapes[names.output]
+    if any(shapes[n] != (d, f) for n in names.inputs):
+        shown = ", ".join(f"{n} {shapes[n]}" for n in shapes)
         raise ValueError(
-            f"output kernel {names.output} has shape {np.shape(mlp[names.output])}, "
-            f"expected {(f, d)}"
+            f"the dense MLP's kernels disagree ({shown}): the input kernels must be [d, f] and "
+            f"the output kernel [f, d]; one of them does not come from this model"
         )
     return d, f
 

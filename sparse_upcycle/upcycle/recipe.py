@@ -9,6 +9,7 @@ the display name and whether the MoE is meant to compute the dense function.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from sparse_upcycle.upcycle import methods
 
@@ -55,6 +56,10 @@ class Recipe:
                 "num_experts, expansion, granularity and k must all be >= 1; got "
                 f"{self.num_experts}, {self.expansion}, {self.granularity}, {self.k}"
             )
+        for name in ("router_init_std", "noise_std", "drop_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"upcycle.{name} must be a finite number >= 0, got {value!r}")
         self.method_impl.validate(self)
 
     @property
