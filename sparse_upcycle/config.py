@@ -157,6 +157,9 @@ def _check_batch(config, where: str) -> None:
         return  # the pipeline and make_mesh name those
     if batch < 1:
         raise ConfigError(f"{where}.data.batch_size must be >= 1, got {batch}")
+    dist = config.get("distributed", ml_collections.ConfigDict())
+    if _is_section(dist) and dist.get("num_processes", 1) != 1:
+        return  # the global device count is known only after jax.distributed.initialize
     n = jax.device_count()
     fixed = math.prod(s for s in sizes if s != -1)
     if sizes.count(-1) > 1 or fixed < 1 or (-1 in sizes and n % fixed):
