@@ -117,6 +117,10 @@ class HFCheckpoint(InMemoryReader):
                 self.hf_config = json.load(f)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}/config.json: unreadable ({e})") from None
+        if not isinstance(self.hf_config, dict):
+            raise CheckpointError(
+                f"{path}/config.json: must hold a JSON object, got {type(self.hf_config).__name__}"
+            )
         hf_type = self.hf_config.get("model_type")
         family = models.for_hf_model_type(hf_type)
         if family is None:
