@@ -35,6 +35,7 @@ import ml_collections
 
 from sparse_upcycle import flops as flops_lib
 from sparse_upcycle import loop
+from sparse_upcycle.checkpoints.output import check_workdir
 from sparse_upcycle.config import ConfigError, check, check_names, run_schema
 from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.defaults import default_compare_config
@@ -189,6 +190,8 @@ def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError("seeds is empty")
     if not c.extra_compute > 0 or int(c.num_points) < 1:
         raise ConfigError("extra_compute must be > 0 and num_points >= 1")
+    dense = c.get("dense_checkpoint")
+    check_workdir(workdir, [("dense_checkpoint", dense)] if dense else [])
     os.makedirs(workdir, exist_ok=True)
     # One compare per workdir at a time (a second one would train the same runs into the same
     # directories); the lock goes with the process, so a killed run leaves none behind.

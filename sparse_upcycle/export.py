@@ -294,7 +294,11 @@ def export(
         max_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    output = TempOutput(src, dst, kind="export", overwrite=overwrite)
+    reads = [("--hf-source", hf_source)] if hf_source else []
+    kept = os.path.normpath(os.path.join(src, os.pardir, os.pardir, HF_SOURCE_DIR))
+    if not hf_source and os.path.isdir(kept):  # a train step's, which open_source reads
+        reads.append(("the workdir's hf_source", kept))
+    output = TempOutput(src, dst, kind="export", overwrite=overwrite, also_reads=reads)
     source = open_source(src, src_format, config, hf_source)
     base, extras = read_hf_side(source.hf_dir)
     hf_config, target_dtype = None, None

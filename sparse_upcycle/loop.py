@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from sparse_upcycle import flops as flops_lib
 from sparse_upcycle import models, sharding
+from sparse_upcycle.checkpoints.output import check_workdir
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.init_from import initial_params, keep_hf_source, open_init_source
@@ -110,8 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Raises:
       TrainingError: a non-finite loss or gradient norm.
-      ConfigError, CheckpointError: bad configuration or initial checkpoint.
+      ConfigError, CheckpointError: bad configuration or initial checkpoint, a --workdir
+        that is a file or overlaps ``init_from``.
     """
+    init_from = config.get("init_from", "scratch")
+    sources = [("init_from", init_from)] if init_from and init_from != "scratch" else []
+    check_workdir(workdir, sources)
     # ---------------------------------------------------------------- processes and mesh
     dist = config.get("distributed", ml_collections.ConfigDict())
     if dist.get("num_processes", 1) > 1 and not jax.distributed.is_initialized():
