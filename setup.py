@@ -43,5 +43,5 @@ setup(
             "transformers>=5.0,<6",
         ],
     },
-    entry_points={"console_scripts": ["sparse-upcycle=sparse_upcycle.cli:main"]},
+    entry_points={"console_scripts": ["sparse-upcycle=sparse_upcycle.cli:entry"]},
 )

@@ -1,7 +1,5 @@
 """``python -m sparse_upcycle`` is the ``sparse-upcycle`` command."""
 
-import sys
+from sparse_upcycle.cli import entry
 
-from sparse_upcycle.cli import main
-
-sys.exit(main())
+entry()

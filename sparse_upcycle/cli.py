@@ -274,3 +274,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def entry() -> None:
+    """The ``sparse-upcycle`` executable: ``main``, then exit. After a failure (exit code not 0)
+    the process ends at once (``os._exit``, streams flushed) instead of through interpreter
+    shutdown: Orbax/TensorStore leave asyncio tasks and callbacks behind a failed write or
+    read, and their garbage collection at shutdown would print tracebacks ("Event loop is
+    closed", "Task exception was never retrieved") after the one error line. The outputs of a
+    failed command are already removed by then; a success exits normally."""
+    import os
+
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
