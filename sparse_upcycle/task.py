@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_upcycle import losses, models
-from sparse_upcycle.config import ConfigError, check_names, model_configs
+from sparse_upcycle.config import ConfigError, check_names
+from sparse_upcycle.model_blocks import model_configs
 from sparse_upcycle.upcycle.recipe import Recipe
 
 
