@@ -16,6 +16,7 @@ from sparse_upcycle.checkpoints.errors import CheckpointError
 from sparse_upcycle.checkpoints.hf import HFCheckpoint
 from sparse_upcycle.checkpoints.layout import HF_SOURCE_DIR, save_hf_source
 from sparse_upcycle.checkpoints.open import open_checkpoint
+from sparse_upcycle.checkpoints.paths import check_entries, source_root
 from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import flatten, unflatten
 from sparse_upcycle.config import ConfigError
@@ -109,4 +110,6 @@ def keep_hf_source(config, source: CheckpointReader | None, workdir: str) -> Non
         return
     kept = os.path.join(config.get("init_from", ""), HF_SOURCE_DIR)
     if source.is_upcycled and os.path.isfile(os.path.join(kept, "config.json")):
+        # copied by value (links followed): every file must lie inside init_from
+        check_entries(kept, source_root(config.init_from), recursive=True)
         shutil.copytree(kept, dst)

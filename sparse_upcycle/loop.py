@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -37,7 +38,7 @@ import orbax.checkpoint as ocp
 
 from sparse_upcycle import flops as flops_lib
 from sparse_upcycle import models, sharding
-from sparse_upcycle.checkpoints.output import check_workdir
+from sparse_upcycle.checkpoints.output import check_workdir, workdir_writes
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.init_from import initial_params, keep_hf_source, open_init_source
@@ -134,15 +135,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mesh = sharding.make_mesh(m.get("data", -1), m.get("expert", 1), m.get("model", 1))
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
-    os.makedirs(workdir, exist_ok=True)
     # ---------------------------------------------------------------- model
+    # Nothing is written to the workdir until the initial checkpoint is open and the model
+    # and input pipeline are built: a refused source or setting leaves no empty --workdir.
     source = open_init_source(config)
-    if process_index == 0:
-        keep_hf_source(config, source, workdir)
     t = build_training(config, source, mesh)
-    spec, param_sh, state_sh, replicated = t.spec, t.param_sh, t.state_sh, t.replicated
-    abstract_params, abstract_opt, tx, loss_fn = t.abstract_params, t.abstract_opt, t.tx, t.loss_fn
-    layer_names = moe_layer_names(spec)
+    spec = t.spec
 
     # ---------------------------------------------------------------- data
     def pipeline(split):
@@ -159,6 +157,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ConfigError(f"data: {e}") from None
 
     train_data = pipeline("train")
+    created = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if process_index == 0:
+        try:
+            keep_hf_source(config, source, workdir)
+        except BaseException:
+            if created:  # refused (a side file outside init_from) or failed: leave nothing
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+    with workdir_writes(workdir):
+        return _run(config, workdir, t, source, train_data, pipeline, mesh)
+
+
+def _run(config, workdir, t, source, train_data, pipeline, mesh) -> dict:
+    """The loop of ``train_and_evaluate`` once its model, data and workdir are ready."""
+    process_index, process_count = jax.process_index(), jax.process_count()
+    spec, state_sh, replicated = t.spec, t.state_sh, t.replicated
+    abstract_params, abstract_opt, tx, loss_fn = t.abstract_params, t.abstract_opt, t.tx, t.loss_fn
+    param_sh = t.param_sh
+    layer_names = moe_layer_names(spec)
 
     # ---------------------------------------------------------------- checkpoints
     ckpt_cfg = config.get("checkpoint", ml_collections.ConfigDict())

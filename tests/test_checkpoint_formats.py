@@ -207,8 +207,8 @@ def test_temp_output_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
     with TempOutput(str(src), str(dst), kind="upcycle", overwrite=False) as tmp:
         assert os.path.basename(tmp).startswith(f".upcycle-dst-{os.getpid()}-")
         assert not dst.exists()
-        (tmp_path / "out" / os.path.basename(tmp) / "f").write_text("done")
-    assert (dst / "f").read_text() == "done"
+        (tmp_path / "out" / os.path.basename(tmp) / "recipe.json").write_text("done")
+    assert (dst / "recipe.json").read_text() == "done"
     assert os.listdir(tmp_path / "out") == ["dst"]
 
     with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
@@ -217,10 +217,25 @@ def test_temp_output_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
         with TempOutput(str(src), str(dst), kind="export", overwrite=True) as tmp:
             (tmp_path / "out" / os.path.basename(tmp) / "g").write_text("half")
             raise RuntimeError("midway")
-    assert os.listdir(tmp_path / "out") == ["dst"] and (dst / "f").read_text() == "done"
+    assert os.listdir(tmp_path / "out") == ["dst"] and (dst / "recipe.json").read_text() == "done"
     with TempOutput(str(src), str(dst), kind="export", overwrite=True) as tmp:
         (tmp_path / "out" / os.path.basename(tmp) / "g").write_text("new")
     assert os.listdir(dst) == ["g"]  # replaced, not merged
+
+    # --overwrite replaces an earlier output, never a directory of something else.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match=r"--dst .*theirs is not an earlier output"):
+        TempOutput(str(src), str(theirs), kind="upcycle", overwrite=True)
+    assert os.listdir(theirs) == ["notes.txt"]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (hf / name).write_text("{}")
+    with TempOutput(str(src), str(hf), kind="export", overwrite=True) as tmp:
+        pass
+    assert os.listdir(hf) == []
 
     # --dst appearing while a run without --overwrite writes is not deleted.
     late = tmp_path / "out" / "late"

@@ -84,6 +84,8 @@ def world(tmp_path):
     (w / "a_file").write_text("not a directory")
     (w / "elsewhere").mkdir()
     (w / "link_elsewhere").symlink_to(w / "elsewhere")
+    (w / "notes").mkdir()
+    (w / "notes" / "notes.txt").write_text("a user's files, not an output")
     return w
 
 
@@ -133,10 +135,13 @@ def _cases(w):
         ("hub snapshot, dst the entry", up + ["--src", snap, "--dst", str(w / "hub"), ow], cont, [blobs], [snap]),
         ("dst a file", up + ["--src", t5x, "--dst", a_file, ow], "is a file", [t5x, a_file], [a_file]),
         ("dst a link elsewhere", up + ["--src", t5x, "--dst", str(w / "link_elsewhere"), ow], "symbolic link", [t5x], ["link_elsewhere"]),
+        ("overwrite a user's directory", up + ["--src", t5x, "--dst", str(w / "notes"), ow], "is not an earlier output", [t5x, str(w / "notes")], ["notes", "notes.txt"]),
+        ("overwrite an HF config dir", up + ["--src", t5x, "--dst", hfdir, ow], "is not an earlier output", [t5x, hfdir], [hfdir]),
         # export --dst
         ("export: src link, dst target", ex + ["--src", lt5x, "--dst", t5x, ow], inside, [t5x], [t5x, lt5x]),
         ("export: dst LINK/sub", ex + ["--src", t5x, "--dst", lt5x + "/out"], inside, [t5x], [t5x, lt5x]),
         ("export: dst contains src", ex + ["--src", t5x, "--dst", ldata, ow], cont, [t5x], [t5x, ldata]),
+        ("export: overwrite a user's dir", ex + ["--src", t5x, "--dst", str(w / "notes"), ow], "is not an earlier output", [t5x, str(w / "notes")], ["notes"]),
         ("export: dst in --hf-source", ex + ["--src", t5x, "--hf-source", hfdir, "--dst", hfdir + "/o"], "--hf-source or inside", [hfdir], [hfdir + "/o"]),
         # train --workdir vs init_from
         ("train: workdir = init_from", train + ["--workdir", t5x, f"--config.init_from={t5x}"], inside, [t5x], [t5x, "init_from"]),
@@ -241,7 +246,7 @@ def test_a_failed_rename_in_puts_the_old_output_back(tmp_path, monkeypatch):
     (tmp_path / "src").write_text("x")
     dst = tmp_path / "dst"
     dst.mkdir()
-    (dst / "old").write_text("old")
+    (dst / "recipe.json").write_text("old")
     real_rename = os.rename
 
     def rename(a, b):
@@ -255,7 +260,7 @@ def test_a_failed_rename_in_puts_the_old_output_back(tmp_path, monkeypatch):
             str(tmp_path / "src"), str(dst), kind="upcycle", overwrite=True
         ) as t:
             (tmp_path / os.path.basename(t) / "new").write_text("new")
-    assert sorted(os.listdir(tmp_path)) == ["dst", "src"] and os.listdir(dst) == ["old"]
+    assert sorted(os.listdir(tmp_path)) == ["dst", "src"] and os.listdir(dst) == ["recipe.json"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,3 +341,51 @@ def test_an_injected_full_disk_in_export_is_one_line(tmp_path, capsys, monkeypat
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "No space left on device" in err and out in err and "RESOURCE" not in err
     assert sorted(os.listdir(tmp_path)) == ["moe", "vit.npz"]
+
+
+def test_a_real_full_disk_in_train_is_one_line_and_leaves_no_partial_checkpoint(small_disk):
+    """A 64 KiB disk holds the metrics and TensorBoard files but not a checkpoint: the run
+    stops with one error line naming --workdir (after its progress lines), no traceback or
+    absl record, and no unfinished Orbax directory left to confuse a rerun."""
+    workdir = str(small_disk / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparse_upcycle", "train", "--config", f"{TRAIN}:vit"]
+        + ["--workdir", workdir, "--config.total_steps=2", "--config.checkpoint.every=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in err if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == err[-1], proc.stderr[-3000:]
+    assert errors[0].startswith("sparse-upcycle: error: --workdir " + workdir)
+    assert "No space left on device" in errors[0]
+    assert "Traceback" not in proc.stderr and "RESOURCE_EXHAUSTED" not in proc.stderr
+    leftovers = [p for p in _tree(workdir) if "orbax-checkpoint-tmp" in p]
+    assert leftovers == []
+
+
+def test_an_injected_full_disk_in_train_is_one_line(tmp_path, capsys, monkeypatch):
+    """Where no small disk can be mounted: Orbax's save failing as TensorStore's does, after
+    leaving an unfinished step directory behind."""
+    import orbax.checkpoint as ocp
+
+    def full(self, step, *args, **kwargs):
+        tmp = os.path.join(str(self.directory), f"{step}.orbax-checkpoint-tmp-1")
+        os.makedirs(tmp, exist_ok=True)
+        raise ValueError(
+            f'RESOURCE_EXHAUSTED: Error writing local file "{tmp}/state/_sharding": Failed '
+            "to write 48901 bytes to file 8: No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    workdir = str(tmp_path / "run")
+    code = cli.main(
+        ["train", "--config", f"{TRAIN}:vit", "--workdir", workdir]
+        + ["--config.total_steps=2", "--config.checkpoint.every=2"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"sparse-upcycle: error: --workdir {workdir}"), err
+    assert "No space left on device" in err[-1] and not any("RESOURCE" in e for e in err)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == []

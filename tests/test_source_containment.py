@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import shutil
 import zipfile
 
@@ -579,3 +580,101 @@ def test_corrupt_npz_member_is_one_line(vit_source, tmp_path, capsys, how):
     _refused(capsys, ["inspect", str(src)], src, None, *expected)
     verify = ["verify", "--config", f"{CONFIG}:vit", "--dense", str(src), "--moe", str(moe)]
     _refused(capsys, verify, src, None, *expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Orbax sources, recipe.json checksums, train's init_from hf_source.
+# --------------------------------------------------------------------------------------------
+
+
+def _orbax_files(moe):
+    return sorted(
+        os.path.join(here, f)
+        for here, _, files in os.walk(moe / "checkpoint")
+        for f in files
+        if not os.path.islink(os.path.join(here, f))
+    )
+
+
+@pytest.mark.parametrize("how", ["planted", "data file replaced"])
+def test_orbax_source_linking_outside_is_refused(t5x_source, tmp_path, capsys, how):
+    """An Orbax checkpoint (an upcycle output) holding a link outside itself, planted beside
+    its files or in place of one TensorStore reads, is refused by every command that opens
+    it, before anything is read."""
+    _, moe_dir = t5x_source
+    moe = _copy(moe_dir, tmp_path / "moe")
+    secret = tmp_path / "secret.bin"
+    if how == "planted":
+        secret.write_bytes(b"secret")
+        link = moe / "checkpoint" / "state" / "extra"
+    else:
+        data = [f for f in _orbax_files(moe) if f"{os.sep}d{os.sep}" in f]
+        link = pathlib.Path(data[0])
+        shutil.copy(link, secret)  # the same bytes, outside the checkpoint
+        link.unlink()
+    link.symlink_to(secret)
+    dst = str(tmp_path / "out")
+    _refused(capsys, ["inspect", str(moe)], moe, None, f"{link} points to {secret}")
+    export = ["export", "--src", str(moe), "--dst", dst, "--format", "orbax"]
+    _refused(capsys, export, moe, dst, f"{link} points to {secret}")
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        OrbaxCheckpoint(str(moe / "checkpoint"))
+    # the same checkpoint without the link, behind a symlink of its own, keeps working
+    link.unlink()
+    if how != "planted":
+        shutil.copy(secret, link)
+    (tmp_path / "moe_link").symlink_to(moe, target_is_directory=True)
+    assert cli.main(["inspect", str(tmp_path / "moe_link")]) == 0
+
+
+def test_checksums_do_not_open_links_outside_the_source(t5x_source, tmp_path, monkeypatch):
+    """recipe.json's sha256 table covers every file of the source; a link among them that
+    leaves the source is recorded by its target, never opened."""
+    import builtins
+
+    from sparse_upcycle.checkpoints.layout import checksums
+
+    plain, _ = t5x_source
+    src = _copy(plain, tmp_path / "checkpoint_7")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    (src / "notes.txt").symlink_to(secret)
+    (src / "gone.txt").symlink_to(tmp_path / "nothing")
+    opened = []
+    real_open = builtins.open
+
+    def spy(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(os.path.realpath(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    sums = checksums(str(src))
+    dst = tmp_path / "moe"
+    assert (
+        cli.main(["upcycle", "--config", f"{CONFIG}:t5", "--src", str(src), "--dst", str(dst)]) == 0
+    )
+    monkeypatch.undo()
+    assert str(secret) not in opened
+    assert sums["notes.txt"] == f"link: {secret}"
+    assert sums["gone.txt"] == f"link: {tmp_path / 'nothing'} (missing)"
+    recorded = json.loads((dst / "recipe.json").read_text())["source"]["sha256"]
+    assert recorded["notes.txt"] == f"link: {secret}"
+    assert recorded.keys() == sums.keys()
+    assert all(len(v) == 64 for k, v in recorded.items() if k not in ("notes.txt", "gone.txt"))
+
+
+def test_train_init_from_with_hf_source_linking_outside_leaves_nothing(llama, tmp_path, capsys):
+    """train copies an upcycle output's hf_source/ into the workdir (for export): a link
+    outside init_from among its files is refused, and no --workdir is left behind."""
+    _, moe_dir = llama
+    moe = _copy(moe_dir, tmp_path / "moe")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    (moe / "hf_source" / "tokenizer.model").symlink_to(secret)
+    train_cfg = os.path.join(os.path.dirname(__file__), "configs", "train_tiny.py")
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", f"{train_cfg}:decoder-dense", "--workdir", str(workdir)]
+    argv += [f"--config.init_from={moe}", "--config.total_steps=1"]
+    _refused(capsys, argv, moe, None, "tokenizer.model points to", str(secret))
+    assert not workdir.exists()

@@ -30,7 +30,7 @@ from sparse_upcycle import __version__, models
 from sparse_upcycle.checkpoints.errors import CheckpointError
 from sparse_upcycle.checkpoints.hf import HFCheckpoint, LazySafetensors
 from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
-from sparse_upcycle.checkpoints.paths import check_entries, contained, source_root
+from sparse_upcycle.checkpoints.paths import check_entries, contained, is_contained, source_root
 from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.models.moe_config import MoeConfig
 
@@ -57,21 +57,28 @@ def is_upcycle_output(path: str) -> bool:
 
 
 def checksums(path: str) -> dict[str, str]:
-    """sha256 of every file of the source (a directory's files, or the file)."""
+    """sha256 of every file of the source (a directory's files, or the file). A symbolic link
+    that resolves outside the source (``paths.source_root``) is recorded by its target,
+    ``"link: /where"``, and not opened (nothing outside a source is read); a dangling one is
+    ``"link: /where (missing)"``."""
     files = (
         [path]
         if os.path.isfile(path)
         else sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
     )
+    root = source_root(path)
     out = {}
     for file in files:
+        name = os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)
+        real = os.path.realpath(file)
+        if not os.path.exists(real) or not is_contained(real, root):
+            out[name] = f"link: {real}" + ("" if os.path.exists(real) else " (missing)")
+            continue
         digest = hashlib.sha256()
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        out[os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)] = (
-            digest.hexdigest()
-        )
+        out[name] = digest.hexdigest()
     return out
 
 

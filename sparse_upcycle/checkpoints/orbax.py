@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparse_upcycle.checkpoints.errors import CheckpointError
+from sparse_upcycle.checkpoints.paths import check_entries, source_root
 from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import flatten, path_str, unflatten
 
@@ -78,6 +79,8 @@ class OrbaxCheckpoint(CheckpointReader):
         if not is_orbax(path):
             raise CheckpointError(f"{path}: not an Orbax checkpoint directory (no _METADATA)")
         self.path = os.path.abspath(path)  # before the first restore: its messages name it
+        # TensorStore follows whatever the directory holds: nothing may resolve outside it.
+        check_entries(self.path, source_root(self.path), recursive=True)
         self._tree_dir = _tree_dir(self.path)
         self._checkpointer = ocp.PyTreeCheckpointer()
         try:

@@ -135,7 +135,31 @@ def check_output_path(
         )
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    if os.path.isdir(dst):
+        refuse_foreign(dst)
     return os.path.abspath(dst)
+
+
+def looks_like_output(path: str) -> bool:
+    """Whether directory ``path`` is what a command writes and ``--overwrite`` may replace:
+    empty, our layout (``recipe.json``), or a Hugging Face model directory (``config.json``
+    beside ``*.safetensors``, what ``export --format hf`` writes)."""
+    names = set(os.listdir(path))
+    if not names or "recipe.json" in names:
+        return True
+    return "config.json" in names and any(n.endswith(".safetensors") for n in names)
+
+
+def refuse_foreign(dst: str) -> None:
+    """``--overwrite`` replaces an earlier output, never a directory of something else (a
+    mistyped ``--dst`` must not delete a user's files)."""
+    if not looks_like_output(dst):
+        shown = ", ".join(sorted(os.listdir(dst))[:3])
+        raise CheckpointError(
+            f"--dst {dst} is not an earlier output (it holds {shown}…, but no recipe.json, nor "
+            "config.json with *.safetensors); --overwrite only replaces an output of "
+            "sparse-upcycle: remove the directory yourself or choose another --dst"
+        )
 
 
 def check_workdir(workdir: str, sources: Sequence[tuple[str, str]]) -> None:
