@@ -55,6 +55,12 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dst", required=True, help="output directory (Orbax + recipe.json)")
     up.add_argument("--format", default="auto", choices=FORMATS, help="source format")
     up.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    up.add_argument(
+        "--refuse-non-finite",
+        action="store_true",
+        help="stop (exit 2, nothing written) at the first source tensor holding NaN/inf "
+        "instead of copying it with a warning",
+    )
 
     ver = sub.add_parser(
         "verify",
@@ -212,7 +218,13 @@ def _run(args, overrides) -> int:
         from sparse_upcycle.upcycle.verdict import Verdict
 
         info = surgeon.upcycle(
-            config, args.src, args.dst, args.format, args.overwrite, progress=sys.stderr.isatty()
+            config,
+            args.src,
+            args.dst,
+            args.format,
+            args.overwrite,
+            progress=sys.stderr.isatty(),
+            refuse_non_finite=args.refuse_non_finite,
         )
         verdict = Verdict(info["preserves_dense_function"], tuple(info["preservation"]))
         print(

@@ -45,10 +45,18 @@ from sparse_upcycle.upcycle.verdict import dense_function_verdict
 
 
 def upcycle(
-    config, src: str, dst: str, fmt: str = "auto", overwrite: bool = False, progress: bool = True
+    config,
+    src: str,
+    dst: str,
+    fmt: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    refuse_non_finite: bool = False,
 ) -> dict:
     """Write the MoE checkpoint for ``config`` from the dense ``src`` to ``dst``; returns the
-    recipe.json content. Nothing is written to ``dst`` unless everything succeeded."""
+    recipe.json content. Nothing is written to ``dst`` unless everything succeeded. Source
+    tensors holding NaN/inf are copied with one warning naming them, or, with
+    ``refuse_non_finite``, stop the run at the first (CheckpointError naming it)."""
     output = TempOutput(src, dst, kind="upcycle", overwrite=overwrite)
     source = _open_dense(src, fmt)
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
@@ -67,7 +75,8 @@ def upcycle(
         writer = StreamingWriter(os.path.join(tmp, CHECKPOINT_DIR))
         try:
             non_finite: list[str] = []
-            stream = upcycle_tree(source.keys(), _finite_read(source, non_finite), target, recipe)
+            read = _finite_read(source, non_finite, refuse=refuse_non_finite)
+            stream = upcycle_tree(source.keys(), read, target, recipe)
             for path, value in tqdm(
                 stream, total=len(target), desc="upcycle", unit="tensor", disable=not progress
             ):
@@ -103,13 +112,21 @@ def upcycle(
     return info
 
 
-def _finite_read(source: CheckpointReader, non_finite: list[str]):
-    """``source.read`` that records the names of tensors holding NaN or inf."""
+def _finite_read(source: CheckpointReader, non_finite: list[str], refuse: bool = False):
+    """``source.read`` that records the names of tensors holding NaN or inf (or, ``refuse``,
+    raises CheckpointError at the first)."""
 
     def read(key: str) -> np.ndarray:
         value = source.read(key)
         if np.issubdtype(value.dtype, np.inexact) and key not in non_finite:
             if not np.isfinite(value).all():
+                if refuse:
+                    bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+                    raise CheckpointError(
+                        f"{source.path}: tensor {key} holds {bad} NaN/inf value(s) of "
+                        f"{np.size(value)} (--refuse-non-finite); repair the source or drop "
+                        "the flag to copy it as it is"
+                    )
                 non_finite.append(key)
         return value
 

@@ -678,6 +678,25 @@ def test_nan_in_source_warns_by_name_and_verify_json_is_valid(fx, tmp_path, caps
         assert "non-finite" in result["dropped_because"]
 
 
+def test_refuse_non_finite_stops_at_the_first_and_writes_nothing(tmp_path, capsys):
+    params = _vit_params()
+    bad = "Transformer/encoderblock_0/MlpBlock_0/Dense_1/kernel"
+    params[bad] = params[bad].copy()
+    params[bad][1, :3] = [np.nan, np.inf, -np.inf]
+    src = str(tmp_path / "nan.npz")
+    np.savez(src, **params)
+    before = _tree_digest(tmp_path)
+    argv = ["upcycle", "--config", f"{UP}:vit", "--src", src, "--dst", str(tmp_path / "moe")]
+    capsys.readouterr()
+    assert cli.main([*argv, "--refuse-non-finite"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"tensor {bad} holds 3 NaN/inf value(s)" in lines[0], lines
+    assert _tree_digest(tmp_path) == before  # nothing written, no temporary left
+    # a finite source is unaffected by the flag
+    np.savez(src, **_vit_params())
+    assert cli.main([*argv, "--refuse-non-finite"]) == 0
+
+
 @pytest.mark.parametrize(
     ("family", "change", "message"),
     [
