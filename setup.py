@@ -23,6 +23,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "grain>=0.2.12,<0.3",
         "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.21,<0.24",
         "matplotlib>=3.8,<4",
         "safetensors>=0.4,<1",
         "tensorstore>=0.1.60,<0.2",

@@ -4,7 +4,9 @@ each checkpoint so that a resumed run sees exactly the batches an uninterrupted 
 
 ``data.name`` picks one: ``synthetic`` (tests, benchmarks), ``fashion_mnist`` (ViT; Debian
 ``dataset-fashion-mnist``), ``text`` (T5 span corruption / decoder LM on an English corpus;
-Debian ``python3.11-doc``)."""
+Debian ``python3.11-doc``), ``token_shards`` (the same examples from a corpus you bring:
+memory-mapped token shards at ``data.path``, written from text by
+``python -m sparse_upcycle.data.token_shards``)."""
 
 import importlib
 
@@ -21,6 +23,7 @@ BUILDERS = {
     "synthetic": ("sparse_upcycle.data.synthetic", "make_synthetic_pipeline"),
     "fashion_mnist": ("sparse_upcycle.data.fashion_mnist", "make_fashion_mnist_pipeline"),
     "text": ("sparse_upcycle.data.text", "make_text_pipeline"),
+    "token_shards": ("sparse_upcycle.data.token_shards", "make_token_shards_pipeline"),
 }
 
 

@@ -46,6 +46,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+from typing import Protocol
 
 import numpy as np
 
@@ -71,6 +72,15 @@ DATA_FIELDS = frozenset(
 )
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _CACHE_FORMAT = 1  # bump when the vocabulary settings or the cache layout change
+
+
+class TokenStream(Protocol):
+    """A 1-D token sequence read by contiguous slices: a numpy array (a cached split) or
+    ``token_shards.ShardedStream`` (the concatenation of memory-mapped shards)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice, /) -> np.ndarray: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,8 +274,10 @@ def span_corrupt(
     first_sentinel: int,
     inputs_len: int,
     targets_len: int,
+    eos_id: int = EOS_ID,
 ) -> dict[str, np.ndarray]:
-    """T5 model features of one raw chunk; noise span ``k`` becomes ``first_sentinel - k``."""
+    """T5 model features of one raw chunk; noise span ``k`` becomes ``first_sentinel - k``;
+    inputs and targets end with ``eos_id`` and are padded with ``PAD_ID``."""
     tokens = np.asarray(tokens, np.int32)
     span_start = noise_mask & ~np.concatenate([[False], noise_mask[:-1]])
     sentinel = first_sentinel - (np.cumsum(span_start) - 1)
@@ -276,7 +288,7 @@ def span_corrupt(
     )
 
     def finish(seq: np.ndarray, length: int, name: str) -> np.ndarray:
-        seq = np.append(seq, EOS_ID).astype(np.int32)
+        seq = np.append(seq, eos_id).astype(np.int32)
         if seq.size > length:
             raise ValueError(f"{name} need {seq.size} tokens but have room for {length}")
         return np.pad(seq, (0, length - seq.size))
@@ -299,7 +311,7 @@ def span_corrupt(
 class PackedLMSource:
     """Next-token prediction over consecutive windows of a token stream."""
 
-    stream: np.ndarray
+    stream: TokenStream
     seq_len: int
 
     def __len__(self) -> int:
@@ -316,7 +328,7 @@ class SpanCorruptionSource:
     """Raw chunks of a stream; with ``eval_seed`` set they come already corrupted (fixed rng
     per example), otherwise ``corrupt`` is the pipeline's random transform."""
 
-    stream: np.ndarray
+    stream: TokenStream
     seq_len: int
     target_len: int
     tokens_length: int
@@ -324,6 +336,7 @@ class SpanCorruptionSource:
     mean_noise_span_length: float
     first_sentinel: int
     eval_seed: tuple[int, int] | None = None
+    eos_id: int = EOS_ID
 
     def __len__(self) -> int:
         return len(self.stream) // self.tokens_length
@@ -340,7 +353,9 @@ class SpanCorruptionSource:
         mask = random_spans_noise_mask(
             tokens.size, self.noise_density, self.mean_noise_span_length, rng
         )
-        return span_corrupt(tokens, mask, self.first_sentinel, self.seq_len, self.target_len)
+        return span_corrupt(
+            tokens, mask, self.first_sentinel, self.seq_len, self.target_len, self.eos_id
+        )
 
 
 def make_text_pipeline(
