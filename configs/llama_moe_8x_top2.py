@@ -25,14 +25,21 @@ Settings and sources:
   (ST-MoE).
 * mesh on a TPU v4-128 slice (64 chips): ``data=-1, expert=8, model=4`` (data 2). 8 × 32 expert
   MLPs of 135M parameters = 35B expert parameters, 1.1B per chip with AdamW's two moments: ~13 GB.
-* data: ``data.name = "lm_text"`` stops the run at start-up with "unknown data.name": there is
-  no tokenised-text pipeline in this repository yet.
+* data: your corpus as token shards (``data.name = "token_shards"``,
+  ``sparse_upcycle/data/token_shards.py``), tokenised with the checkpoint's own
+  ``tokenizer.json`` (``<s>`` before and ``</s>`` after every document) and packed into windows
+  of 4096 + 1 tokens; 5% of the documents (or a ``validation/`` sub-directory) are held out.
+  ``data.path`` is empty on purpose: without it the run stops with "data.path is not set";
+  ``data.tokenizer`` (optional) makes the run check that the shards were made with that file.
 
-Paper-scale command (``init_from`` is empty on purpose: without it the run stops with "config.
+Paper-scale commands (``init_from`` is empty on purpose: without it the run stops with "config.
 init_from is not set"):
 
+    python -m sparse_upcycle.data.token_shards --src /data/my_corpus_text \
+        --tokenizer /data/Llama-2-7b-hf/tokenizer.json --out /data/shards/my_corpus
     sparse-upcycle train --config configs/llama_moe_8x_top2.py \
-        --config.init_from=/data/Llama-2-7b-hf --workdir WORKDIR
+        --config.init_from=/data/Llama-2-7b-hf --config.data.path=/data/shards/my_corpus \
+        --config.data.tokenizer=/data/Llama-2-7b-hf/tokenizer.json --workdir WORKDIR
 
 Not run here. Expected: the loss of the first steps equals the dense model's, then falls below
 dense continued training as the experts diverge (the T5/ViT finding of Komatsuzaki et al.).
@@ -126,7 +133,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps = 20_000
         c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 8, "model": 4})
         c.data = ml_collections.ConfigDict(
-            {"name": "lm_text", "batch_size": 256, "seq_len": 4096, "seed": 0}
+            {
+                "name": "token_shards",
+                "path": "",  # "": the pipeline asks for the shard directory
+                "tokenizer": "",
+                "batch_size": 256,
+                "seq_len": 4096,
+                "seed": 0,
+            }
         )
         _adamw(c, peak=1e-4, warmup=1_000)
         c.log_every = 50
