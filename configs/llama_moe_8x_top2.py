@@ -27,8 +27,9 @@ Settings and sources:
   MLPs of 135M parameters = 35B expert parameters, 1.1B per chip with AdamW's two moments: ~13 GB.
 * data: your corpus as token shards (``data.name = "token_shards"``,
   ``sparse_upcycle/data/token_shards.py``), tokenised with the checkpoint's own
-  ``tokenizer.json`` (``<s>`` before and ``</s>`` after every document) and packed into windows
-  of 4096 + 1 tokens; 5% of the documents (or a ``validation/`` sub-directory) are held out.
+  ``tokenizer.json`` (what its post-processor adds, Llama 2's ``<s>``, before and ``</s>``
+  after every document) and packed into windows of 4096 + 1 tokens; the validation split is
+  ``--src``'s ``validation/`` sub-directory, or else 5% of its files (a hash of their paths).
   ``data.path`` is empty on purpose: without it the run stops with "data.path is not set";
   ``data.tokenizer`` (optional) makes the run check that the shards were made with that file.
 
