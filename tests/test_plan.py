@@ -24,13 +24,12 @@ CONFIG = os.path.join(ROOT, "configs", "t5_base_upcycle.py") + ":tiny"
 EXPERT4 = ["--config.mesh.expert=4"]
 
 
-def _cli(*args, env=None):
+def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "sparse_upcycle.plan", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=env,
         timeout=300,
     )
 
@@ -99,16 +98,29 @@ def test_does_not_fit_reexec(capfd):
     [
         (["--hbm", "lots"], "argument --hbm: expected a size such as 32GiB"),
         (["--hbm", "0GB"], "argument --hbm: expected a size of at least 1 byte"),
-        (["--hbm", "32GiB", "--config.mesh.expert=3"], "mesh:"),
+        (["--hbm", "32GiB", "--headroom", "1"], "argument --headroom: expected a number in"),
         (["--hbm", "32GiB", "--config.mesh.expret=4"], "unknown field config.mesh.expret"),
+        (["--hbm", "32GiB", "--config.data.batch_size=12"], "batch_size=12 must be a positive"),
     ],
 )
-def test_bad_input_is_one_line(args, message):
-    out = _cli("--config", CONFIG, "--devices", "8", *args)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sparse-upcycle: error:"), out.stderr
+def test_bad_input_is_one_line(args, message, capsys):
+    try:
+        code = plan.main(["--config", CONFIG, "--devices", "8", *args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparse-upcycle: error:"), err
     assert message in lines[0]
+
+
+def test_bad_mesh_in_a_fresh_process():
+    """As a command: one line on stderr (no warning, no traceback), exit 2."""
+    out = _cli("--config", CONFIG, "--devices", "8", "--hbm", "32GiB", "--config.mesh.expert=3")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("sparse-upcycle: error: mesh:"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_parse_bytes():

@@ -1,0 +1,114 @@
+"""``sparse-upcycle plan`` for every paper-scale config, at the topology its docstring names.
+
+Each config runs in its own process (``python -m sparse_upcycle.plan``, which sets up its own
+number of fake CPU devices), one after the other. Prints a markdown table; ``--json FILE``
+writes the rows (config, devices, fits, the per-device bytes, compile seconds, ...).
+
+Topologies (``configs/_t5_common.py``, ``configs/_vit_common.py``,
+``configs/llama_moe_8x_top2.py``): TPU v4 slices, 32 GiB of HBM per chip; T5 base on 32 chips,
+large on 64, XL on 128; ViT B/16 on 32, L/16 on 64; the Llama MoE on 64 with ``model=4``.
+The Llama config takes its architecture from an HF checkpoint (``model.name = "checkpoint"``);
+here the named size it targets stands in for it (``--config.model.name=llama2-7b``).
+
+    .venv/bin/python scripts/plan_all.py --json /tmp/plan_all.json > /tmp/plan_all.md
+    .venv/bin/python scripts/plan_all.py --only t5_base,llama   # a subset (substrings of the path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = ("dense_continue", "upcycle", "moe_scratch")
+CHIPS = {"t5_base": 32, "t5_large": 64, "t5_xl": 128, "vit_b16": 32, "vit_l16": 64}
+
+RUNS: list[tuple[str, int, list[str]]] = [
+    (f"configs/{size}_{kind}.py", chips, []) for size, chips in CHIPS.items() for kind in KINDS
+] + [("configs/llama_moe_8x_top2.py", 64, ["--config.model.name=llama2-7b"])]
+
+
+def _gib(n) -> str:
+    return "" if n is None else f"{n / 2**30:.2f}"
+
+
+def plan_one(config: str, devices: int, overrides: list[str], hbm: str, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "sparse_upcycle.plan", "--config", config]
+    cmd += ["--devices", str(devices), "--hbm", hbm, "--json", *overrides]
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": config, "devices": devices, "fits": None, "error": f"> {timeout} s"}
+    row: dict = {"config": config, "devices": devices, "overrides": overrides}
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    row["exit"] = out.returncode
+    if out.returncode in (0, 1):
+        report = json.loads(out.stdout)
+        row.update(
+            fits=report["fits"],
+            mesh=report["mesh"],
+            num_params=report["num_params"],
+            per_device=report["per_device"],
+            budget=report["budget"],
+            flops_per_step=report["flops_per_step"],
+            collectives=report["collectives"],
+            compile_s=report["lower_s"] + report["compile_s"],
+            top=report["top_consumers"][:3],
+        )
+    else:
+        row["fits"] = None
+        row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1]
+    return row
+
+
+def markdown(rows: list[dict], hbm: str) -> str:
+    lines = [
+        f"| config | devices | mesh (data×expert×model) | params/dev GiB | opt/dev GiB | "
+        f"temps/dev GiB | total/dev GiB | fits {hbm} | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = os.path.basename(r["config"]).removesuffix(".py")
+        if r.get("fits") is None:
+            lines.append(f"| {name} | {r['devices']} | | | | | | error: {r.get('error')} | |")
+            continue
+        pd, m = r["per_device"], r["mesh"]
+        lines.append(
+            f"| {name} | {r['devices']} | {m['data']}×{m['expert']}×{m['model']} | "
+            f"{_gib(pd['params'])} | {_gib(pd['opt_state'])} | {_gib(pd['temporaries'])} | "
+            f"{_gib(pd['total'])} | {'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hbm", default="32GiB", help="one chip's memory (TPU v4: 32GiB)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: only configs whose path contains one of them"
+    )
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per config")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    rows = []
+    wanted = [w for w in args.only.split(",") if w] or [""]
+    for config, devices, overrides in RUNS:
+        if not any(w in config for w in wanted):
+            continue
+        row = plan_one(config, devices, overrides, args.hbm, args.timeout)
+        print(f"{config}: fits={row.get('fits')} ({row.get('wall_s')} s)", file=sys.stderr)
+        rows.append(row)
+    print(markdown(rows, args.hbm))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
