@@ -47,16 +47,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import ml_collections
 import numpy as np
 
-from sparse_upcycle.config import ConfigError
+if TYPE_CHECKING:
+    import ml_collections
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 DEFAULT_HEADROOM = 0.1
 TOP = 10  # biggest consumers listed
 _CHILD_ENV = "SPARSE_UPCYCLE_PLAN_CHILD"  # set in the re-executed child: never re-exec twice
+
+
+def _config_error(message: str) -> Exception:
+    """A ``ConfigError`` (imported when raised: importing this module stays cheap for the
+    command line's parser, which needs ``add_arguments`` only)."""
+    from sparse_upcycle.config import ConfigError
+
+    return ConfigError(message)
+
 
 # ============================================================================================
 # Byte counts: --hbm values, HLO shapes, shards.
@@ -189,7 +199,7 @@ def _source(config):
         return None
     init_from = config.get("init_from", "scratch")
     if not init_from or init_from == "scratch":
-        raise ConfigError(
+        raise _config_error(
             "model.name='checkpoint' takes the architecture from the init_from checkpoint's "
             "config; give --config.init_from=DIR (only its config is read) or a named size "
             f"of model.family={config.model.get('family')!r} with --config.model.name=NAME"
@@ -207,7 +217,7 @@ def _cpu_devices(n: int) -> list:
     except RuntimeError:
         devices = []
     if len(devices) < n:
-        raise ConfigError(
+        raise _config_error(
             f"plan --devices {n}: jax has {len(devices)} CPU devices in this process; run "
             f"`sparse-upcycle plan` (it restarts itself with {n} devices) or set XLA_FLAGS="
             f"--xla_force_host_platform_device_count={n} before jax starts"
@@ -251,20 +261,20 @@ def plan(
     from sparse_upcycle.training import build_training, make_train_step
 
     if not 0 <= headroom < 1:
-        raise ConfigError(f"plan headroom must be in [0, 1), got {headroom}")
+        raise _config_error(f"plan headroom must be in [0, 1), got {headroom}")
     source = _source(config)
-    m = config.get("mesh", ml_collections.ConfigDict())
+    m = config.get("mesh") or {}
     try:
         mesh = sharding.make_mesh(
             m.get("data", -1), m.get("expert", 1), m.get("model", 1), devices=_cpu_devices(devices)
         )
     except ValueError as e:
-        raise ConfigError(f"mesh: {e}") from None
+        raise _config_error(f"mesh: {e}") from None
     shape = {k: int(v) for k, v in mesh.shape.items()}
     batch_size = config.data.get("batch_size")
     parallel = shape["data"] * shape["expert"]
     if not isinstance(batch_size, int) or batch_size < 1 or batch_size % parallel:
-        raise ConfigError(
+        raise _config_error(
             f"config.data.batch_size={batch_size!r} must be a positive multiple of the "
             f"{parallel} data-parallel devices (mesh data={shape['data']} x expert="
             f"{shape['expert']} of {devices}); set config.data.batch_size or config.mesh"
@@ -467,7 +477,7 @@ def _devices_ready(n: int) -> bool:
 def _reexec(args, overrides: Sequence[str]) -> int:
     """Run this plan again in a fresh process that has ``args.devices`` CPU devices."""
     if os.environ.get(_CHILD_ENV):
-        raise ConfigError(f"plan --devices {args.devices}: could not get that many CPU devices")
+        raise _config_error(f"plan --devices {args.devices}: could not get that many CPU devices")
     env = dict(os.environ)
     flag = f"--xla_force_host_platform_device_count={args.devices}"
     kept = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
@@ -509,6 +519,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     """``python -m sparse_upcycle.plan`` (the same command as ``sparse-upcycle plan``)."""
     from sparse_upcycle.checkpoints.errors import CheckpointError
+    from sparse_upcycle.config import ConfigError
 
     parser = _Parser(prog="sparse-upcycle plan", description=(__doc__ or "").split("\n\n")[0])
     add_arguments(parser)
