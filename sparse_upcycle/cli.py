@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 
@@ -22,7 +23,12 @@ DESCRIPTION = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as the one line every other refusal is: ``sparse-upcycle: error: …``."""
+    """Usage errors as the one line every other refusal is: ``sparse-upcycle: error: …``.
+    Flags must be spelled out: a prefix (``--overwrit``) is an unknown flag, not a guess."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"sparse-upcycle: error: {self.prog}: {message} (see {self.prog} --help)\n")
@@ -159,6 +165,10 @@ def _run(args, overrides) -> int:
         from sparse_upcycle.export import export
 
         config = load_config(args.config, overrides) if args.config else None
+        if config is not None:
+            from sparse_upcycle.config import check_command
+
+            check_command(config, "export")
         info = export(
             args.src,
             args.dst,
@@ -180,12 +190,12 @@ def _run(args, overrides) -> int:
         )
         print(f"wrote {args.dst}: {detail} from {args.src}")
         return 0
+    from sparse_upcycle.config import check_command
+
     schema = "compare" if args.command == "compare" else "run"
     config = load_config(args.config, overrides, schema)
+    check_command(config, args.command)
     if args.command in ("train", "compare"):
-        from sparse_upcycle.config import check_command
-
-        check_command(config, args.command)
         import logging
 
         logger = logging.getLogger("sparse_upcycle")
@@ -279,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"sparse-upcycle: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:
+        print(
+            f"sparse-upcycle: error: out of memory ({e or 'MemoryError'}); check the sizes the "
+            "config asks for (num_experts, batch_size, seq_len), or run on a larger machine",
+            file=sys.stderr,
+        )
+        return 2
+    except BrokenPipeError:  # stdout closed early (`sparse-upcycle inspect … | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # e.g. a full disk while writing: the partial output was removed
         print(
             f"sparse-upcycle: error: {e.strerror or e} ({e.filename or 'I/O'}); nothing was "

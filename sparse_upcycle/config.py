@@ -72,7 +72,10 @@ def load_config(
     try:
         config = module.get_config(arg or None)
     except Exception as e:
-        raise ConfigError(f"{path}: get_config({arg!r}) failed: {e}") from None
+        called = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"{path}: {called} failed ({type(e).__name__}: {e})") from None
+    if type(config) is dict:  # a plain dict of sections is taken as the ConfigDict it spells
+        config = ml_collections.ConfigDict(config)
     known = SCHEMAS[schema]()
     try:
         check(config, known, "config")
@@ -108,7 +111,18 @@ TRAIN_FIELDS = ("model", "data", "optimizer", "total_steps")
 def check_command(config: ml_collections.ConfigDict, command: str, where: str = "config") -> None:
     """Refuse, before anything is written, a config ``command`` (``train`` | ``compare``)
     cannot run: a missing section, an impossible setting (a negative learning rate,
-    ``total_steps <= 0``), or a batch the data-parallel devices do not divide."""
+    ``total_steps <= 0``), or a batch the data-parallel devices do not divide. ``upcycle`` and
+    ``verify`` need ``model`` and ``upcycle`` sections, ``export`` a ``model`` one."""
+    if command in ("upcycle", "verify", "export"):
+        needed = ("model",) if command == "export" else ("model", "upcycle")
+        missing = [f"{where}.{name}" for name in needed if not _is_section(config.get(name))]
+        if missing:
+            raise ConfigError(
+                f"{command} needs {' and '.join(missing)} and this config has none (it "
+                f"defines {', '.join(sorted(config.keys())) or 'nothing'}); start from "
+                "configs/upcycle_tiny.py or sparse_upcycle.defaults.default_config()"
+            )
+        return
     if command == "compare":
         for name in ("train", "upcycle"):
             if name not in config:

@@ -21,7 +21,7 @@ from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import flatten, unflatten
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.task import ModelSpec, model_class
-from sparse_upcycle.upcycle.rules import Recipe, tile_optimizer_state, upcycle_tree
+from sparse_upcycle.upcycle.rules import Recipe, check_float, tile_optimizer_state, upcycle_tree
 
 
 def _device_put_host(value: np.ndarray, sharding_: NamedSharding) -> jax.Array:
@@ -63,6 +63,10 @@ def initial_params(
                     f"{path}: the checkpoint gives shape {tuple(value.shape)}, the model "
                     f"config expects {target[path][0]}"
                 )
+            try:
+                check_float(path, value.dtype, target[path][1])
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
             out[path] = _device_put_host(value.astype(target[path][1]), flat_sh[path])
         slots = {k: source.read_optimizer_state(k) for k in source.optimizer_state_keys()}
         return unflatten(out), slots

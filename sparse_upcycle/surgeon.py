@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -33,6 +34,7 @@ from sparse_upcycle.checkpoints.open import open_checkpoint
 from sparse_upcycle.checkpoints.orbax import StreamingWriter
 from sparse_upcycle.checkpoints.output import TempOutput
 from sparse_upcycle.checkpoints.reader import CheckpointReader
+from sparse_upcycle.config import ConfigError
 from sparse_upcycle.models import build_model
 from sparse_upcycle.task import resolve_models
 from sparse_upcycle.upcycle.recipe import Recipe
@@ -70,6 +72,7 @@ def upcycle(
                 "checkpoint holds none; use --config.upcycle.optimizer=reset"
             )
     _warn_schedule(config, recipe, source.step)
+    _check_room(target, output.parent, dst)
     verdict = dense_function_verdict(recipe, moe_cfg)
     with output as tmp:
         writer = StreamingWriter(os.path.join(tmp, CHECKPOINT_DIR))
@@ -110,6 +113,45 @@ def upcycle(
         if isinstance(source, HFCheckpoint):  # config, tokenizer, … for `export --format hf`
             save_hf_source(source, tmp)
     return info
+
+
+def _gib(n: float) -> str:
+    """``n`` bytes in binary units (``1.5 GiB``, ``312 KiB``)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _check_room(target: dict, parent: str, dst: str) -> None:
+    """Before anything is written: the MoE's largest tensor must fit in this machine's memory
+    and the whole checkpoint (its tensors, in the model's dtypes, as written) on ``--dst``'s
+    disk; Orbax's metadata comes on top, so a refusal is certain, not a guess."""
+    sizes = {p: math.prod(shape) * np.dtype(dtype).itemsize for p, (shape, dtype) in target.items()}
+    biggest = max(sizes, key=sizes.__getitem__, default=None)
+    if biggest is None:
+        return
+    total = sum(sizes.values())
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = None
+    if memory and sizes[biggest] > memory:
+        raise ConfigError(
+            f"the MoE's tensor {biggest} {target[biggest][0]} alone needs at least "
+            f"{_gib(sizes[biggest])}, more than this machine's memory ({_gib(memory)}); check "
+            "config.upcycle.num_experts and the model sizes"
+        )
+    probe = parent
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    if probe:
+        free = shutil.disk_usage(probe).free
+        if total > free:
+            raise CheckpointError(
+                f"--dst {dst}: the MoE checkpoint needs at least {_gib(total)} and the disk "
+                f"there has {_gib(free)} free; free space or choose another --dst"
+            )
 
 
 def _finite_read(source: CheckpointReader, non_finite: list[str], refuse: bool = False):

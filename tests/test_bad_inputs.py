@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -174,6 +176,16 @@ def _set(key, value):
 
 def _set_moe(key, value):
     return lambda info: info["model"]["moe"].__setitem__(key, value)
+
+
+def _npz_declaring(w, shape):
+    """A .npz whose member's .npy header declares ``shape`` but holds 16 bytes."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"
+    header = header.ljust(117) + "\n"
+    data = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(16)
+    with zipfile.ZipFile(w / "big.npz", "w") as z:
+        z.writestr("head/bias.npy", data)
+    return str(w / "big.npz")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -568,6 +580,55 @@ CASES = [
         moe_truncated("state/ocdbt.process_*/d/*"),
         ["export", "--src", "{src}", "--dst", "{w}/out", "--format", "orbax"],
         r"checkpoint: cannot restore '.*': corrupt or truncated data",
+    ),
+    # --- found by a fault campaign of our own (issue 15's neighbours)
+    (
+        "npz-huge-declared-shape",
+        lambda fx, w: _npz_declaring(w, (10**11,)),
+        ["inspect", "{src}"],
+        r"member 'head/bias' declares shape \(100000000000,\).*corrupt",
+    ),
+    (
+        "npz-int-param",
+        npz_with(lambda p: p.__setitem__("head/bias", p["head/bias"].astype(np.int32))),
+        UPCYCLE,
+        r"head/bias: the checkpoint holds int32 values; the model expects a floating-point",
+    ),
+    (
+        "recipe-model-unknown-field",
+        moe_with_recipe(lambda i: i["model"].__setitem__("d_model", 8)),
+        ["inspect", "{src}"],
+        r"recipe\.json: unreadable \(model: unknown field\(s\) 'd_model'\)",
+    ),
+    (
+        "recipe-model-wrong-type",
+        moe_with_recipe(lambda i: i["model"].__setitem__("depth", "2")),
+        VERIFY,
+        r"recipe\.json: unreadable \(model\.depth must be an integer, got '2'\)",
+    ),
+    (
+        "recipe-num-experts-str",
+        moe_with_recipe(lambda i: i["recipe"].__setitem__("num_experts", "4")),
+        VERIFY,
+        r"recipe\.json: recipe\.num_experts must be an integer, got '4'",
+    ),
+    (
+        "config-returns-dict",
+        config_file("def get_config(arg=None):\n    return {'upcycle': {}}\n"),
+        ["upcycle", "--config", "{src}", "--src", "{npz}", "--dst", "{w}/out"],
+        r"upcycle needs config\.model and this config has none \(it defines upcycle\)",
+    ),
+    (
+        "up-num-experts-beyond-memory",
+        good_npz,
+        [*UPCYCLE, "--config.upcycle.num_experts=100000000"],
+        r"alone needs at least .* GiB, more than this machine's memory",
+    ),
+    (
+        "up-abbreviated-flag",
+        good_npz,
+        [*UPCYCLE, "--overwrit"],
+        r"unrecognized arguments: --overwrit",
     ),
     # --- export --format orbax with a config of impossible settings
     (

@@ -299,7 +299,10 @@ def test_a_real_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk):
     src = _vit_npz(tmp_path / "vit.npz")
     before = _digest(src)
     dst = str(small_disk / "moe")
-    _one_line_full(_upcycle_proc(src, dst), dst)
+    proc = _upcycle_proc(src, dst)  # refused before writing: the MoE cannot fit in 64 KiB
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"--dst {dst}: the MoE checkpoint needs at least" in proc.stderr
+    assert "KiB free" in proc.stderr
     assert os.listdir(small_disk) == [] and _digest(src) == before
 
     # export of an upcycle output (written where there is room) onto the small disk
@@ -315,6 +318,24 @@ def test_a_real_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk):
     )
     _one_line_full(proc, out)
     assert os.listdir(small_disk) == [] and _digest(moe) == moe_digest
+
+
+def test_an_injected_full_disk_in_upcycle_is_one_line(tmp_path, capsys, monkeypatch):
+    """The disk filling up while upcycle writes (after its room check passed)."""
+    from sparse_upcycle.checkpoints import orbax as orbax_io
+
+    src = _vit_npz(tmp_path / "vit.npz")
+
+    def full(self, step=None):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.path, "d"))
+
+    monkeypatch.setattr(orbax_io.StreamingWriter, "close", full)
+    dst = str(tmp_path / "moe")
+    code = cli.main(["upcycle", "--config", f"{UPCYCLE}:vit", "--src", src, "--dst", dst])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--dst {dst}: writing it failed: No space left on device" in err
+    assert sorted(os.listdir(tmp_path)) == ["vit.npz"]
 
 
 def test_an_injected_full_disk_in_export_is_one_line(tmp_path, capsys, monkeypatch):

@@ -33,6 +33,7 @@ from sparse_upcycle.checkpoints.orbax import OrbaxCheckpoint
 from sparse_upcycle.checkpoints.paths import check_entries, contained, is_contained, source_root
 from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.models.moe_config import MoeConfig
+from sparse_upcycle.upcycle.recipe import Recipe
 
 RECIPE_FILE = "recipe.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -87,24 +88,49 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def _typed(cls, values: dict, where: str) -> dict:
+    """``values`` checked against dataclass ``cls``: every key one of its fields, every value
+    of its default's JSON type (an int where the default is an int, a number for a float, a
+    list for a tuple; no check where the default is None). ValueError naming ``where.key``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+    out = {}
+    for key, v in values.items():
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(
+            type(default), ()
+        )
+        if isinstance(default, tuple):
+            expected = (list, tuple)
+        wrong_bool = isinstance(v, bool) and not isinstance(default, bool)
+        if v is not None and expected and (not isinstance(v, expected) or wrong_bool):
+            raise ValueError(
+                f"{where}.{key} must be {_JSON_NAMES.get(type(default), type(default).__name__)}"
+                f", got {v!r}"
+            )
+        out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
 def config_from_dict(family: str, values: dict):
     """A model config dataclass from its ``config_dict`` form (``recipe.json``); ValueError
-    for an unknown family, TypeError for values its ``Config`` does not take."""
+    for an unknown family, a field the family's ``Config`` does not have, or a value of
+    another type than the field's default (a missing field takes its default)."""
     cls = models.get(family).Config
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        v = values[f.name]
+    kwargs = _typed(cls, values, "model")
+    for name, v in kwargs.items():
         if isinstance(v, dict):
-            block: dict[str, Any] = {
-                k: tuple(x) if isinstance(x, list) else x for k, x in v.items()
-            }
-            v = MoeConfig(**block)
-        elif isinstance(v, list):
-            v = tuple(v)
-        kwargs[f.name] = v
+            kwargs[name] = MoeConfig(**_typed(MoeConfig, v, f"model.{name}"))
     return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict):
+    """The ``Recipe`` of a ``recipe.json``'s ``recipe`` object (fields and types checked as
+    ``config_from_dict`` does); ValueError naming the field."""
+    return Recipe(**_typed(Recipe, values, "recipe"))
 
 
 def write_recipe_json(
@@ -190,11 +216,16 @@ def read_recipe_json(directory: str) -> dict:
             raise CheckpointError(
                 f"{path}: {key!r} must be {names}, got {type(info[key]).__name__}"
             )
+    if info["recipe"] is not None:
+        try:
+            recipe_from_dict(info["recipe"])
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
     return info
 
 
 _JSON_NAMES = {str: "a string", dict: "an object", int: "an integer", bool: "true/false"}
-_JSON_NAMES[list] = "a list"
+_JSON_NAMES.update({list: "a list", float: "a number", tuple: "a list"})
 
 
 class UpcycledCheckpoint(CheckpointReader):

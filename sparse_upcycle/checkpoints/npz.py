@@ -31,7 +31,39 @@ class NpzCheckpoint(CheckpointReader):
             raise CheckpointError(f"{path}: not a readable .npz archive ({e})") from None
         prefix = "params/" if names and all(n.startswith("params/") for n in names) else ""
         self._names = {n[len(prefix) :]: n for n in names}
+        self._headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         super().__init__(path, "npz", config=config)
+
+    def _header(self, member: str) -> tuple[tuple[int, ...], np.dtype]:
+        """A member's (shape, dtype) from its .npy header, checked against the bytes the
+        member holds (a crafted header declaring a huge shape would otherwise make numpy
+        allocate it before finding the data short)."""
+        if member in self._headers:
+            return self._headers[member]
+        zf = self._npz.zip
+        info = zf.NameToInfo.get(member + ".npy") or zf.getinfo(member)
+        try:
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                offset = f.tell()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{self.path}: cannot read member {member!r}: bad .npy header ({_one_line(e)})"
+            ) from None
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if dtype.itemsize else 0
+        if dtype.hasobject:
+            need = 0  # refused when read (no pickle)
+        if need > info.file_size - offset:
+            raise CheckpointError(
+                f"{self.path}: member {member!r} declares shape {tuple(shape)} {dtype} "
+                f"({need} bytes) but holds {info.file_size - offset}; the archive is corrupt"
+            )
+        self._headers[member] = (tuple(shape), dtype)
+        return self._headers[member]
 
     def keys(self) -> list[str]:
         return sorted(self._names)
@@ -43,6 +75,7 @@ class NpzCheckpoint(CheckpointReader):
         if key not in self._names:
             raise CheckpointError(f"{self.path}: no tensor {key!r}")
         member = self._names[key]
+        self._header(member)
         try:
             return np.asarray(self._npz[member])
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
@@ -56,6 +89,8 @@ class NpzCheckpoint(CheckpointReader):
                 f"{self.path}: cannot read member {member!r} ({_one_line(e)})"
             ) from None
 
+    # shape and dtype read the member (not only its header): the zip CRC is checked on a full
+    # read, so `inspect` reports a corrupt member as `upcycle` would.
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.read(key).shape)
 

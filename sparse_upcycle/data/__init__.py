@@ -27,17 +27,38 @@ BUILDERS = {
 }
 
 
+def _fields(module: str) -> frozenset[str]:
+    return importlib.import_module(module).DATA_FIELDS
+
+
 def make_pipeline(data_config, family, model_config, split, *, process_index=0, process_count=1):
     """The pipeline ``data_config.name`` names, with shapes taken from the model config; a
-    field that pipeline does not read is refused (ValueError)."""
+    field no pipeline reads is refused (ValueError); one that only another pipeline reads is
+    ignored with a warning (a config switched to ``synthetic`` for a smoke test keeps its
+    ``path``, and no override can remove a field)."""
     name = data_config.get("name", "synthetic")
     if name not in BUILDERS:
         raise ValueError(f"unknown data.name {name!r}; known: {sorted(BUILDERS)}")
     module, builder = BUILDERS[name]
     module = importlib.import_module(module)
     known = COMMON_FIELDS | module.DATA_FIELDS
+    others: set[str] | None = None  # fields of the other pipelines, read only when needed
     for field in sorted(data_config.keys()):
         if field not in known:
+            if others is None:
+                others = set()
+                for other, _ in BUILDERS.values():
+                    others |= _fields(other)
+            if field in others:  # left by a config that switched data.name (to synthetic)
+                import warnings
+
+                readers = sorted(n for n, (m, _) in BUILDERS.items() if field in _fields(m))
+                warnings.warn(
+                    f"data.{field} is read by {' and '.join(readers)}, not by data.name "
+                    f"{name!r}; ignored",
+                    stacklevel=2,
+                )
+                continue
             from sparse_upcycle.config import unknown_field
 
             raise ValueError(unknown_field("data", field, known))

@@ -140,7 +140,18 @@ def upcycle_tree(
                 f"{path}: the checkpoint gives shape {tuple(value.shape)}, the "
                 f"model config expects {tuple(shape)}"
             )
+        check_float(path, value.dtype, dtype)
         yield path, value.astype(dtype)
+
+
+def check_float(path: str, got, want) -> None:
+    """A parameter the model holds in floating point must come as floating point (an integer
+    or boolean tensor in its place is a wrong or corrupt checkpoint, not something to cast)."""
+    if np.dtype(want).kind == "f" and np.dtype(got).kind not in "fV":  # V: bfloat16 and kin
+        raise ValueError(
+            f"{path}: the checkpoint holds {np.dtype(got)} values; the model expects a "
+            f"floating-point tensor ({np.dtype(want)})"
+        )
 
 
 DENSE_PARAM_RE = re.compile(r"^(?P<prefix>.+)/(?P<name>[^/]+)/(?P<leaf>kernel|bias)$")
