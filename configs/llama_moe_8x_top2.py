@@ -36,7 +36,7 @@ Settings and sources:
 Paper-scale commands (``init_from`` is empty on purpose: without it the run stops with "config.
 init_from is not set"):
 
-    python -m sparse_upcycle.data.token_shards --src /data/my_corpus_text \
+    sparse-upcycle tokenize --src /data/my_corpus_text \
         --tokenizer /data/Llama-2-7b-hf/tokenizer.json --out /data/shards/my_corpus
     sparse-upcycle train --config configs/llama_moe_8x_top2.py \
         --config.init_from=/data/Llama-2-7b-hf --config.data.path=/data/shards/my_corpus \

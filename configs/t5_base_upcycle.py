@@ -10,7 +10,7 @@ Paper scale, on a TPU v4-64 slice (mesh ``data=-1, expert=8``; launchers in ``sc
 
     gsutil -m cp -r gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000 \
         /data/t5_1_1_base/
-    python -m sparse_upcycle.data.token_shards --src /data/c4_text \
+    sparse-upcycle tokenize --src /data/c4_text \
         --tokenizer /data/t5_tokenizer/tokenizer.json --out /data/shards/c4_t5
     sparse-upcycle train --config configs/t5_base_upcycle.py \
         --config.init_from=/data/t5_1_1_base/checkpoint_1000000 \

@@ -151,6 +151,27 @@ def _build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="format, tensors, parameter counts, recipe, capacity")
     ins.add_argument("path", help="any checkpoint this tool reads, or an upcycle output")
     ins.add_argument("--format", default="auto", choices=FORMATS)
+
+    from sparse_upcycle import plan  # imports no jax: the parser stays cheap
+    from sparse_upcycle.data import text_to_shards
+
+    pl = sub.add_parser(
+        "plan",
+        help="per-device memory, FLOPs and collectives of a config's train step "
+        "(compiled for N fake CPU devices, nothing allocated)",
+        description="Compile the real train step of a config for --devices fake CPU devices "
+        "and report per-device parameter, optimizer-state and XLA memory, model FLOPs, HLO "
+        "collectives and compile time against --hbm. Extra --config.<field>=<value> "
+        "arguments override the config. Exit 0 if it fits, 1 if not.",
+    )
+    plan.add_arguments(pl)
+    tok = sub.add_parser(
+        "tokenize",
+        help="text files -> token shards (data.name=token_shards) with a tokenizer.json",
+        description="Tokenise a directory of .txt / .jsonl(.gz) files with a Hugging Face "
+        "tokenizer.json into memory-mapped .npy shards and a manifest.json.",
+    )
+    text_to_shards.add_arguments(tok)
     return parser
 
 
@@ -161,6 +182,14 @@ def _run(args, overrides) -> int:
     if args.command == "inspect":
         print(surgeon.inspect(args.path, args.format))
         return 0
+    if args.command == "plan":
+        from sparse_upcycle import plan
+
+        return plan.run(args, overrides)
+    if args.command == "tokenize":
+        from sparse_upcycle.data import text_to_shards
+
+        return text_to_shards.run(args)
     if args.command == "export":
         from sparse_upcycle.export import export
 
@@ -265,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown or (
-        overrides and (args.command == "inspect" or (args.command == "export" and not args.config))
+        overrides
+        and (
+            args.command in ("inspect", "tokenize")
+            or (args.command == "export" and not args.config)
+        )
     ):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     from sparse_upcycle.checkpoints.errors import CheckpointError

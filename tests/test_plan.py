@@ -26,7 +26,7 @@ EXPERT4 = ["--config.mesh.expert=4"]
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "sparse_upcycle.plan", *args],
+        [sys.executable, "-m", "sparse_upcycle", "plan", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

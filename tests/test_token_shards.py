@@ -160,7 +160,7 @@ def test_command_writes_shards_with_a_progress_bar(corpus, tmp_path):
     out = tmp_path / "cmd"
     args = ["--src", str(src), "--tokenizer", str(tok_path), "--out", str(out)]
     run = subprocess.run(
-        [sys.executable, "-m", "sparse_upcycle.data.token_shards", *args, "--shard-tokens", "64"],
+        [sys.executable, "-m", "sparse_upcycle", "tokenize", *args, "--shard-tokens", "64"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -378,7 +378,7 @@ def test_missing_directory_names_the_path_and_the_command(tmp_path):
     with pytest.raises(DataUnavailable) as e:
         make_pipeline(_data(missing), "decoder", _model(), "train")
     assert str(missing) in str(e.value)
-    assert "python -m sparse_upcycle.data.token_shards --src TEXT_DIR" in str(e.value)
+    assert "sparse-upcycle tokenize --src TEXT_DIR" in str(e.value)
     assert f"--out {missing}" in str(e.value)
     with pytest.raises(ValueError, match="data.path is not set"):
         make_pipeline(_data(""), "decoder", _model(), "train")
@@ -515,4 +515,4 @@ def test_train_command_names_a_missing_shard_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert f"token shards not found at {missing}" in err[0]
-    assert "python -m sparse_upcycle.data.token_shards" in err[0]
+    assert "sparse-upcycle tokenize" in err[0]

@@ -6,7 +6,7 @@ each checkpoint so that a resumed run sees exactly the batches an uninterrupted 
 ``dataset-fashion-mnist``), ``text`` (T5 span corruption / decoder LM on an English corpus;
 Debian ``python3.11-doc``), ``token_shards`` (the same examples from a corpus you bring:
 memory-mapped token shards at ``data.path``, written from text by
-``python -m sparse_upcycle.data.token_shards``)."""
+``sparse-upcycle tokenize``)."""
 
 import importlib
 

@@ -1,7 +1,7 @@
 """Tokenise a directory of text into token shards (the format of ``token_shards.py``) with a
 Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), usually the model's own.
 
-    python -m sparse_upcycle.data.token_shards --src TEXT_DIR \
+    sparse-upcycle tokenize --src TEXT_DIR \
         --tokenizer /data/Llama-2-7b-hf/tokenizer.json --out /data/shards/my_corpus
 
 * **Documents**: every ``*.txt`` file under ``--src`` is one document (UTF-8; undecodable
@@ -348,12 +348,12 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out} ({manifest['dtype']}, vocabulary {manifest['vocab_size']}): {splits}")
     if "validation" not in manifest["splits"]:
-        print("warning: no validation split; training needs one", file=sys.stderr)
+        print("sparse-upcycle: warning: no validation split; training needs one", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    prog = "python -m sparse_upcycle.data.token_shards"
+    prog = "sparse-upcycle tokenize"
     parser = argparse.ArgumentParser(
         prog=prog, description="Tokenise a directory of text into token shards."
     )
@@ -362,5 +362,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"sparse-upcycle: error: {e}", file=sys.stderr)
         return 2

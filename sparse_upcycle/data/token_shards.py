@@ -1,6 +1,6 @@
 """A corpus you bring: token shards on disk, for T5 (span corruption) and decoders (packed LM).
 
-On-disk format (one directory; ``python -m sparse_upcycle.data.token_shards`` writes it from a
+On-disk format (one directory; ``sparse-upcycle tokenize`` writes it from a
 directory of text, see ``text_to_shards.py``; shards tokenised elsewhere only need a manifest,
 ``write_manifest``)::
 
@@ -66,7 +66,7 @@ FORMAT, VERSION = "sparse_upcycle.token_shards", 1
 MANIFEST = "manifest.json"
 DTYPES = ("uint16", "uint32", "int32")
 SPLITS = text.SPLITS
-COMMAND = "python -m sparse_upcycle.data.token_shards"
+COMMAND = "sparse-upcycle tokenize"
 # The ``data`` fields make_token_shards_pipeline reads (besides name, batch_size, seed).
 DATA_FIELDS = frozenset(
     {
