@@ -159,12 +159,18 @@ def _check_optimizer(block, where: str) -> None:
 
 
 def _check_batch(config, where: str) -> None:
-    """The global batch is split over the ``data`` x ``expert`` mesh axes (sharding.py)."""
+    """The global batch is split over the ``data`` x ``fsdp`` x ``expert`` mesh axes
+    (sharding.py); ``mesh.shard_params_over_data`` must be a bool."""
     import jax
 
-    batch = config.data.get("batch_size") if _is_section(config.data) else None
     mesh = config.get("mesh", ml_collections.ConfigDict())
-    sizes = [mesh.get("data", -1), mesh.get("expert", 1), mesh.get("model", 1)]
+    over_data = mesh.get("shard_params_over_data", False) if _is_section(mesh) else False
+    if not isinstance(over_data, bool):
+        raise ConfigError(
+            f"{where}.mesh.shard_params_over_data must be True or False, got {over_data!r}"
+        )
+    batch = config.data.get("batch_size") if _is_section(config.data) else None
+    sizes = [mesh.get(a, -1 if a == "data" else 1) for a in ("data", "fsdp", "expert", "model")]
     if not isinstance(batch, int) or not all(isinstance(s, int) for s in sizes):
         return  # the pipeline and make_mesh name those
     if batch < 1:
@@ -176,13 +182,13 @@ def _check_batch(config, where: str) -> None:
     fixed = math.prod(s for s in sizes if s != -1)
     if sizes.count(-1) > 1 or fixed < 1 or (-1 in sizes and n % fixed):
         return  # make_mesh's message
-    data = n // fixed if sizes[0] == -1 else sizes[0]
-    expert = n // fixed if sizes[1] == -1 else sizes[1]
-    parallel = data * expert
+    data, fsdp, expert, _ = (n // fixed if s == -1 else s for s in sizes)
+    parallel = data * fsdp * expert  # shard_params_over_data moves data into fsdp: same count
     if batch % parallel:
+        axes = f"data={data} x fsdp={fsdp}" if fsdp != 1 else f"data={data}"
         raise ConfigError(
             f"{where}.data.batch_size={batch} must be divisible by the {parallel} data-parallel "
-            f"devices (mesh data={data} x expert={expert} of {n} devices); use a multiple of "
+            f"devices (mesh {axes} x expert={expert} of {n} devices); use a multiple of "
             f"{parallel} or set {where}.mesh"
         )
 

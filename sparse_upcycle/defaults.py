@@ -20,7 +20,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_format = "auto"
     c.seed = 0
     c.total_steps = 100
-    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
+    # fsdp > 1 (or shard_params_over_data) splits params and optimizer state (sharding.py)
+    c.mesh = ml_collections.ConfigDict(
+        {"data": -1, "fsdp": 1, "expert": 1, "model": 1, "shard_params_over_data": False}
+    )
     c.distributed = ml_collections.ConfigDict(
         {"num_processes": 1, "process_id": 0, "coordinator_address": ""}
     )

@@ -61,7 +61,8 @@ class TrainingError(RuntimeError):
 
 
 def global_batch(local: dict, mesh, process_count: int) -> dict:
-    """Global device arrays from this process's numpy batch (data-parallel over the mesh)."""
+    """Global device arrays from this process's numpy batch (split over the data-parallel
+    axes of the mesh: ``data × fsdp × expert``, ``sharding.batch_sharding``)."""
     out = {}
     for key, value in local.items():
         sh = sharding.batch_sharding(mesh, value.ndim)
@@ -132,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     process_index, process_count = jax.process_index(), jax.process_count()
     m = config.get("mesh", ml_collections.ConfigDict())
     try:
-        mesh = sharding.make_mesh(m.get("data", -1), m.get("expert", 1), m.get("model", 1))
+        mesh = sharding.mesh_from_config(m)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     # ---------------------------------------------------------------- model

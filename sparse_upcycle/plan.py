@@ -265,19 +265,18 @@ def plan(
     source = _source(config)
     m = config.get("mesh") or {}
     try:
-        mesh = sharding.make_mesh(
-            m.get("data", -1), m.get("expert", 1), m.get("model", 1), devices=_cpu_devices(devices)
-        )
+        mesh = sharding.mesh_from_config(m, devices=_cpu_devices(devices))
     except ValueError as e:
         raise _config_error(f"mesh: {e}") from None
     shape = {k: int(v) for k, v in mesh.shape.items()}
     batch_size = config.data.get("batch_size")
-    parallel = shape["data"] * shape["expert"]
+    parallel = sharding.data_parallel_size(mesh)
     if not isinstance(batch_size, int) or batch_size < 1 or batch_size % parallel:
+        axes = " x ".join(f"{a}={shape[a]}" for a in ("data", "fsdp", "expert") if a in shape)
         raise _config_error(
             f"config.data.batch_size={batch_size!r} must be a positive multiple of the "
-            f"{parallel} data-parallel devices (mesh data={shape['data']} x expert="
-            f"{shape['expert']} of {devices}); set config.data.batch_size or config.mesh"
+            f"{parallel} data-parallel devices (mesh {axes} of {devices}); set "
+            "config.data.batch_size or config.mesh"
         )
 
     t = build_training(config, source, mesh)

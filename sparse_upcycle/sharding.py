@@ -1,9 +1,11 @@
 """Device mesh, the ONE logical-axis-rules table, and the shardings built from it.
 
-Mesh. Three named axes, ``("data", "expert", "model")`` (``make_mesh``), all
+Mesh. Up to four named axes, ``("data", "fsdp", "expert", "model")`` (``make_mesh``), all
 ``AxisType.Auto``: the partitioner propagates shardings from the inputs and from the few
 ``constrain`` calls. (Explicit axes would make every op's output sharding part of its type,
-and they refuse ops such as the dropless router's ``argsort`` over a sharded axis.)
+and they refuse ops such as the dropless router's ``argsort`` over a sharded axis.) The
+``fsdp`` axis exists only when its size is above 1, so a mesh without FSDP is the
+``("data", "expert", "model")`` mesh it always was (same programs, same compilation cache).
 
 Rules. Parameters carry logical axis names (``layers.logical_param``: ``("expert", "embed",
 "mlp")`` …); activations are named at the few places that pin a layout (``moe.py``).
@@ -16,7 +18,7 @@ logical name         mesh axes               what it names
 ``batch``            ``("data", "expert")``  batch rows; MoE routing groups G, token-major
 ``batch_no_expert``  ``"data"``              G in the expert-major ``[G, E, C, d]`` buffers
 ``length``           replicated              sequence positions
-``embed``            replicated              model width d
+``embed``            ``"fsdp"``              model width d (parameters: FSDP, below)
 ``mlp``              ``"model"``             MLP / expert hidden width f
 ``heads``            ``"model"``             attention heads
 ``joined_kv``        ``"model"``             heads·head_dim, flattened (T5X kernels)
@@ -27,6 +29,26 @@ logical name         mesh axes               what it names
 ``unmodeled``        replicated              anything not worth splitting (ViT patch dims,
                                              router output, classifier classes)
 ===================  ======================  ==============================================
+
+The ``fsdp`` axis is data-parallel too: wherever the table names ``data``, a mesh with an
+``fsdp`` axis splits that dimension over ``("data", "fsdp")`` (``DATA_PARALLEL``). So
+``batch`` is split over ``data × fsdp × expert`` and ``batch_no_expert`` over ``data × fsdp``.
+
+FSDP (ZeRO-3; Rajbhandari et al. 2020, "ZeRO", stage 3). Parameters, and with them the
+optimizer state (``opt_state_shardings`` follows the parameters), are split on their ``embed``
+dimension d over ``fsdp``: every weight matrix has one (``[d, f]``, ``[f, d]``, ``[E, d, f]``,
+``[vocab, d]``, ``[d, heads·kv]``), it is neither the expert nor the model dimension, and its
+size (the model width) is a multiple of any sensible ``fsdp``. Each device then holds 1/fsdp
+of every such leaf. Vectors (norm scales ``[d]``, biases) stay whole: they are tiny, and split
+on d they would pull the activations they multiply off their batch layout. Nothing in the step asks for the gathers: the partitioner
+sees a weight split on d meet a batch split over ``fsdp`` and all-gathers the weight where it
+is used (per layer, in the forward and again in the backward pass) and reduce-scatters its
+gradient into the split layout of the optimizer update (``sparse-upcycle plan`` counts both in
+the compiled HLO). Activations keep d whole: in ``("batch", ..., "embed")`` the batch takes
+``fsdp`` first, so the later ``embed`` has none left (the rule below). A leaf whose d is not
+divisible by ``fsdp``, or that has no ``embed`` dimension (T5's relative-position bias), is
+replicated over ``fsdp``. ``mesh.shard_params_over_data=True`` uses all the
+data-parallel devices for this (``mesh_from_config``: the ``data`` size moves into ``fsdp``).
 
 Expert-parallel layout (vmoe, Riquelme et al. 2021; MaxText). No devices are reserved for
 experts: the ``expert`` mesh axis is a second data-parallel axis, so the batch is split over
@@ -74,7 +96,10 @@ from jax.sharding import PartitionSpec as P
 
 from sparse_upcycle.checkpoints.tree import key_name, path_str
 
-MESH_AXES = ("data", "expert", "model")
+MESH_AXES = ("data", "fsdp", "expert", "model")  # "fsdp" only when its size is above 1
+# The mesh axes a dimension the table maps to "data" is split over (the fsdp axis is
+# data-parallel for activations, and shards the parameters on "embed").
+DATA_PARALLEL = ("data", "fsdp")
 
 # The one table: logical axis name -> mesh axis, tuple of mesh axes, or None (replicated).
 # Read-only, so that no caller can change the layout behind the others' backs.
@@ -85,7 +110,7 @@ LOGICAL_AXIS_RULES: Mapping[str, str | tuple[str, ...] | None] = types.MappingPr
         "batch_no_expert": "data",  # expert-major buffers: the expert axis is taken by E
         "length": None,
         # Parameters (and activations along the same dimensions).
-        "embed": None,
+        "embed": "fsdp",  # FSDP / ZeRO-3: parameters split on d over fsdp (see above)
         "mlp": "model",
         "heads": "model",
         "joined_kv": "model",
@@ -106,12 +131,19 @@ LogicalAxes = tuple[str | None, ...]
 
 
 def make_mesh(
-    data: int = -1, expert: int = 1, model: int = 1, devices: Sequence[Any] | None = None
+    data: int = -1,
+    expert: int = 1,
+    model: int = 1,
+    devices: Sequence[Any] | None = None,
+    *,
+    fsdp: int = 1,
 ) -> Mesh:
-    """A ``("data", "expert", "model")`` mesh over ``devices`` (default: all devices).
+    """A ``("data", "fsdp", "expert", "model")`` mesh over ``devices`` (default: all devices),
+    without the ``fsdp`` axis when its size is 1.
 
     Args:
-      data, expert, model: axis sizes; at most one may be -1, meaning "the devices left over".
+      data, fsdp, expert, model: axis sizes; at most one may be -1, meaning "the devices left
+        over".
       devices: the devices to use (default ``jax.devices()``).
 
     Raises:
@@ -119,10 +151,23 @@ def make_mesh(
         if the sizes do not multiply to the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    sizes = {"data": data, "expert": expert, "model": model}
+    sizes = _resolve_sizes(
+        {"data": data, "fsdp": fsdp, "expert": expert, "model": model}, len(devices)
+    )
+    names = tuple(a for a in MESH_AXES if a != "fsdp" or sizes[a] > 1)
+    shape = tuple(sizes[a] for a in names)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def _resolve_sizes(sizes: dict[str, Any], n: int) -> dict[str, int]:
+    """Mesh axis sizes with the one -1 replaced by the devices left over (``make_mesh``)."""
+    sizes = dict(sizes)
     for name, size in sizes.items():
-        if not isinstance(size, int | np.integer) or (size < 1 and size != -1):
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int | np.integer)
+            or (size < 1 and size != -1)
+        ):
             raise ValueError(f"mesh axis {name}={size!r}: expected a positive integer or -1")
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
@@ -136,8 +181,53 @@ def make_mesh(
         sizes[free[0]] = n // known
     elif known != n:
         raise ValueError(f"mesh {sizes} needs {known} devices, but there are {n}")
-    shape = tuple(int(sizes[name]) for name in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return {name: int(size) for name, size in sizes.items()}
+
+
+def mesh_sizes(mesh_config: Mapping[str, Any] | None, n: int) -> dict[str, int]:
+    """The axis sizes a config's ``mesh`` section gives on ``n`` devices, -1 resolved and
+    ``shard_params_over_data`` applied (the ``data`` size moved into ``fsdp``).
+
+    Raises:
+      ValueError: as ``make_mesh``; ``shard_params_over_data`` not a bool.
+    """
+    m = mesh_config if mesh_config is not None else {}
+    sizes = _resolve_sizes(
+        {
+            "data": m.get("data", -1),
+            "fsdp": m.get("fsdp", 1),
+            "expert": m.get("expert", 1),
+            "model": m.get("model", 1),
+        },
+        n,
+    )
+    over_data = m.get("shard_params_over_data", False)
+    if not isinstance(over_data, bool):
+        raise ValueError(f"shard_params_over_data={over_data!r}: expected True or False")
+    if over_data:
+        sizes["fsdp"], sizes["data"] = sizes["data"] * sizes["fsdp"], 1
+    return sizes
+
+
+def mesh_from_config(
+    mesh_config: Mapping[str, Any] | None, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """The mesh of a config's ``mesh`` section (``defaults.default_config``: ``data``, ``fsdp``,
+    ``expert``, ``model``, ``shard_params_over_data``) over ``devices`` (default: all).
+
+    Raises:
+      ValueError: as ``mesh_sizes``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(mesh_config, len(devices))
+    return make_mesh(
+        sizes["data"], sizes["expert"], sizes["model"], devices=devices, fsdp=sizes["fsdp"]
+    )
+
+
+def data_parallel_size(mesh) -> int:
+    """The devices the batch is split over: ``data × fsdp × expert`` (those the mesh has)."""
+    return math.prod(mesh.shape.get(a, 1) for a in (*DATA_PARALLEL, "expert"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +284,8 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
             )
         rule = LOGICAL_AXIS_RULES[name]
         mesh_axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        # "data" stands for every data-parallel axis: ("data", "fsdp").
+        mesh_axes = tuple(x for a in mesh_axes for x in (DATA_PARALLEL if a == "data" else (a,)))
         # A mesh axis may appear once per spec: the earlier dimension keeps it.
         mesh_axes = tuple(a for a in mesh_axes if a not in used)
         if usable is not None:
@@ -216,7 +308,8 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dim over ``("data", "expert")``, the other ``ndim - 1`` dims replicated."""
+    """Leading (batch) dim over ``("data", "fsdp", "expert")`` (those the mesh has), the other
+    ``ndim - 1`` dims replicated."""
     if ndim < 1:
         raise ValueError(f"a batch needs at least one dimension, got ndim={ndim}")
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))
@@ -319,9 +412,21 @@ def _sharding(path: str, axes: LogicalAxes | None, shape, mesh: Mesh) -> NamedSh
     if axes is None:
         return NamedSharding(mesh, P())
     try:
-        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+        spec = logical_to_spec(axes, shape, mesh)
     except ValueError as e:
         raise ValueError(f"parameter {path}: {e}") from None
+    if len(shape) < 2:
+        # A vector (norm scale, bias) stays whole on fsdp: split on d, it would pull the
+        # activations it multiplies off their batch layout (module docstring, FSDP).
+        spec = P(*(_without(entry, "fsdp") for entry in spec))
+    return NamedSharding(mesh, spec)
+
+
+def _without(entry, axis: str):
+    """A ``PartitionSpec`` entry without ``axis``."""
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    kept = tuple(a for a in names if a != axis)
+    return kept[0] if len(kept) == 1 else (kept or None)
 
 
 def shard_tree(tree, shardings):
