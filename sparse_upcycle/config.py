@@ -278,7 +278,7 @@ class OrNone:
     default: object
 
 
-MODEL_FIELDS = ("family", "name", "overrides")  # + each registered family's MOE_FIELDS
+MODEL_FIELDS = ("family", "name", "remat", "overrides")  # + each family's MOE_FIELDS
 
 
 def model_fields() -> tuple[str, ...]:
@@ -315,7 +315,12 @@ def run_schema() -> dict:
     """What a train/upcycle/verify/export config may hold: ``defaults.default_config()`` and an
     ``upcycle`` recipe."""
     out = _defaults(default_config())
-    out["model"] = {"family": "", "name": "", **dict.fromkeys(model_fields()[2:], OPEN)}
+    out["model"] = {
+        "family": "",
+        "name": "",
+        "remat": "none",
+        **dict.fromkeys(model_fields()[3:], OPEN),
+    }
     out["data"] = OPEN
     out["optimizer"] = optimizer_schema()
     out["upcycle"] = {f.name: f.default for f in dataclasses.fields(Recipe)}

@@ -15,7 +15,10 @@ from sparse_upcycle import optim
 def default_config() -> ml_collections.ConfigDict:
     """Every training field with its default; experiment configs start from this."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"family": "t5", "name": "tiny", "overrides": {}})
+    # remat: none | full | dots_saveable | minimal, per block (models/remat.py)
+    c.model = ml_collections.ConfigDict(
+        {"family": "t5", "name": "tiny", "remat": "none", "overrides": {}}
+    )
     c.init_from = "scratch"  # "scratch" | a dense checkpoint | an `upcycle` output directory
     c.init_format = "auto"
     c.seed = 0

@@ -11,6 +11,7 @@ import ml_collections
 
 from sparse_upcycle import models
 from sparse_upcycle.config import ConfigError, check_names
+from sparse_upcycle.models import remat
 from sparse_upcycle.models.moe_config import MoeConfig
 
 
@@ -40,7 +41,9 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     ``base`` is a family config to start from (e.g. the one a Hugging Face checkpoint carries)
     when ``model.name == "checkpoint"``. The MoE config gets ``num_experts`` (the recipe's
     total); the dense one none. ``granularity`` G > 1 makes the experts f/G wide (virtual
-    groups)."""
+    groups). ``model.remat`` (``models/remat.py``; default ``"none"``, also for a
+    checkpoint's config) sets both configs' ``remat``; it is set there only, not in
+    ``model.overrides``."""
     family = model.get("family")
     try:
         module = models.get(family)
@@ -49,7 +52,13 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     overrides = _plain(model.get("overrides", ml_collections.ConfigDict()))
     moe_keys = module.MOE_FIELDS
     # A t5 model has no `moe` block (nor vit/decoder an `encoder_moe`): refused, not ignored.
-    check_names(model, ("family", "name", "overrides", *moe_keys), "model")
+    check_names(model, ("family", "name", "remat", "overrides", *moe_keys), "model")
+    if "remat" in overrides:
+        raise ConfigError("model.overrides.remat: set model.remat instead")
+    try:  # a run's setting, never a checkpoint's: absent means "none"
+        forced = {"remat": remat.check(model.get("remat", "none"))}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         if model.get("name") == "checkpoint":
             if base is None:
@@ -63,9 +72,9 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     check_names(overrides, fields, "model.overrides")
     try:
         if model.get("name") == "checkpoint":
-            start = dataclasses.replace(start, **overrides)  # start is base here
+            start = dataclasses.replace(start, **overrides, **forced)  # start is base here
         else:
-            start = module.config(model.name, **overrides)
+            start = module.config(model.name, **overrides, **forced)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {family}/{model.get('name')}: {e}") from None
 

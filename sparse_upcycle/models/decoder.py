@@ -55,6 +55,7 @@ from flax import nnx, struct
 
 from sparse_upcycle import flop_terms, routing
 from sparse_upcycle.layers import Dense, Embed, RMSNorm
+from sparse_upcycle.models import remat as remat_lib
 from sparse_upcycle.models.decoder_blocks import DecoderBlock
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
 
@@ -79,6 +80,12 @@ class DecoderConfig:
     ("float32", "bfloat16"); parameters are always float32. ``initializer_range`` is the std
     of the embedding init (other kernels use T5X's fan-in init, as the experts do). ``moe``
     may be given as a dict of ``MoeConfig`` fields, merged over ``DEFAULT_MOE``.
+
+    ``remat`` (``models/remat.py``; not an HF field) rematerialises every ``layers_i`` in the
+    full forward pass (not in cached decoding): ``"none"`` keeps all activations,
+    ``"dots_saveable"`` keeps every matmul output, ``"minimal"`` the matmuls without batch
+    dimensions, ``"full"`` only each block's input. It changes memory and compute, never the
+    function, so config equality ignores it.
     """
 
     vocab_size: int = 32000
@@ -95,8 +102,10 @@ class DecoderConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"
     moe: MoeConfig = DEFAULT_MOE
+    remat: str = dataclasses.field(default="none", compare=False)
 
     def __post_init__(self):
+        remat_lib.check(self.remat)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -245,6 +254,9 @@ class Decoder(nnx.Module):
             init=nnx.initializers.normal(stddev=c.initializer_range),
             rngs=rngs,
         )
+        # Kept apart from config (whose equality ignores remat) so the graphdef, and with it a
+        # jit cache entry, differs between policies.
+        self.remat = c.remat
         sparse = set(c.sparse_layers)
         for i in range(c.num_hidden_layers):
             setattr(self, f"layers_{i}", DecoderBlock(c, i in sparse, rngs=rngs))
@@ -332,17 +344,32 @@ class Decoder(nnx.Module):
         x = self.token_embedder(tokens, jnp.dtype(c.dtype))
         metrics: list[routing.RouterMetrics] = []
         new_kv = []
-        for i in range(c.num_hidden_layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache, m = getattr(self, f"layers_{i}")(
+
+        def run(layer, x, positions, mask, token_mask, rng, cache, cache_index):
+            return layer(
                 x,
                 positions=positions,
                 mask=mask,
                 token_mask=token_mask,
                 train=train,
-                rng=None if rng is None else jax.random.fold_in(rng, i),
-                cache=layer_cache,
-                cache_index=None if cache is None else cache.index,
+                rng=rng,
+                cache=cache,
+                cache_index=cache_index,
+            )
+
+        # Cached decoding is never differentiated: only the full forward is rematerialised.
+        run = remat_lib.block(self.remat if cache is None else "none", run)
+        for i in range(c.num_hidden_layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache, m = run(
+                getattr(self, f"layers_{i}"),
+                x,
+                positions,
+                mask,
+                token_mask,
+                None if rng is None else jax.random.fold_in(rng, i),
+                layer_cache,
+                None if cache is None else cache.index,
             )
             new_kv.append(layer_cache)
             if m is not None:

@@ -51,6 +51,7 @@ from sparse_upcycle.layers import (
     activation,
 )
 from sparse_upcycle.models import moe_config
+from sparse_upcycle.models import remat as remat_lib
 from sparse_upcycle.models.moe_config import MoeConfig
 from sparse_upcycle.models.t5_blocks import (
     Decoder,
@@ -79,7 +80,12 @@ def _decoder_moe_default() -> MoeConfig:
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """T5X's ``T5Config`` field names plus the MoE blocks. ``dtype`` is the activation dtype
-    (parameters are always float32); ``num_experts=0`` in a ``MoeConfig`` means dense."""
+    (parameters are always float32); ``num_experts=0`` in a ``MoeConfig`` means dense.
+
+    ``remat`` (``models/remat.py``) rematerialises every encoder and decoder layer:
+    ``"none"`` keeps all activations, ``"dots_saveable"`` keeps every matmul output,
+    ``"minimal"`` the matmuls without batch dimensions, ``"full"`` only each layer's input.
+    It changes memory and compute, never the function, so config equality ignores it."""
 
     vocab_size: int = 32128
     emb_dim: int = 512
@@ -97,8 +103,10 @@ class T5Config:
     layer_norm_eps: float = 1e-6
     encoder_moe: MoeConfig = dataclasses.field(default_factory=_encoder_moe_default)
     decoder_moe: MoeConfig = dataclasses.field(default_factory=_decoder_moe_default)
+    remat: str = dataclasses.field(default="none", compare=False)
 
     def __post_init__(self):
+        remat_lib.check(self.remat)
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
         for name in ("encoder_moe", "decoder_moe"):

@@ -21,6 +21,7 @@ from sparse_upcycle.layers import (
     activation,
     dot_product_attention,
 )
+from sparse_upcycle.models import remat as remat_lib
 from sparse_upcycle.models.moe_config import MoeConfig
 
 if TYPE_CHECKING:
@@ -28,10 +29,12 @@ if TYPE_CHECKING:
 
 
 class Keys:
-    """Fresh PRNG keys for dropout sites and routers, or None everywhere when not training."""
+    """Fresh PRNG keys for dropout sites and routers, or None everywhere when not training.
 
-    def __init__(self, rng: jax.Array | None):
-        self.rng, self.count = rng, 0
+    Key ``n`` is ``fold_in(rng, n)``: a copy that starts at ``count`` continues the stream."""
+
+    def __init__(self, rng: jax.Array | None, count: int = 0):
+        self.rng, self.count = rng, count
 
     def __call__(self) -> jax.Array | None:
         if self.rng is None:
@@ -182,9 +185,33 @@ def layers_of(module: nnx.Module, n: int) -> list:
     return [getattr(module, f"layers_{i}") for i in range(n)]
 
 
+def call_layer(remat: str, layer, args: tuple, keys: Keys, train: bool):
+    """``layer(*args, keys, train)``, rematerialised as ``remat`` says (``models/remat.py``).
+
+    Under ``nnx.remat`` the layer draws its keys from a copy of ``keys`` holding the traced
+    ``rng``; ``keys`` then moves on by as many keys as the layer drew (counted while tracing),
+    so every policy sees the same key stream as ``"none"``."""
+    if remat == "none":
+        return layer(*args, keys, train)
+    start, drawn = keys.count, []
+
+    def body(layer, rng, *args):
+        inner = Keys(rng, start)
+        out = layer(*args, inner, train)
+        drawn.append(inner.count)
+        return out
+
+    out = remat_lib.block(remat, body)(layer, keys.rng, *args)
+    keys.count = drawn[-1]
+    return out
+
+
 class Encoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        # Kept apart from cfg (whose equality ignores remat) so the graphdef, and with it a jit
+        # cache entry, differs between policies.
+        self.remat = cfg.remat
         self.relpos_bias = _relpos_bias(cfg, bidirectional=True, rngs=rngs)
         sparse = cfg.encoder_moe.sparse_layers(cfg.num_encoder_layers)
         for i in range(cfg.num_encoder_layers):
@@ -199,7 +226,8 @@ class Encoder(nnx.Module):
         attn_mask = mask_BS[:, None, None, :]
         metrics = []
         for layer in layers_of(self, self.cfg.num_encoder_layers):
-            x, m = layer(x, bias, attn_mask, mask_BS, keys, train)
+            args = (x, bias, attn_mask, mask_BS)
+            x, m = call_layer(self.remat, layer, args, keys, train)
             metrics += [m] if m is not None else []
         x = dropout(self.encoder_norm(x), self.cfg.dropout_rate, keys(), broadcast_length=False)
         return x, metrics
@@ -208,6 +236,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.remat = cfg.remat  # as Encoder.remat
         self.relpos_bias = _relpos_bias(cfg, bidirectional=False, rngs=rngs)
         sparse = cfg.decoder_moe.sparse_layers(cfg.num_decoder_layers)
         for i in range(cfg.num_decoder_layers):
@@ -225,7 +254,8 @@ class Decoder(nnx.Module):
         cross_mask = enc_mask_BS[:, None, None, :]
         metrics = []
         for layer in layers_of(self, self.cfg.num_decoder_layers):
-            y, m, _ = layer(y, encoded, self_bias, self_mask, cross_mask, dec_mask_BL, keys, train)
+            args = (y, encoded, self_bias, self_mask, cross_mask, dec_mask_BL)
+            y, m, _ = call_layer(self.remat, layer, args, keys, train)
             metrics += [m] if m is not None else []
         return self.final(y, keys), metrics
 

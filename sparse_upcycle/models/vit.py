@@ -67,6 +67,7 @@ from sparse_upcycle.layers import (
     fan_in_init,
     logical_param,
 )
+from sparse_upcycle.models import remat as remat_lib
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
 from sparse_upcycle.moe import MoeMlp
 
@@ -105,7 +106,12 @@ def _pair(v) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    """big_vision ViT fields, plus the MoE block and the activation dtype (params stay fp32)."""
+    """big_vision ViT fields, plus the MoE block and the activation dtype (params stay fp32).
+
+    ``remat`` (``models/remat.py``) rematerialises every ``encoderblock_i``: ``"none"`` keeps
+    all activations, ``"dots_saveable"`` keeps every matmul output, ``"minimal"`` the matmuls
+    without batch dimensions, ``"full"`` only each block's input. It changes memory and
+    compute, never the function, so config equality ignores it."""
 
     num_classes: int = 1000  # 0: no head, the model returns the pooled features
     patch_size: tuple[int, int] = (16, 16)
@@ -123,8 +129,10 @@ class ViTConfig:
     head_zeroinit: bool = True
     dtype: str = "float32"  # activations
     moe: MoeConfig = dataclasses.field(default_factory=default_moe)
+    remat: str = dataclasses.field(default="none", compare=False)
 
     def __post_init__(self):
+        remat_lib.check(self.remat)
         object.__setattr__(self, "patch_size", _pair(self.patch_size))
         object.__setattr__(self, "image_size", _pair(self.image_size))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
@@ -323,6 +331,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
         self.depth = config.depth
+        self.remat = config.remat
         sparse = set(config.moe.sparse_layers(config.depth))
         for i in range(config.depth):
             setattr(self, f"encoderblock_{i}", Encoder1DBlock(config, i in sparse, rngs=rngs))
@@ -330,9 +339,14 @@ class Encoder(nnx.Module):
 
     def __call__(self, x, *, train: bool, key: jax.Array | None):
         metrics: list[routing.RouterMetrics] = []
+
+        def run(block, x, key):
+            return block(x, train=train, key=key)
+
+        run = remat_lib.block(self.remat, run)
         for i in range(self.depth):
             block_key = None if key is None else jax.random.fold_in(key, i)
-            x, m = getattr(self, f"encoderblock_{i}")(x, train=train, key=block_key)
+            x, m = run(getattr(self, f"encoderblock_{i}"), x, block_key)
             if m is not None:
                 metrics.append(m)
         return self.encoder_norm(x), metrics
