@@ -58,6 +58,11 @@ COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "coll
 DEFAULT_HEADROOM = 0.1
 TOP = 10  # biggest consumers listed
 _CHILD_ENV = "SPARSE_UPCYCLE_PLAN_CHILD"  # set in the re-executed child: never re-exec twice
+# XLA:CPU removes optimization barriers (its cse_barrier_expander pass) before a CSE pass that
+# then merges jax.checkpoint's backward-pass recomputation into the forward pass, so
+# ``model.remat`` would save nothing here. jax.checkpoint (prevent_cse) relies on the barriers
+# for accelerators; keeping them on CPU too lets the plan show what remat saves.
+KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def _config_error(message: str) -> Exception:
@@ -304,7 +309,7 @@ def plan(
     with jax.set_mesh(mesh):  # the MoE layers pin their expert-parallel layout under it
         lowered = step.lower(state_in, batch_in, seed_in)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=KEEP_REMAT)
     compiled_at = time.perf_counter()
     mem = compiled.memory_analysis()
     collectives = count_collectives(compiled.as_text() or "")
