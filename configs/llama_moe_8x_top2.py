@@ -33,6 +33,12 @@ Settings and sources:
   ``data.path`` is empty on purpose: without it the run stops with "data.path is not set";
   ``data.tokenizer`` (optional) makes the run check that the shards were made with that file.
 
+* rematerialisation (full scale only; the tiny variants keep ``none``): ``model.remat =
+  "full"`` (``models/remat.py``): a block keeps only its input, since ``dots_saveable`` would
+  keep every layer's attention logits, [32 heads, 4096, 4096] per sequence. Not measured:
+  ``plan``'s figure for this config is dominated by dropless routing, which remat does not
+  touch.
+
 Paper-scale commands (``init_from`` is empty on purpose: without it the run stops with "config.
 init_from is not set"):
 
@@ -126,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             {
                 "family": "decoder",
                 "name": "checkpoint",
+                "remat": "full",  # 4096-token windows: keep only each block's input
                 "overrides": {"dtype": "bfloat16"},
                 "moe": _moe("all"),
             }
