@@ -62,7 +62,7 @@ _CHILD_ENV = "SPARSE_UPCYCLE_PLAN_CHILD"  # set in the re-executed child: never 
 # then merges jax.checkpoint's backward-pass recomputation into the forward pass, so
 # ``model.remat`` would save nothing here. jax.checkpoint (prevent_cse) relies on the barriers
 # for accelerators; keeping them on CPU too lets the plan show what remat saves.
-KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+KEEP_REMAT: dict[str, str | bool] = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def _config_error(message: str) -> Exception:
