@@ -38,17 +38,22 @@ FSDP (ZeRO-3; Rajbhandari et al. 2020, "ZeRO", stage 3). Parameters, and with th
 optimizer state (``opt_state_shardings`` follows the parameters), are split on their ``embed``
 dimension d over ``fsdp``: every weight matrix has one (``[d, f]``, ``[f, d]``, ``[E, d, f]``,
 ``[vocab, d]``, ``[d, heads·kv]``), it is neither the expert nor the model dimension, and its
-size (the model width) is a multiple of any sensible ``fsdp``. Each device then holds 1/fsdp
-of every such leaf. Vectors (norm scales ``[d]``, biases) stay whole: they are tiny, and split
-on d they would pull the activations they multiply off their batch layout. Nothing in the step asks for the gathers: the partitioner
-sees a weight split on d meet a batch split over ``fsdp`` and all-gathers the weight where it
-is used (per layer, in the forward and again in the backward pass) and reduce-scatters its
-gradient into the split layout of the optimizer update (``sparse-upcycle plan`` counts both in
-the compiled HLO). Activations keep d whole: in ``("batch", ..., "embed")`` the batch takes
-``fsdp`` first, so the later ``embed`` has none left (the rule below). A leaf whose d is not
-divisible by ``fsdp``, or that has no ``embed`` dimension (T5's relative-position bias), is
-replicated over ``fsdp``. ``mesh.shard_params_over_data=True`` uses all the
-data-parallel devices for this (``mesh_from_config``: the ``data`` size moves into ``fsdp``).
+size (the model width) is a multiple of any sensible ``fsdp``. Each device then holds 1/fsdp of
+every such leaf. Vectors (norm scales ``[d]``, biases) stay whole: they are tiny, and split on
+d they would pull the activations they multiply off their batch layout. Nothing in the step
+asks for the gathers: the partitioner sees a weight split on d meet a batch split over ``fsdp``
+and all-gathers the weight where it is used (per layer, in the forward and again in the
+backward pass) and reduces its gradient into the split layout of the optimizer update
+(``sparse-upcycle plan`` counts the collectives; XLA:CPU reduces with all-reduces, not
+reduce-scatters). Constrained activations keep d whole: in ``("batch", ..., "embed")`` the
+batch takes ``fsdp`` first, so the later ``embed`` has none left (the rule below). The others
+are the partitioner's choice, and it moves some (embedding outputs, router inputs) onto the
+split d ("Involuntary full rematerialization" in the compile log): at paper scale that costs
+far more temporaries than FSDP saves (README, Train) until the model blocks pin them. A leaf
+whose d is not divisible by ``fsdp``, or that has no ``embed`` dimension (T5's
+relative-position bias), is replicated over ``fsdp``. ``mesh.shard_params_over_data=True`` uses
+all the data-parallel devices for this (``mesh_from_config``: the ``data`` size moves into
+``fsdp``).
 
 Expert-parallel layout (vmoe, Riquelme et al. 2021; MaxText). No devices are reserved for
 experts: the ``expert`` mesh axis is a second data-parallel axis, so the batch is split over
