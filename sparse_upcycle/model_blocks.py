@@ -56,7 +56,7 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     if "remat" in overrides:
         raise ConfigError("model.overrides.remat: set model.remat instead")
     try:  # a run's setting, never a checkpoint's: absent means "none"
-        forced = {"remat": remat.check(model.get("remat", "none"))}
+        remat_policy = remat.check(model.get("remat", "none"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
@@ -70,6 +70,12 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {family}/{model.get('name')}: {e}") from None
     check_names(overrides, fields, "model.overrides")
+    # A family registered without a `remat` field (a plugin's) runs without rematerialisation.
+    forced = {"remat": remat_policy} if "remat" in fields else {}
+    if not forced and remat_policy != "none":
+        raise ConfigError(
+            f"model.remat={remat_policy!r}: the {family} family's Config has no remat field"
+        )
     try:
         if model.get("name") == "checkpoint":
             start = dataclasses.replace(start, **overrides, **forced)  # start is base here
