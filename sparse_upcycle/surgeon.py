@@ -36,6 +36,7 @@ from sparse_upcycle.checkpoints.output import TempOutput
 from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.models import build_model
+from sparse_upcycle.sizes import format_bytes
 from sparse_upcycle.task import resolve_models
 from sparse_upcycle.upcycle.recipe import Recipe
 from sparse_upcycle.upcycle.rules import tile_optimizer_state, upcycle_tree
@@ -115,14 +116,6 @@ def upcycle(
     return info
 
 
-def _gib(n: float) -> str:
-    """``n`` bytes in binary units (``1.5 GiB``, ``312 KiB``)."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
-
-
 def _check_room(target: dict, parent: str, dst: str) -> None:
     """Before anything is written: the MoE's largest tensor must fit in this machine's memory
     and the whole checkpoint (its tensors, in the model's dtypes, as written) on ``--dst``'s
@@ -139,8 +132,8 @@ def _check_room(target: dict, parent: str, dst: str) -> None:
     if memory and sizes[biggest] > memory:
         raise ConfigError(
             f"the MoE's tensor {biggest} {target[biggest][0]} alone needs at least "
-            f"{_gib(sizes[biggest])}, more than this machine's memory ({_gib(memory)}); check "
-            "config.upcycle.num_experts and the model sizes"
+            f"{format_bytes(sizes[biggest])}, more than this machine's memory "
+            f"({format_bytes(memory)}); check config.upcycle.num_experts and the model sizes"
         )
     probe = parent
     while probe and not os.path.isdir(probe):
@@ -149,8 +142,8 @@ def _check_room(target: dict, parent: str, dst: str) -> None:
         free = shutil.disk_usage(probe).free
         if total > free:
             raise CheckpointError(
-                f"--dst {dst}: the MoE checkpoint needs at least {_gib(total)} and the disk "
-                f"there has {_gib(free)} free; free space or choose another --dst"
+                f"--dst {dst}: the MoE checkpoint needs at least {format_bytes(total)} and the "
+                f"disk there has {format_bytes(free)} free; free space or choose another --dst"
             )
 
 
