@@ -309,12 +309,30 @@ def workdir_writes(workdir: str) -> Iterator[None]:
         )
         if full is None:
             raise
-        checkpoints = os.path.join(workdir, "checkpoints")
+        # The run ends here with one line: Orbax threads still finishing the failed save
+        # (which may recreate a step directory) log nothing more, and what they leave within
+        # the settling time is removed too.
+        logging.getLogger("absl").addFilter(lambda r: r.levelno < logging.ERROR)
+        _remove_unfinished(os.path.join(workdir, "checkpoints"))
+        raise full from None
+
+
+def _remove_unfinished(checkpoints: str, settle_s: float = 1.0) -> None:
+    """Remove the ``*.orbax-checkpoint-tmp*`` entries under ``checkpoints``, passing again
+    until none has reappeared for ``settle_s``."""
+    import time
+
+    quiet_until = time.monotonic() + settle_s
+    while time.monotonic() < quiet_until:
+        found = False
         if os.path.isdir(checkpoints):
             for entry in os.listdir(checkpoints):
                 if ORBAX_TMP in entry:
+                    found = True
                     _remove(os.path.join(checkpoints, entry))
-        raise full from None
+        if found:
+            quiet_until = time.monotonic() + settle_s
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------------------------
