@@ -278,7 +278,10 @@ class OrNone:
     default: object
 
 
-MODEL_FIELDS = ("family", "name", "remat", "overrides")  # + each family's MOE_FIELDS
+# The fields of a ``model`` block besides each family's MoE blocks; RUN_FIELDS are a run's
+# settings, never a checkpoint's, so never in ``model.overrides`` (``model_blocks.py``).
+MODEL_FIELDS = ("family", "name", "remat", "scan_layers", "param_dtype", "overrides")
+RUN_FIELDS = ("remat", "scan_layers", "param_dtype")
 
 
 def model_fields() -> tuple[str, ...]:
@@ -319,7 +322,9 @@ def run_schema() -> dict:
         "family": "",
         "name": "",
         "remat": "none",
-        **dict.fromkeys(model_fields()[3:], OPEN),
+        "scan_layers": False,
+        "param_dtype": "float32",
+        **dict.fromkeys(model_fields()[len(MODEL_FIELDS) - 1 :], OPEN),
     }
     out["data"] = OPEN
     out["optimizer"] = optimizer_schema()

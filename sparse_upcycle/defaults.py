@@ -15,9 +15,18 @@ from sparse_upcycle import optim
 def default_config() -> ml_collections.ConfigDict:
     """Every training field with its default; experiment configs start from this."""
     c = ml_collections.ConfigDict()
-    # remat: none | full | dots_saveable | minimal, per block (models/remat.py)
+    # remat: none | full | dots_saveable | minimal, per block (models/remat.py); scan_layers:
+    # the blocks run as one jax.lax.scan (models/scan.py); param_dtype: of the train state's
+    # parameters (training.py)
     c.model = ml_collections.ConfigDict(
-        {"family": "t5", "name": "tiny", "remat": "none", "overrides": {}}
+        {
+            "family": "t5",
+            "name": "tiny",
+            "remat": "none",
+            "scan_layers": False,
+            "param_dtype": "float32",
+            "overrides": {},
+        }
     )
     c.init_from = "scratch"  # "scratch" | a dense checkpoint | an `upcycle` output directory
     c.init_format = "auto"

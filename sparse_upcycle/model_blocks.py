@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 
 from sparse_upcycle import models
-from sparse_upcycle.config import ConfigError, check_names
+from sparse_upcycle.config import MODEL_FIELDS, RUN_FIELDS, ConfigError, check_names
 from sparse_upcycle.models import remat
 from sparse_upcycle.models.moe_config import MoeConfig
 
@@ -21,6 +21,20 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return tuple(value)
+    return value
+
+
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def param_dtype(model) -> str:
+    """``model.param_dtype`` (default ``"float32"``): the dtype the train state holds the
+    parameters in; ConfigError naming the field and the choices otherwise."""
+    value = model.get("param_dtype", "float32")
+    if value not in PARAM_DTYPES:
+        raise ConfigError(
+            f"model.param_dtype must be one of {', '.join(PARAM_DTYPES)}; got {value!r}"
+        )
     return value
 
 
@@ -42,8 +56,9 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     when ``model.name == "checkpoint"``. The MoE config gets ``num_experts`` (the recipe's
     total); the dense one none. ``granularity`` G > 1 makes the experts f/G wide (virtual
     groups). ``model.remat`` (``models/remat.py``; default ``"none"``, also for a
-    checkpoint's config) sets both configs' ``remat``; it is set there only, not in
-    ``model.overrides``."""
+    checkpoint's config) and ``model.scan_layers`` (``models/scan.py``; default False) set
+    both configs' fields of those names; they are set there only, not in ``model.overrides``.
+    ``model.param_dtype`` is checked here (``param_dtype``) and read by ``training.py``."""
     family = model.get("family")
     try:
         module = models.get(family)
@@ -52,13 +67,18 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     overrides = _plain(model.get("overrides", ml_collections.ConfigDict()))
     moe_keys = module.MOE_FIELDS
     # A t5 model has no `moe` block (nor vit/decoder an `encoder_moe`): refused, not ignored.
-    check_names(model, ("family", "name", "remat", "overrides", *moe_keys), "model")
-    if "remat" in overrides:
-        raise ConfigError("model.overrides.remat: set model.remat instead")
+    check_names(model, (*MODEL_FIELDS, *moe_keys), "model")
+    for name in RUN_FIELDS:
+        if name in overrides:
+            raise ConfigError(f"model.overrides.{name}: set model.{name} instead")
     try:  # a run's setting, never a checkpoint's: absent means "none"
         remat_policy = remat.check(model.get("remat", "none"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    scan_layers = model.get("scan_layers", False)
+    if not isinstance(scan_layers, bool):
+        raise ConfigError(f"model.scan_layers must be true or false; got {scan_layers!r}")
+    param_dtype(model)
     try:
         if model.get("name") == "checkpoint":
             if base is None:
@@ -70,12 +90,15 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model {family}/{model.get('name')}: {e}") from None
     check_names(overrides, fields, "model.overrides")
-    # A family registered without a `remat` field (a plugin's) runs without rematerialisation.
-    forced = {"remat": remat_policy} if "remat" in fields else {}
-    if not forced and remat_policy != "none":
-        raise ConfigError(
-            f"model.remat={remat_policy!r}: the {family} family's Config has no remat field"
-        )
+    # A family registered without a `remat` (`scan_layers`) field (a plugin's) runs without.
+    forced: dict[str, Any] = {}
+    for name, value, off in (("remat", remat_policy, "none"), ("scan_layers", scan_layers, False)):
+        if name in fields:
+            forced[name] = value
+        elif value != off:
+            raise ConfigError(
+                f"model.{name}={value!r}: the {family} family's Config has no {name} field"
+            )
     try:
         if model.get("name") == "checkpoint":
             start = dataclasses.replace(start, **overrides, **forced)  # start is base here
