@@ -56,6 +56,7 @@ from flax import nnx, struct
 from sparse_upcycle import flop_terms, routing
 from sparse_upcycle.layers import Dense, Embed, RMSNorm
 from sparse_upcycle.models import remat as remat_lib
+from sparse_upcycle.models import scan
 from sparse_upcycle.models.decoder_blocks import DecoderBlock
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
 
@@ -85,7 +86,9 @@ class DecoderConfig:
     full forward pass (not in cached decoding): ``"none"`` keeps all activations,
     ``"dots_saveable"`` keeps every matmul output, ``"minimal"`` the matmuls without batch
     dimensions, ``"full"`` only each block's input. It changes memory and compute, never the
-    function, so config equality ignores it.
+    function, so config equality ignores it. ``scan_layers`` (``models/scan.py``; not an HF
+    field) runs the full forward's blocks as one ``jax.lax.scan`` (cached decoding stays
+    unrolled); equality ignores it too.
     """
 
     vocab_size: int = 32000
@@ -103,6 +106,7 @@ class DecoderConfig:
     dtype: str = "float32"
     moe: MoeConfig = DEFAULT_MOE
     remat: str = dataclasses.field(default="none", compare=False)
+    scan_layers: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self):
         remat_lib.check(self.remat)
@@ -256,7 +260,7 @@ class Decoder(nnx.Module):
         )
         # Kept apart from config (whose equality ignores remat) so the graphdef, and with it a
         # jit cache entry, differs between policies.
-        self.remat = c.remat
+        self.remat, self.scan_layers = c.remat, c.scan_layers
         sparse = set(c.sparse_layers)
         for i in range(c.num_hidden_layers):
             setattr(self, f"layers_{i}", DecoderBlock(c, i in sparse, rngs=rngs))
@@ -344,6 +348,25 @@ class Decoder(nnx.Module):
         x = self.token_embedder(tokens, jnp.dtype(c.dtype))
         metrics: list[routing.RouterMetrics] = []
         new_kv = []
+        if self.scan_layers and cache is None:
+            blocks = [getattr(self, f"layers_{i}") for i in range(c.num_hidden_layers)]
+
+            def body(layer, x, i):
+                key = None if rng is None else jax.random.fold_in(rng, i)
+                x, _, m = layer(
+                    x,
+                    positions=positions,
+                    mask=mask,
+                    token_mask=token_mask,
+                    train=train,
+                    rng=key,
+                    cache=None,
+                    cache_index=None,
+                )
+                return x, m
+
+            x, metrics = scan.run(blocks, body, x, remat=self.remat)
+            return self._logits(x), metrics, []
 
         def run(layer, x, positions, mask, token_mask, rng, cache, cache_index):
             return layer(
@@ -374,12 +397,15 @@ class Decoder(nnx.Module):
             new_kv.append(layer_cache)
             if m is not None:
                 metrics.append(m)
+        return self._logits(x), metrics, new_kv
+
+    def _logits(self, x):
         x = self.final_norm(x)
-        if c.tie_word_embeddings:
+        if self.config.tie_word_embeddings:
             logits = self.token_embedder.attend(x)
         else:
             logits = self.logits_dense(x)
-        return logits.astype(jnp.float32), metrics, new_kv
+        return logits.astype(jnp.float32)
 
     # ---- generation ---------------------------------------------------------------------------
 

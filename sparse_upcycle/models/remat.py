@@ -56,6 +56,13 @@ def check(value: Any) -> str:
     return value
 
 
+def policy(remat: str) -> Callable[..., bool] | None:
+    """The ``jax.checkpoint`` policy of ``remat`` (not ``"none"``; ``None`` for ``"full"``)."""
+    if check(remat) == "none":
+        raise ValueError("model.remat='none' has no checkpoint policy")
+    return _POLICIES[remat]
+
+
 def block(remat: str, fn: Callable) -> Callable:
     """``fn(module, *args)`` under ``nnx.remat`` with the policy of ``remat`` (``fn`` itself
     for ``"none"``). ``args`` are arrays or pytrees of them (``None`` for absent ones); Python

@@ -85,7 +85,9 @@ class T5Config:
     ``remat`` (``models/remat.py``) rematerialises every encoder and decoder layer:
     ``"none"`` keeps all activations, ``"dots_saveable"`` keeps every matmul output,
     ``"minimal"`` the matmuls without batch dimensions, ``"full"`` only each layer's input.
-    It changes memory and compute, never the function, so config equality ignores it."""
+    It changes memory and compute, never the function, so config equality ignores it.
+    ``scan_layers`` (``models/scan.py``) runs each stack as one ``jax.lax.scan`` (the
+    teacher-forced forward; cached decoding stays unrolled); equality ignores it too."""
 
     vocab_size: int = 32128
     emb_dim: int = 512
@@ -104,6 +106,7 @@ class T5Config:
     encoder_moe: MoeConfig = dataclasses.field(default_factory=_encoder_moe_default)
     decoder_moe: MoeConfig = dataclasses.field(default_factory=_decoder_moe_default)
     remat: str = dataclasses.field(default="none", compare=False)
+    scan_layers: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self):
         remat_lib.check(self.remat)

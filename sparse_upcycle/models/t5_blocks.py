@@ -22,6 +22,7 @@ from sparse_upcycle.layers import (
     dot_product_attention,
 )
 from sparse_upcycle.models import remat as remat_lib
+from sparse_upcycle.models import scan
 from sparse_upcycle.models.moe_config import MoeConfig
 
 if TYPE_CHECKING:
@@ -206,12 +207,30 @@ def call_layer(remat: str, layer, args: tuple, keys: Keys, train: bool):
     return out
 
 
+def scan_layers(layers: list, args: tuple, x, keys: Keys, train: bool, remat: str):
+    """``call_layer`` over ``layers`` as ``jax.lax.scan``s (``models/scan.py``): ``x`` is
+    the first of each layer's ``(x, *args)``, and the scan carries ``keys``' count so every
+    layer draws the keys it draws unrolled. Returns (x, metrics); ``keys`` moves on."""
+
+    def body(layer, carry, i):
+        x, count = carry
+        inner = Keys(keys.rng, count)
+        out = layer(x, *args, inner, train)
+        return (out[0], jnp.asarray(inner.count, jnp.int32)), out[1]
+
+    start = jnp.asarray(keys.count, jnp.int32)
+    (x, count), metrics = scan.run(layers, body, (x, start), remat=remat)
+    if keys.rng is not None:
+        keys.count = count
+    return x, metrics
+
+
 class Encoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         # Kept apart from cfg (whose equality ignores remat) so the graphdef, and with it a jit
         # cache entry, differs between policies.
-        self.remat = cfg.remat
+        self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         self.relpos_bias = _relpos_bias(cfg, bidirectional=True, rngs=rngs)
         sparse = cfg.encoder_moe.sparse_layers(cfg.num_encoder_layers)
         for i in range(cfg.num_encoder_layers):
@@ -225,7 +244,11 @@ class Encoder(nnx.Module):
         bias = self.relpos_bias(s, s)
         attn_mask = mask_BS[:, None, None, :]
         metrics = []
-        for layer in layers_of(self, self.cfg.num_encoder_layers):
+        layers = layers_of(self, self.cfg.num_encoder_layers)
+        if self.scan_layers:
+            x, metrics = scan_layers(layers, (bias, attn_mask, mask_BS), x, keys, train, self.remat)
+            layers = []
+        for layer in layers:
             args = (x, bias, attn_mask, mask_BS)
             x, m = call_layer(self.remat, layer, args, keys, train)
             metrics += [m] if m is not None else []
@@ -236,7 +259,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.remat = cfg.remat  # as Encoder.remat
+        self.remat, self.scan_layers = cfg.remat, cfg.scan_layers  # as Encoder
         self.relpos_bias = _relpos_bias(cfg, bidirectional=False, rngs=rngs)
         sparse = cfg.decoder_moe.sparse_layers(cfg.num_decoder_layers)
         for i in range(cfg.num_decoder_layers):
@@ -253,7 +276,12 @@ class Decoder(nnx.Module):
         self_mask = causal[None, None] & dec_mask_BL[:, None, None, :]
         cross_mask = enc_mask_BS[:, None, None, :]
         metrics = []
-        for layer in layers_of(self, self.cfg.num_decoder_layers):
+        layers = layers_of(self, self.cfg.num_decoder_layers)
+        if self.scan_layers:
+            args = (encoded, self_bias, self_mask, cross_mask, dec_mask_BL)
+            y, metrics = scan_layers(layers, args, y, keys, train, self.remat)
+            layers = []
+        for layer in layers:
             args = (y, encoded, self_bias, self_mask, cross_mask, dec_mask_BL)
             y, m, _ = call_layer(self.remat, layer, args, keys, train)
             metrics += [m] if m is not None else []

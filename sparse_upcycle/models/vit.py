@@ -68,6 +68,7 @@ from sparse_upcycle.layers import (
     logical_param,
 )
 from sparse_upcycle.models import remat as remat_lib
+from sparse_upcycle.models import scan
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
 from sparse_upcycle.moe import MoeMlp
 
@@ -111,7 +112,8 @@ class ViTConfig:
     ``remat`` (``models/remat.py``) rematerialises every ``encoderblock_i``: ``"none"`` keeps
     all activations, ``"dots_saveable"`` keeps every matmul output, ``"minimal"`` the matmuls
     without batch dimensions, ``"full"`` only each block's input. It changes memory and
-    compute, never the function, so config equality ignores it."""
+    compute, never the function, so config equality ignores it. ``scan_layers``
+    (``models/scan.py``) runs the blocks as one ``jax.lax.scan``; equality ignores it too."""
 
     num_classes: int = 1000  # 0: no head, the model returns the pooled features
     patch_size: tuple[int, int] = (16, 16)
@@ -130,6 +132,7 @@ class ViTConfig:
     dtype: str = "float32"  # activations
     moe: MoeConfig = dataclasses.field(default_factory=default_moe)
     remat: str = dataclasses.field(default="none", compare=False)
+    scan_layers: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self):
         remat_lib.check(self.remat)
@@ -331,7 +334,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
         self.depth = config.depth
-        self.remat = config.remat
+        self.remat, self.scan_layers = config.remat, config.scan_layers
         sparse = set(config.moe.sparse_layers(config.depth))
         for i in range(config.depth):
             setattr(self, f"encoderblock_{i}", Encoder1DBlock(config, i in sparse, rngs=rngs))
@@ -339,6 +342,16 @@ class Encoder(nnx.Module):
 
     def __call__(self, x, *, train: bool, key: jax.Array | None):
         metrics: list[routing.RouterMetrics] = []
+        blocks = [getattr(self, f"encoderblock_{i}") for i in range(self.depth)]
+        if self.scan_layers:
+
+            def body(block, x, i):
+                return block(
+                    x, train=train, key=None if key is None else jax.random.fold_in(key, i)
+                )
+
+            x, metrics = scan.run(blocks, body, x, remat=self.remat)
+            return self.encoder_norm(x), metrics
 
         def run(block, x, key):
             return block(x, train=train, key=key)
@@ -346,7 +359,7 @@ class Encoder(nnx.Module):
         run = remat_lib.block(self.remat, run)
         for i in range(self.depth):
             block_key = None if key is None else jax.random.fold_in(key, i)
-            x, m = run(getattr(self, f"encoderblock_{i}"), x, block_key)
+            x, m = run(blocks[i], x, block_key)
             if m is not None:
                 metrics.append(m)
         return self.encoder_norm(x), metrics
