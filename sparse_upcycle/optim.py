@@ -25,6 +25,13 @@ Fields (default for ``adafactor`` / ``adamw`` where they differ):
 * ``momentum`` (None) — Adafactor first-moment decay (None = no first moment, as T5X).
 * ``per_expert_stats`` (True) — Adafactor statistics per expert for ``…/expert/…`` leaves.
 * ``clip_grad_norm`` (0.0) — global-norm gradient clipping threshold (0 or None = off).
+* ``state_dtype`` (``"float32"``) — ``float32`` | ``bfloat16``: the storage dtype of every
+  floating-point optimizer slot (AdamW ``mu``, ``nu``; Adafactor ``v_row``, ``v_col``, ``v``
+  and momentum); the update itself is computed in float32 from float32 copies of the
+  gradients, parameters and slots, and the new slots are rounded to nearest
+  (``optim_dtype.with_state_dtype``, whose docstring says what bfloat16 slots lose). This
+  project's option: optax keeps the slots in the parameter dtype (``mu_dtype`` /
+  ``dtype_momentum`` choose one accumulator only), T5X's Adafactor in float32.
 
 Schedules, with ``s = step + step_offset``, ``W = warmup_steps``, ``D = decay_steps``,
 ``p = clip((s - W) / (D - W), 0, 1)``, ``e = end_learning_rate_factor``:
@@ -62,7 +69,8 @@ before it. What differs between them (read from ``optax/_src/factorized.py`` of 
   T5X averages over non-BATCH dims, i.e. per expert. Updates of ``[E, d, f]`` differ (the RMS of a
   busy expert's update would clip the others).
 * T5X with explicit rules factors regardless of ``min_dim_size_to_factor``; optax always checks it.
-* State dtype: optax keeps moments in the parameter dtype, T5X in float32.
+* State dtype: optax keeps moments in the parameter dtype, T5X in float32. Here they are
+  float32 unless ``state_dtype`` says otherwise, whatever ``model.param_dtype`` is.
 
 ``per_expert_stats=True`` (default) removes the first two differences: every leaf whose path has an
 ``expert`` component is given to ``jax.vmap`` of ``optax.adafactor`` over its leading expert axis,
@@ -93,6 +101,8 @@ import ml_collections
 import optax
 
 from sparse_upcycle.checkpoints.tree import key_name
+from sparse_upcycle.optim_dtype import DTYPES as STATE_DTYPES
+from sparse_upcycle.optim_dtype import with_state_dtype
 
 Schedule = Callable[[Any], jax.Array]
 
@@ -126,6 +136,7 @@ def default_optimizer_config(name: str = "adafactor") -> ml_collections.ConfigDi
             "momentum": None,
             "per_expert_stats": True,
             "clip_grad_norm": 0.0,
+            "state_dtype": "float32",
         }
     )
 
@@ -186,7 +197,8 @@ def make_optimizer(
             )
     if o.clip_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
-    return tx, schedule
+    # outermost, so clipping too runs in float32 on bfloat16 gradients
+    return with_state_dtype(tx, o.state_dtype), schedule
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> Schedule:
@@ -253,6 +265,7 @@ def _resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for key, value in block.items():
             out[key] = value
     _check_choice("optimizer.schedule", out.schedule, SCHEDULES)
+    _check_choice("optimizer.state_dtype", out.state_dtype, STATE_DTYPES)
     _check_ranges(out)
     return out
 
