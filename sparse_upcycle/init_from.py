@@ -33,14 +33,17 @@ def _device_put_host(value: np.ndarray, sharding_: NamedSharding) -> jax.Array:
 def initial_params(
     config, spec: ModelSpec, source: CheckpointReader | None, abstract, shardings
 ) -> tuple[dict, dict]:
-    """(params, slots): params as sharded arrays (pure dict) and the optimizer slots to load
-    (flat ``{param path/slot: array}``, empty unless the recipe tiles them)."""
+    """(params, slots): params as sharded arrays (pure dict) in the dtypes of ``abstract``
+    (the train state's: ``model.param_dtype``), and the optimizer slots to load (flat
+    ``{param path/slot: array}``, empty unless the recipe tiles them). A checkpoint's values
+    are cast to those dtypes; the checkpoint itself is only read."""
     if source is None:
         cls = model_class(spec.family)
 
         def init():
             model = cls(spec.config, rngs=nnx.Rngs(config.seed))
-            return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            return jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract)
 
         return jax.jit(init, out_shardings=shardings)(), {}
 

@@ -1,7 +1,13 @@
 """What a training run trains and how, before any array exists: the model of a config (dense,
 or the MoE of its ``upcycle`` recipe), its loss, the optimizer and the shardings of the train
 state on a mesh (``build_training``), and the pure train step (``make_train_step``).
-``train.py`` runs them; ``scripts/bench_loop.py`` times the step alone."""
+``train.py`` runs them; ``scripts/bench_loop.py`` times the step alone.
+
+``model.param_dtype`` (``float32`` default | ``bfloat16``) is the dtype the state holds the
+parameters in: ``abstract_params`` carry it (so ``plan`` sizes them, and a resume restores
+them, in it), and initial parameters (random or from ``init_from``) are cast to it. The
+models build float32 parameters and cast weights to the activation dtype where they use them;
+the optimizer computes in float32 (``optim_dtype``)."""
 
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from jax.sharding import PartitionSpec as P
 
 from sparse_upcycle import optim, sharding
 from sparse_upcycle.config import ConfigError
+from sparse_upcycle.model_blocks import param_dtype
+from sparse_upcycle.optim_dtype import cast_floating
 from sparse_upcycle.task import ModelSpec, make_loss_fn, model_class, resolve_model
 
 
@@ -44,7 +52,7 @@ class Training:
 
         def init():
             model = cls(self.spec.config, rngs=nnx.Rngs(seed))
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            params = cast_like(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.abstract_params)
             return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
 
         return jax.jit(init, out_shardings=self.state_sh)()
@@ -57,7 +65,8 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
     cls = model_class(spec.family)
     abstract_model = nnx.eval_shape(lambda: cls(spec.config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
-    abstract_params = nnx.to_pure_dict(abstract_state)
+    # the state's dtype; loss_fn's abstract_state only gives the structure to fill
+    abstract_params = cast_floating(nnx.to_pure_dict(abstract_state), param_dtype(config.model))
     axes = sharding.logical_axes(abstract_model)
     param_sh = sharding.param_shardings(abstract_params, mesh, axes)
     loss_fn = make_loss_fn(spec, graphdef, abstract_state, config.get("loss", {}))
@@ -89,6 +98,11 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
         tx,
         schedule,
     )
+
+
+def cast_like(params: dict, abstract: dict) -> dict:
+    """``params`` in the dtypes of ``abstract`` (the state's ``abstract_params``)."""
+    return jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -143,7 +157,12 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
     """``step(state, batch, seed) -> (state, metrics)``: one optimizer update of ``state``
     (``{"params", "opt_state", "step"}``), its randomness ``fold_in(key(seed), step)``. The seed
     (an int32 scalar) is an argument, not a constant of the program, so runs that differ only
-    in their seed compile to the same program (and share the persistent compilation cache)."""
+    in their seed compile to the same program (and share the persistent compilation cache).
+
+    Gradients are taken w.r.t. the stored parameters (bfloat16 ones under
+    ``model.param_dtype=bfloat16``); ``tx`` (``optim.make_optimizer``) computes the update in
+    float32 and ``optax.apply_updates`` adds it in float32, rounding the sum to the parameter
+    dtype once."""
 
     def train_step(state, batch, seed):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
@@ -151,7 +170,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
         (_, metrics), grads = grad_fn(state["params"], batch, rng, True)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(cast_floating(grads, jnp.float32))
         metrics["learning_rate"] = schedule(state["step"])
         metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
