@@ -75,10 +75,15 @@ stops the run at start-up with "unknown data.name". Step counts: ``dense_continu
 "~50% of the sunk cost"; the paper's per-size budgets were read off its Figure 2 curves, which I
 could not access); ``moe_scratch`` runs 1M steps (the paper's "100% of the dense budget").
 
-Mesh on a TPU v4 pod slice (``data`` × ``expert`` split the batch; ``expert`` also splits E):
-base: v4-64 (32 chips), ``expert=8`` → data 4; large: v4-128 (64 chips), ``expert=16``;
-xl: v4-256 (128 chips), ``expert=32``, one expert per chip (24 sparse layers × 32 experts × 31M
-= 24B expert parameters, 3 GB of float32 per chip). ``data=-1`` takes the remaining chips.
+Target topology and mesh: TPU v4 pod slices, 32 GiB of HBM per chip (``data`` × ``expert``
+split the batch, ``expert`` also splits E, ``model`` splits heads, MLP width and vocabulary);
+the paper's batch of 256 sequences, 512 input and 114 target tokens. base: v4-64 (32 chips),
+``expert=8`` → data 4; large: v4-128 (64 chips), ``expert=16`` → data 4; xl: v4-256 (128
+chips), ``expert=32, model=4`` → data 1, one expert per 4 chips (24 sparse layers × 32 experts
+× 31M = 24B expert parameters). ``data=-1`` takes the remaining chips. XL needs ``model=4``:
+with ``model=1`` its 2.9B non-expert parameters and their gradients are replicated on every
+chip and ``plan`` finds 39.3 GiB per chip. ``plan`` of every config at its topology is in
+``docs/plans.md`` (``scripts/plan_all.py``).
 
 Rematerialisation (paper scale only; ``:tiny`` keeps ``none``): ``model.remat =
 "dots_saveable"`` (``REMAT``, ``models/remat.py``): ``plan`` of t5_base_upcycle on 32 devices
@@ -104,6 +109,7 @@ SIZES = ("base", "large", "xl")
 NUM_EXPERTS = 32
 DENSE_STEP = 1_000_000  # the public T5 1.1 T5X checkpoints: checkpoint_1000000
 EXPERT_MESH = {"base": 8, "large": 16, "xl": 32}
+MODEL_MESH = {"base": 1, "large": 1, "xl": 4}  # XL: 4-way model parallelism (docstring)
 TPU_SLICE = {"base": "v4-64", "large": "v4-128", "xl": "v4-256"}
 
 # Paper scale only (the tiny variant keeps "none"): every layer keeps its matmul outputs and
@@ -179,7 +185,9 @@ def _paper(size: str, kind: str) -> ml_collections.ConfigDict:
     )
     c.init_from = "scratch" if kind == "moe_scratch" else ""  # "": train.py asks for a path
     c.total_steps = 1_000_000 if kind == "moe_scratch" else 500_000
-    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": EXPERT_MESH[size], "model": 1})
+    c.mesh = ml_collections.ConfigDict(
+        {"data": -1, "expert": EXPERT_MESH[size], "model": MODEL_MESH[size]}
+    )
     c.data = ml_collections.ConfigDict(
         {
             "name": "c4_v220_span_corruption",

@@ -70,8 +70,10 @@ Rematerialisation (paper scale only; ``:tiny`` keeps ``none``): ``model.remat =
 upcycling on 32 chips of 32 GiB; ``--config.model.remat=full`` saves more and recomputes more.
 
 Step counts (NOT from the paper): 250k more steps for ``dense_continue`` and ``upcycle``, 500k for
-``moe_scratch``. Mesh on a TPU v4 slice: B/16 on v4-64 (32 chips) with ``expert=8``; L/16 on
-v4-128 (64 chips) with ``expert=16``; ``data=-1`` takes the rest.
+``moe_scratch``. Target topology and mesh: TPU v4 slices, 32 GiB of HBM per chip, the paper's
+batch of 4096 images at 224×224 (196 patch tokens, GAP head): B/16 on v4-64 (32 chips)
+with ``expert=8``; L/16 on v4-128 (64 chips) with ``expert=16``; ``data=-1`` takes the rest.
+``plan`` of every config at its topology is in ``docs/plans.md`` (``scripts/plan_all.py``).
 
 Tiny variant (``:tiny``): ViT "tiny" (28×28×1 images, patch 7, 16 tokens, width 32, depth 2,
 10 classes), GAP, 4 experts in block 1, expert choice C = 2 with normalised weights in groups of

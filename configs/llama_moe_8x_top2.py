@@ -3,9 +3,20 @@ r"""Llama-style decoder upcycled to a Mixtral-style MoE: 8 experts, top-2, every
 Not an experiment of Komatsuzaki et al. 2023 (they upcycled T5 and ViT); this applies their
 recipe (copy the dense MLP into every expert, fresh router, continue training) to a decoder-only
 model with Mixtral's routing (Jiang et al. 2024, §2.1): every MLP block is an MoE layer, each
-token goes to its top-2 of 8 experts with weights softmax(top-2 logits) (``topk_then_softmax``)
-and nothing is dropped (``capacity_factor = None``). Since the two weights sum to one and every
-expert is an exact copy, the upcycled model computes the dense function at step 0.
+token goes to its top-2 of 8 experts with weights softmax(top-2 logits) (``topk_then_softmax``).
+Since the two weights sum to one and every expert is an exact copy, the upcycled model computes
+the dense function at step 0 for every token that is not dropped.
+
+Capacity. The tiny variants are dropless (``capacity_factor = None``, as Mixtral). The full
+scale config uses capacity-based top-2 with ``capacity_factor = 2.0`` (``CAPACITY_FACTOR``):
+``ceil(2 · 4096 · 2 / 8) = 2048`` slots per expert in each group of 4096 tokens, twice an
+expert's average load, so at step 0 (experts identical, a fresh router) few tokens overflow and
+``router/dropped_fraction`` shows how many did. Dropless routing is not yet expert-parallel
+(issue 17): it sorts a call's assignments together, and ``plan`` of it on 64 GPUs (without
+remat) found ~76,000 GiB of temporaries per device; ``--config.model.moe.capacity_factor=None``
+gives it back. Vavre et al. 2024 ("Llama 3 Meets MoE", arXiv 2412.09952, Megatron-Core) discuss the
+capacity factor of this 8 × top-2 upcycle; their value could not be read here, so 2.0 is my
+choice.
 
 Settings and sources:
 
@@ -23,8 +34,13 @@ Settings and sources:
 * optimizer state: reset (HF checkpoints carry none). Router: N(0, 0.02²); load-balancing loss
   0.01 (Switch Transformer's; HF Mixtral's default coefficient is 0.001), router z-loss 0.001
   (ST-MoE).
-* mesh on a TPU v4-128 slice (64 chips): ``data=-1, expert=8, model=4`` (data 2). 8 × 32 expert
-  MLPs of 135M parameters = 35B expert parameters, 1.1B per chip with AdamW's two moments: ~13 GB.
+* target topology: 256 NVIDIA H100 GPUs of 80 GiB (32 nodes of 8); mesh ``data=-1, expert=8,
+  model=4`` (data 8). 32 layers × 8 experts × 135M = 35B expert parameters (37.0B in all), split
+  8 ways on E and 4 on the MLP width: per GPU 6.28 GiB of float32 parameters and 12.56 GiB of
+  AdamW moments. ``plan --devices 256 --hbm 80GiB --config.model.name=llama2-7b`` finds
+  48.35 GiB per GPU (29.51 GiB temporaries; budget 72 GiB after 10% headroom); on 64 GPUs each
+  holds 16 sequences of 4096 tokens and the temporaries are 107 GiB (no fit): there is no
+  gradient accumulation yet. ``docs/plans.md`` has the table.
 * data: your corpus as token shards (``data.name = "token_shards"``,
   ``sparse_upcycle/data/token_shards.py``), tokenised with the checkpoint's own
   ``tokenizer.json`` (what its post-processor adds, Llama 2's ``<s>``, before and ``</s>``
@@ -35,9 +51,8 @@ Settings and sources:
 
 * rematerialisation (full scale only; the tiny variants keep ``none``): ``model.remat =
   "full"`` (``models/remat.py``): a block keeps only its input, since ``dots_saveable`` would
-  keep every layer's attention logits, [32 heads, 4096, 4096] per sequence. Not measured:
-  ``plan``'s figure for this config is dominated by dropless routing, which remat does not
-  touch.
+  keep every layer's attention logits, [32 heads, 4096, 4096] per sequence. Not compared with
+  the other policies by ``plan`` here.
 
 Paper-scale commands (``init_from`` is empty on purpose: without it the run stops with "config.
 init_from is not set"):
@@ -78,16 +93,19 @@ from sparse_upcycle.train import default_config
 NUM_EXPERTS = 8
 TINY_DENSE_STEPS = 300
 TINY_STEPS = 200
+# Full scale: 2 x the average load of an expert, ceil(2 * 4096 * 2 / 8) = 2048 slots per group of
+# 4096 tokens (routing.top_k_capacity), until dropless routing is expert-parallel (see docstring)
+CAPACITY_FACTOR = 2.0
 
 
-def _moe(layers: str) -> dict:
+def _moe(layers: str, capacity_factor: float | None) -> dict:
     return {
         "layers": layers,
         "router": "top_k",
         "k": 2,
         "ordering": "topk_then_softmax",
         "renormalize": False,
-        "capacity_factor": None,  # dropless, as Mixtral
+        "capacity_factor": capacity_factor,  # None: dropless, as Mixtral
         "eval_capacity_factor": None,
         "group_size": 4096,
         "router_init_std": 0.02,
@@ -134,7 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "name": "checkpoint",
                 "remat": "full",  # 4096-token windows: keep only each block's input
                 "overrides": {"dtype": "bfloat16"},
-                "moe": _moe("all"),
+                "moe": _moe("all", CAPACITY_FACTOR),
             }
         )
         c.init_from = ""  # "": train.py asks for the HF directory
@@ -172,6 +190,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_steps = 4
     c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 2, "async": True})
     if arg == "tiny":
-        c.model.moe = _moe("all")
+        c.model.moe = _moe("all", None)
         c.upcycle = _recipe()
     return c

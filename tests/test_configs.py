@@ -175,7 +175,7 @@ def test_llama_settings():
         "top_k",
         2,
         "topk_then_softmax",
-        None,
+        2.0,  # capacity-based at full scale until dropless is expert-parallel (docstring)
     )
     assert c.optimizer.name == "adamw" and c.optimizer.schedule == "cosine"
     assert c.optimizer.to_dict()["decay_steps"] == c.total_steps
@@ -186,6 +186,7 @@ def test_llama_settings():
     assert "upcycle" not in dense and resolve("x", dense).recipe is None
     tiny = resolve("x", load_config(path("llama_moe_8x_top2") + ":tiny")).config
     assert tiny.moe.sparse_layers(tiny.num_hidden_layers) == tuple(range(tiny.num_hidden_layers))
+    assert tiny.moe.capacity_factor is None  # the tiny variant stays dropless, as Mixtral
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
