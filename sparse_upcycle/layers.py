@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_upcycle.sharding import gathered
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),  # T5 v1.1 "gelu_new" (tanh form)
     "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
@@ -132,7 +134,7 @@ class Dense(Kernel):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...].astype(x.dtype)
+        y = x @ gathered(self.kernel).astype(x.dtype)
         return y + self.bias[...].astype(x.dtype) if hasattr(self, "bias") else y
 
 
@@ -146,10 +148,10 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+        return jnp.take(gathered(self.embedding), ids, axis=0).astype(dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return x @ self.embedding[...].astype(x.dtype).T
+        return x @ gathered(self.embedding).astype(x.dtype).T
 
 
 # --------------------------------------------------------------------------------------------

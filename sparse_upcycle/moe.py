@@ -110,7 +110,7 @@ class ExpertMlp(nnx.Module):
         def proj(a, name):
             layer = getattr(self, name)
             bias = layer.bias[...] if hasattr(layer, "bias") else None
-            return matmul(a, layer.kernel[...], bias)
+            return matmul(a, sharding.gathered(layer.kernel), bias)
 
         h = activation(self.activations[0])(proj(x, self.input_names[0]))
         if self.gated:
@@ -350,7 +350,7 @@ class MoeMlp(nnx.Module):
 
     def route(self, x_GSd, token_mask_GS=None, *, rng=None, train=True) -> routing.RoutingDecision:
         logits = routing.router_logits(
-            x_GSd, self.router.w.kernel[...], jitter_eps=self.jitter_eps, rng=rng
+            x_GSd, sharding.gathered(self.router.w.kernel), jitter_eps=self.jitter_eps, rng=rng
         )
         policy = self.routing_policy if train else self.eval_routing_policy
         return policy.route(logits, token_mask_GS)

@@ -45,11 +45,12 @@ asks for the gathers: the partitioner sees a weight split on d meet a batch spli
 and all-gathers the weight where it is used (per layer, in the forward and again in the
 backward pass) and reduces its gradient into the split layout of the optimizer update
 (``sparse-upcycle plan`` counts the collectives; XLA:CPU reduces with all-reduces, not
-reduce-scatters). Constrained activations keep d whole: in ``("batch", ..., "embed")`` the
-batch takes ``fsdp`` first, so the later ``embed`` has none left (the rule below). The others
-are the partitioner's choice, and it moves some (embedding outputs, router inputs) onto the
-split d ("Involuntary full rematerialization" in the compile log): at paper scale that costs
-far more temporaries than FSDP saves (README, Train) until the model blocks pin them. A leaf
+reduce-scatters). Two things keep the partitioner from the other way round (moving the
+activations onto the split d by replicating the tokens, "Involuntary full rematerialization"
+in the compile log, which made ``t5_xl_upcycle``'s temporaries 113 GiB per device instead of
+21; README, Train): every weight is read through ``gathered`` (whole over ``fsdp`` where it is
+used), and ``constrain`` never puts ``fsdp`` on an activation's ``embed`` dim, even where the
+batch dim could not take it (fewer routing groups than devices). A leaf
 whose d is not divisible by ``fsdp``, or that has no ``embed`` dimension (T5's
 relative-position bias), is replicated over ``fsdp``. ``mesh.shard_params_over_data=True`` uses
 all the data-parallel devices for this (``mesh_from_config``: the ``data`` size moves into
@@ -309,7 +310,36 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh = _current_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+    spec = logical_to_spec(axes, x.shape, mesh)
+    # An activation keeps d whole: ``embed`` -> ``fsdp`` is for parameters. Where the batch
+    # dim could not take ``fsdp`` (too few routing groups to split), the table would give it
+    # to d, and the partitioner would replicate the tokens to get there.
+    kept = (_without(e, "fsdp") if a == "embed" else e for a, e in zip(axes, spec, strict=True))
+    spec = P(*kept)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def gathered(var: nnx.Variable) -> jax.Array:
+    """A parameter's value as the step uses it: whole over ``fsdp`` (ZeRO-3's per-layer
+    all-gather, Rajbhandari et al. 2020, §5.3), still split over ``expert`` and ``model``.
+
+    Without this the partitioner may instead move the activations onto the weight's split d and
+    gather the *tokens* (the compile log's "Involuntary full rematerialization"), which at paper
+    scale costs more temporaries than FSDP saves. With it, a weight's gradient is computed from
+    the local tokens and reduced back onto its shards. The identity without a mesh or without
+    an ``fsdp`` axis (and inside ``shard_map``, where the axis is manual)."""
+    value = var[...]
+    usable = _usable_axes(_current_mesh())
+    if usable is None or "fsdp" not in usable:
+        return value
+    axes = var.get_metadata().get("out_sharding")
+    if axes is None or len(axes) != value.ndim:
+        return value
+    spec = logical_to_spec(axes, value.shape)
+    if not any("fsdp" in (e if isinstance(e, tuple) else (e,)) for e in spec):
+        return value
+    spec = P(*(_without(entry, "fsdp") for entry in spec))
+    return jax.lax.with_sharding_constraint(value, spec)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -92,6 +92,40 @@ def test_specs_on_an_fsdp_mesh():
     assert sharding.data_parallel_size(mesh) == 8
 
 
+def test_activations_and_used_weights_keep_d_whole():
+    """Inside the step: a constrained activation never has d on ``fsdp``, even where its batch
+    dim is too small to take the axis (a decoder stack with fewer routing groups than devices);
+    a weight as used (``gathered``) is whole over ``fsdp`` and still split over ``model``."""
+    mesh = sharding.make_mesh(1, 2, 2, fsdp=2)
+    assert sharding.logical_to_spec(("batch", None, "embed"), (3, 4, 32), mesh) == P(
+        None, None, "fsdp"
+    )  # what the table alone gives; constrain must not pass it on
+
+    class W:  # the two things ``gathered`` reads of an nnx.Param
+        def __init__(self, value, axes):
+            self.value, self.axes = value, axes
+
+        def __getitem__(self, _):
+            return self.value
+
+        def get_metadata(self):
+            return {"out_sharding": self.axes}
+
+    def step(x, w):
+        y = sharding.constrain(x, ("batch", None, "embed"))
+        return y, sharding.gathered(W(w, ("embed", "mlp")))
+
+    w_sharding = NamedSharding(mesh, P("fsdp", "model"))
+    x = jax.device_put(np.ones((3, 4, 32), np.float32), NamedSharding(mesh, P()))
+    w = jax.device_put(np.ones((32, 64), np.float32), w_sharding)
+    with jax.set_mesh(mesh):
+        y, used = jax.jit(step)(x, w)
+    assert "fsdp" not in str(y.sharding.spec)
+    assert used.sharding.spec == P(None, "model")
+    # No mesh, or no fsdp axis: both are the identity.
+    assert sharding.gathered(W(w, ("embed", "mlp"))) is w
+
+
 def test_batch_must_divide_data_times_fsdp_times_expert():
     config = _config("t5", "--config.mesh.fsdp=4", "--config.data.batch_size=4")
     with pytest.raises(ConfigError, match=r"batch_size=4 must be divisible by the 8 data-par"):

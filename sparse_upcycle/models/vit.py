@@ -71,6 +71,7 @@ from sparse_upcycle.models import remat as remat_lib
 from sparse_upcycle.models import scan
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
 from sparse_upcycle.moe import MoeMlp
+from sparse_upcycle.sharding import gathered
 
 POOL_TYPES = ("tok", "gap")
 POSEMB_TYPES = ("learn",)
@@ -261,12 +262,12 @@ class MultiHeadDotProductAttention(nnx.Module):
         dt = x_BLd.dtype
 
         def project(layer):
-            y = jnp.einsum("bld,dhk->blhk", x_BLd, layer.kernel[...].astype(dt))
+            y = jnp.einsum("bld,dhk->blhk", x_BLd, gathered(layer.kernel).astype(dt))
             return y + layer.bias[...].astype(dt)
 
         q, k, v = project(self.query), project(self.key), project(self.value)
         o = dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        y = jnp.einsum("blhk,hkd->bld", o, self.out.kernel[...].astype(dt))
+        y = jnp.einsum("blhk,hkd->bld", o, gathered(self.out.kernel).astype(dt))
         return y + self.out.bias[...].astype(dt)
 
 
@@ -427,7 +428,7 @@ class ViT(nnx.Module):
             raise ValueError("train=True with dropout > 0 needs an rng")
         key = rng if train else None
         dt = jnp.dtype(c.dtype)
-        kernel = self.embedding.kernel[...].astype(dt)
+        kernel = gathered(self.embedding.kernel).astype(dt)
         x = self.patchify(images.astype(dt)) @ kernel.reshape(-1, c.width)
         x = x + self.embedding.bias[...].astype(dt)
         x = x + self.pos_embedding[...].astype(dt)  # patches only, before the class token
