@@ -1,8 +1,9 @@
 """``sparse-upcycle plan`` for every paper-scale config, at the topology its docstring names.
 
 Each config runs in its own process (``python -m sparse_upcycle.plan``, which sets up its own
-number of fake CPU devices), one after the other. Prints a markdown table; ``--json FILE``
-writes the rows (config, devices, fits, the per-device bytes, compile seconds, ...).
+number of fake CPU devices), one after the other. Prints a markdown table; ``--json`` prints
+the rows as one JSON list instead (config, devices, hbm, fits, mesh, the per-device bytes,
+compile seconds, ...), ``--json FILE`` writes them there besides the table.
 
 Topologies (``configs/_t5_common.py``, ``configs/_vit_common.py``,
 ``configs/llama_moe_8x_top2.py``): TPU v4 slices, 32 GiB of HBM per chip, for T5 (base on 32
@@ -52,7 +53,13 @@ def plan_one(config: str, devices: int, hbm: str, overrides: list[str], timeout:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"config": config, "devices": devices, "fits": None, "error": f"> {timeout} s"}
+        return {
+            "config": config,
+            "devices": devices,
+            "hbm": hbm,
+            "fits": None,
+            "error": f"> {timeout} s",
+        }
     row: dict = {"config": config, "devices": devices, "hbm": hbm, "overrides": overrides}
     row["wall_s"] = round(time.perf_counter() - start, 1)
     row["exit"] = out.returncode
@@ -104,7 +111,12 @@ def main() -> int:
         "--only", default="", help="comma-separated: only configs whose path contains one of them"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per config")
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        help="print the rows as one JSON list instead of the table, or with FILE write them there",
+    )
     args = parser.parse_args()
     rows = []
     wanted = [w for w in args.only.split(",") if w] or [""]
@@ -114,6 +126,9 @@ def main() -> int:
         row = plan_one(config, devices, args.hbm or hbm, overrides, args.timeout)
         print(f"{config}: fits={row.get('fits')} ({row.get('wall_s')} s)", file=sys.stderr)
         rows.append(row)
+    if args.json == "-":
+        print(json.dumps(rows, indent=2))
+        return 0
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
