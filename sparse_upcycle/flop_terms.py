@@ -6,9 +6,10 @@ Each model family's ``forward_flops`` (``models/<family>.py``) adds these up ove
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from sparse_upcycle.routing import routing_groups
 
 BREAKDOWN_KEYS = (
     "attention_projections",
@@ -51,10 +52,9 @@ def moe_slots(moe, num_tokens: int, *, train: bool = True) -> tuple[int, int]:
     ``num_tokens``.
 
     Slots are ``G·E·C`` for capacity routing and ``num_tokens·K`` for dropless top-K, with C
-    from ``MoeConfig.capacity`` at S = min(group_size, num_tokens); router positions are
-    ``G·S`` (padding of the last group included)."""
-    s = min(moe.group_size, num_tokens)
-    g = math.ceil(num_tokens / s)
+    from ``MoeConfig.capacity`` at the group size S of ``routing.routing_groups``; router
+    positions are ``G·S`` (padding of the last group included)."""
+    g, s = routing_groups(num_tokens, moe.group_size, moe.group_multiple)
     cap = moe.capacity(train, group_size=s)
     slots = num_tokens * moe.k if cap is None else g * moe.num_experts * cap
     return slots, g * s

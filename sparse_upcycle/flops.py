@@ -25,8 +25,9 @@ whole [L, T] score matrix is counted even under a causal mask, because the model
 (PaLM appendix B counts it the same way). T5's cross-attention projects the encoder's keys and
 values once per decoder layer.
 
-MoE layers (``moe.py``) cut the B·L tokens of a layer into G = ceil(B·L / S) groups of
-S = min(group_size, B·L) tokens (the last group padded) and count what the hardware computes:
+MoE layers (``moe.py``) cut the B·L tokens of a layer into G groups of S tokens
+(``routing.routing_groups``: by default S = min(group_size, B·L), G = ceil(B·L / S), the last group
+padded) and count what the hardware computes:
 
 * capacity routing (expert choice, or top-K with a capacity factor): every expert runs over all
   its slots, filled or not: ``G·E·C`` slots, C from ``routing.expert_choice_capacity`` /

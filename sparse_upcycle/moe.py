@@ -7,11 +7,16 @@ Parameter paths (relative to the layer), mirroring T5X's dense ``MlpBlock`` with
 * ``expert/wi/kernel``           [E, d, f]  (non-gated MLPs)
 * ``expert/wo/kernel``           [E, f, d]
 
-Grouping. Tokens ``[B, L, d]`` are flattened to ``T = B·L`` tokens and cut into ``G`` groups of
-``S = min(group_size, T)`` consecutive tokens. When ``S`` does not divide ``T`` the last group is
-filled up with padding tokens, which are masked (never routed, never counted in losses or
-capacity) and cut off again after the layer; capacity is still computed from ``S``. So a ragged
-tail costs at most one partial group of compute and never changes other groups' routing.
+Grouping (``routing.routing_groups``). Tokens ``[B, L, d]`` are flattened to ``T = B·L``
+tokens and cut into ``G`` groups of ``S`` consecutive tokens. By default
+``S = min(group_size, T)``; when ``S`` does not divide ``T`` the last group is filled up with
+padding tokens, which are masked (never routed, never counted in losses or capacity) and cut
+off again after the layer; capacity is still computed from ``S``. So a ragged tail costs at
+most one partial group of compute and never changes other groups' routing. With
+``group_multiple = m > 1`` the number of groups is a multiple of ``m`` instead (flaxformer's
+rule), so that the groups can be split evenly over ``m`` data-parallel devices: the
+``expert`` mesh axis splits groups, and a stack with fewer groups than devices is routed whole
+on every device.
 
 Data movement (DESIGN.md decision 4): a ``SlotDecision`` gathers tokens into ``[G, E, C, d]``
 buffers, runs the experts as batched matmuls and scatter-adds the weighted outputs back; a
@@ -291,6 +296,7 @@ class MoeMlp(nnx.Module):
         when the layer is called with ``train=False``.
       activations, naming, use_bias: as ``ExpertMlp``.
       group_size: tokens per routing group (see module docstring for ragged counts).
+      group_multiple: the number of groups is made a multiple of this (``routing.routing_groups``).
       router_init_std: std of the router kernel's normal init.
       jitter_eps: multiplicative router-input noise in training (needs ``rng``).
       dispatch: "index" (gather/scatter or grouped matmul) or "onehot" (reference einsums).
@@ -310,6 +316,7 @@ class MoeMlp(nnx.Module):
         naming: str = "t5x",
         use_bias: bool = False,
         group_size: int = 4096,
+        group_multiple: int = 1,
         router_init_std: float = 0.02,
         jitter_eps: float = 0.0,
         dispatch: str = "index",
@@ -322,11 +329,14 @@ class MoeMlp(nnx.Module):
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if group_multiple < 1:
+            raise ValueError(f"group_multiple must be >= 1, got {group_multiple}")
         if eval_router is not None and eval_router.num_experts != router.num_experts:
             raise ValueError("train and eval routers must have the same number of experts")
         self.routing_policy = router
         self.eval_routing_policy = eval_router or router
         self.group_size = group_size
+        self.group_multiple = group_multiple
         self.jitter_eps = jitter_eps
         self.dispatch = dispatch
         self.grouped_matmul = resolve_grouped_matmul(grouped_matmul)
@@ -344,9 +354,8 @@ class MoeMlp(nnx.Module):
         )
 
     def groups(self, num_tokens: int) -> tuple[int, int]:
-        """(G, S) for ``num_tokens`` tokens."""
-        s = min(self.group_size, num_tokens)
-        return math.ceil(num_tokens / s), s
+        """(G, S) for ``num_tokens`` tokens (``routing.routing_groups``)."""
+        return routing.routing_groups(num_tokens, self.group_size, self.group_multiple)
 
     def route(self, x_GSd, token_mask_GS=None, *, rng=None, train=True) -> routing.RoutingDecision:
         logits = routing.router_logits(

@@ -46,6 +46,28 @@ ORDERINGS = ("softmax_then_topk", "topk_then_softmax")
 # --------------------------------------------------------------------------------------------
 
 
+def routing_groups(num_tokens: int, group_size: int, multiple: int = 1) -> tuple[int, int]:
+    """``(G, S)``: the number of routing groups and the tokens per group for ``num_tokens``.
+
+    ``multiple == 1``: ``S = min(group_size, T)``, ``G = ceil(T / S)`` (the last group padded).
+    ``multiple = m > 1``: the smallest ``G >= max(ceil(T / group_size), m)`` that is a multiple
+    of ``m`` and divides ``T``, with ``S = T / G`` (no padding; groups no larger than
+    ``group_size``). This is ``_num_groups`` of flaxformer's ``moe_layers.py`` (the T5X MoE code
+    of Komatsuzaki et al.), whose ``m`` is E × the expert replicas, except that it starts from
+    ``floor(T / group_size)``, which can leave groups larger than ``group_size``. Where no such
+    ``G`` exists (``m`` does not divide ``T``) the default rule applies.
+    """
+    t = int(num_tokens)
+    if multiple > 1 and t % multiple == 0:
+        g = max(-(-t // group_size), multiple)
+        g = -(-g // multiple) * multiple
+        while t % g:
+            g += multiple
+        return g, t // g
+    s = min(group_size, t)
+    return -(-t // s), s
+
+
 def _round_capacity(raw: float, multiple: int, group_size: int) -> int:
     cap = math.ceil(raw - 1e-9)  # guard against 2.0000000001 from float products
     if multiple > 1:

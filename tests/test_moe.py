@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_upcycle import moe, routing
+from sparse_upcycle import moe, routing, sharding
 
 D, F, E = 16, 24, 4
 
@@ -280,3 +280,61 @@ def test_big_vision_experts_with_bias_match_reference_and_preserve_dense(name):
     dense = (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ w1 + b1
     y, _ = layer(x)
     np.testing.assert_allclose(y, dense, rtol=1e-4, atol=1e-4)
+
+
+def _groups_reference(t, group_size, m):
+    """flaxformer's rule, by brute force over every group count: the smallest G with
+    G >= T / group_size (rounded up), G % m == 0 and T % G == 0; None if there is none."""
+    viable = [g for g in range(1, t + 1) if g * group_size >= t and g % m == 0 and t % g == 0]
+    return min(viable, default=None)
+
+
+def test_routing_groups_default_and_multiple():
+    # The default rule: S = min(group_size, T), the last group padded.
+    assert routing.routing_groups(10, 8) == (2, 8)
+    assert routing.routing_groups(5, 8) == (1, 5)
+    # The paper's T5 on 128 chips (T5X: m = E x expert replicas = 128): encoder 256 x 512,
+    # decoder 256 x 114 tokens, group size 4096 at most.
+    assert routing.routing_groups(256 * 512, 4096, 128) == (128, 1024)
+    assert routing.routing_groups(256 * 114, 4096, 128) == (128, 228)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        m = int(rng.integers(1, 17))
+        t = m * int(rng.integers(1, 60)) + int(rng.integers(0, 2)) * int(rng.integers(0, m))
+        gs = int(rng.integers(1, 70))
+        g, s = routing.routing_groups(t, gs, m)
+        want = _groups_reference(t, gs, m) if m > 1 else None
+        if want is None:  # m == 1 or m does not divide T: the default rule
+            s_default = min(gs, t)
+            assert (g, s) == (math.ceil(t / s_default), s_default), (t, gs, m)
+        else:
+            assert (g, s) == (want, t // want), (t, gs, m)
+
+
+def test_group_multiple_splits_a_single_group_over_the_devices():
+    """16 tokens with group_size 64: one group, routed whole on every device; with
+    ``group_multiple=8`` eight groups of 2, one per device, and the layer equals the same layer
+    on one device. The compiled sharded layer then moves tokens with all-to-alls."""
+    router = ROUTERS["top2_capacity"]
+    whole = _layer(router, group_size=64)
+    split = _layer(router, group_size=64, group_multiple=8)
+    assert whole.groups(16) == (1, 16) and split.groups(16) == (8, 2)
+    with pytest.raises(ValueError, match="group_multiple must be >= 1"):
+        _layer(router, group_multiple=0)
+    x = jax.random.normal(jax.random.key(6), (8, 2, D))
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def compiled(layer):
+        graphdef, state = nnx.split(layer)
+        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+        want = fn(state, x)
+        state = jax.device_put(state, sharding.param_shardings(state, mesh))
+        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
+        with jax.set_mesh(mesh):
+            got = fn(state, xs)
+            text = fn.lower(state, xs).compile().as_text()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        return text
+
+    assert "all-to-all" not in compiled(whole)  # the one group is gathered onto every device
+    assert "all-to-all" in compiled(split)  # tokens go to their experts' devices and back

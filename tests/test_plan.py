@@ -104,6 +104,10 @@ def test_does_not_fit_reexec(capfd):
         (["--hbm", "32GiB", "--headroom", "1"], "argument --headroom: expected a number in"),
         (["--hbm", "32GiB", "--config.mesh.expret=4"], "unknown field config.mesh.expret"),
         (["--hbm", "32GiB", "--config.data.batch_size=12"], "batch_size=12 must be a positive"),
+        (
+            ["--hbm", "32GiB", "--config.model.encoder_moe.group_multiple=0"],
+            "moe.group_multiple must be an integer >= 1, got 0",
+        ),
     ],
 )
 def test_bad_input_is_one_line(args, message, capsys):

@@ -43,6 +43,7 @@ class MoeConfig:
     eval_capacity_factor: float | None = 2.0  # evaluation / inference
     capacity_multiple: int = 1
     group_size: int = 4096
+    group_multiple: int = 1  # >1: the number of groups is a multiple of it (routing.routing_groups)
     ordering: str = "softmax_then_topk"
     renormalize: bool = False
     batch_prioritized: bool = False
@@ -60,6 +61,9 @@ class MoeConfig:
             raise ValueError(f"moe.router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        m = self.group_multiple
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"moe.group_multiple must be an integer >= 1, got {m!r}")
         for name in _FLOAT_FIELDS:  # nan/inf (e.g. 1e999) would overflow a capacity later
             value = getattr(self, name)
             capacity = name.endswith("capacity_factor")  # its sign: the router's check
@@ -199,6 +203,7 @@ class MoeConfig:
             naming=naming,
             use_bias=use_bias,
             group_size=self.group_size,
+            group_multiple=self.group_multiple,
             router_init_std=self.router_init_std,
             jitter_eps=self.jitter_eps,
             dispatch=self.dispatch,
