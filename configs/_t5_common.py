@@ -30,8 +30,9 @@ decoder capacity               ``capacity_factor = 1.0`` here =   flaxformer: ca
                                2·S/E slots per expert = T5X's     round(C·S/E) whatever K is;
                                C = 2 (see below)                  C = 2 for the decoder: NOT
                                                                   confirmed
-group size                     4096 tokens                        flaxformer GROUP_SIZE (paper:
-                                                                  not confirmed)
+group size                     at most 4096 tokens, the number    flaxformer GROUP_SIZE and
+                               of groups a multiple of E × data   ``_num_groups`` (paper: not
+                               (``moe.group_multiple``)           confirmed)
 router init                    N(0, 0.02²), no bias               flaxformer ``router_init``
 aux (load-balance) loss        0.01; router z-loss 0.0            flaxformer experts_choose gin
                                                                   (paper: not confirmed)
@@ -85,6 +86,15 @@ with ``model=1`` its 2.9B non-expert parameters and their gradients are replicat
 chip and ``plan`` finds 39.3 GiB per chip. ``plan`` of every config at its topology is in
 ``docs/plans.md`` (``scripts/plan_all.py``).
 
+Routing groups (``moe.group_multiple``, ``GROUP_MULTIPLE``): as in flaxformer's MoE layer (the
+paper's code, ``_num_groups``), the number of groups in a stack is the smallest multiple of
+E × the expert replicas (here the ``data`` size: 4 for base and large, 1 for xl) that divides
+the tokens and keeps groups at most 4096 tokens: base and large 128 groups (encoder 1024
+tokens each, decoder 228), xl 32 (4096 and 912). With plain groups of 4096 a decoder stack has
+8 groups and T5-large's encoder 32, fewer than the devices the ``expert`` axis splits them
+over, so the layer gathered whole stacks onto every device instead of exchanging tokens
+(``plan`` of t5_large_upcycle: 39.8 GiB all-gathered per step before, 0.5 GiB with it).
+
 Rematerialisation (paper scale only; ``:tiny`` keeps ``none``): ``model.remat =
 "dots_saveable"`` (``REMAT``, ``models/remat.py``): ``plan`` of t5_base_upcycle on 32 devices
 finds 4.25 GiB of temporaries per device instead of 10.67 for a recomputation of elementwise
@@ -111,6 +121,9 @@ DENSE_STEP = 1_000_000  # the public T5 1.1 T5X checkpoints: checkpoint_1000000
 EXPERT_MESH = {"base": 8, "large": 16, "xl": 32}
 MODEL_MESH = {"base": 1, "large": 1, "xl": 4}  # XL: 4-way model parallelism (docstring)
 TPU_SLICE = {"base": "v4-64", "large": "v4-128", "xl": "v4-256"}
+# Routing groups per stack: a multiple of E x the data-axis size of the topology (flaxformer's
+# _num_groups, m = num_experts x expert replicas): base and large 32 x 4, xl 32 x 1 (docstring)
+GROUP_MULTIPLE = {"base": 128, "large": 128, "xl": 32}
 
 # Paper scale only (the tiny variant keeps "none"): every layer keeps its matmul outputs and
 # recomputes the rest (models/remat.py). ``plan`` of t5_base_upcycle on 32 devices (2 shared
@@ -123,11 +136,12 @@ TINY_DENSE_STEPS = 300  # the dense pre-training run of the two-step tiny recipe
 TINY_STEPS = 200  # steps of the tiny dense_continue / upcycle / moe_scratch runs
 
 
-def moe_blocks(num_experts: int, group_size: int) -> tuple[dict, dict]:
+def moe_blocks(num_experts: int, group_size: int, group_multiple: int = 1) -> tuple[dict, dict]:
     """(encoder_moe, decoder_moe) ``MoeConfig`` fields of the paper's language setting."""
     shared = {
         "layers": "every_other",
         "group_size": group_size,
+        "group_multiple": group_multiple,
         "router_init_std": 0.02,
         "aux_loss_weight": 0.01,
         "router_z_loss_weight": 0.0,
@@ -204,7 +218,9 @@ def _paper(size: str, kind: str) -> ml_collections.ConfigDict:
     c.eval_steps = 20
     c.checkpoint = ml_collections.ConfigDict({"every": 5_000, "keep": 5, "async": True})
     if kind != "dense_continue":
-        c.model.encoder_moe, c.model.decoder_moe = moe_blocks(NUM_EXPERTS, 4096)
+        c.model.encoder_moe, c.model.decoder_moe = moe_blocks(
+            NUM_EXPERTS, 4096, GROUP_MULTIPLE[size]
+        )
         c.upcycle = recipe(NUM_EXPERTS)
     return c
 
