@@ -335,11 +335,9 @@ def gathered(var: nnx.Variable) -> jax.Array:
     axes = var.get_metadata().get("out_sharding")
     if axes is None or len(axes) != value.ndim:
         return value
-    spec = logical_to_spec(axes, value.shape)
-    if not any("fsdp" in (e if isinstance(e, tuple) else (e,)) for e in spec):
-        return value
-    spec = P(*(_without(entry, "fsdp") for entry in spec))
-    return jax.lax.with_sharding_constraint(value, spec)
+    stored = logical_to_spec(axes, value.shape)
+    used = _spec_without(stored, "fsdp")
+    return value if used == stored else jax.lax.with_sharding_constraint(value, used)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -453,8 +451,13 @@ def _sharding(path: str, axes: LogicalAxes | None, shape, mesh: Mesh) -> NamedSh
     if len(shape) < 2:
         # A vector (norm scale, bias) stays whole on fsdp: split on d, it would pull the
         # activations it multiplies off their batch layout (module docstring, FSDP).
-        spec = P(*(_without(entry, "fsdp") for entry in spec))
+        spec = _spec_without(spec, "fsdp")
     return NamedSharding(mesh, spec)
+
+
+def _spec_without(spec: P, axis: str) -> P:
+    """``spec`` with ``axis`` taken out of every entry."""
+    return P(*(_without(entry, axis) for entry in spec))
 
 
 def _without(entry, axis: str):
