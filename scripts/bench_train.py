@@ -3,6 +3,9 @@
 Usage (prints one JSON object; ~5 minutes on a 2-core CPU):
 
     python scripts/bench_train.py [--repeats 5] [--out bench_train.json]
+    # on an accelerator: T5-base size in bfloat16, MFU against the data-sheet peak
+    python scripts/bench_train.py --size base --layers 12 --dtype bfloat16 --batch 64 \
+        --peak-tflops 989
 
 Models: T5 v1.1 small-size (d=512, f=1024, 6 encoder + 6 decoder layers, vocab 32128, gated
 GELU, fp32) dense, and upcycled with E=32 experts in every other layer: expert choice with
@@ -17,8 +20,9 @@ Reported (medians of ``--repeats`` interleaved timings, all in this process):
 * ``model_flops``: analytic model FLOPs per step (``sparse_upcycle.flops``: 2 FLOPs per
   multiply-add of every matmul, forward + backward = 3 × forward; MoE layers count the E·C
   expert slots their capacity gives, filled or not, plus the router).
-* ``peak_flops_per_s``: a jitted 2048² fp32 matmul timed in this run (the device's practical
-  peak); ``mfu = model_flops / step_s / peak``.
+* ``peak_flops_per_s``: a jitted 2048² matmul in ``--dtype`` timed in this run (the device's
+  practical peak), or ``--peak-tflops`` (a data-sheet figure) when given;
+  ``mfu = model_flops / step_s / peak``; ``achieved_tflops = model_flops / step_s``.
 * ``forward_backward_s``: the same step without the optimizer update (the Adafactor update is
   elementwise work over all parameters, which model FLOPs do not count and upcycling
   multiplies), and its ratio over the FLOPs ratio.
@@ -46,17 +50,21 @@ from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.models import t5
 from sparse_upcycle.task import ModelSpec, make_loss_fn
 
-BATCH, INPUT_LEN, TARGET_LEN = 16, 128, 32
+INPUT_LEN, TARGET_LEN = 128, 32
 
 
-def _spec(moe: bool) -> ModelSpec:
+def _spec(moe: bool, args) -> ModelSpec:
     enc = dict(num_experts=32 if moe else 0, router="expert_choice", capacity_factor=2.0)
     dec = dict(num_experts=32 if moe else 0, router="top_k", k=2, capacity_factor=1.25)
-    tokens = BATCH * INPUT_LEN
-    enc.update(group_size=tokens, layers="every_other")
-    dec.update(group_size=BATCH * TARGET_LEN, layers="every_other")
+    enc.update(group_size=args.batch * INPUT_LEN, layers="every_other")
+    dec.update(group_size=args.batch * TARGET_LEN, layers="every_other")
     cfg = t5.config(
-        "small", num_encoder_layers=6, num_decoder_layers=6, encoder_moe=enc, decoder_moe=dec
+        args.size,
+        num_encoder_layers=args.layers,
+        num_decoder_layers=args.layers,
+        encoder_moe=enc,
+        decoder_moe=dec,
+        dtype=args.dtype,
     )
     return ModelSpec("t5", cfg, None, cfg)
 
@@ -91,20 +99,28 @@ def _step_fn(spec: ModelSpec):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", default="small", choices=["small", "base"])
+    parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--peak-tflops", type=float, default=None, help="data-sheet peak")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
+    if args.layers < 2 or args.batch < 1:
+        parser.error("--layers must be >= 2 and --batch >= 1")
 
     data_cfg = ml_collections.ConfigDict(
-        {"batch_size": BATCH, "seq_len": INPUT_LEN, "target_len": TARGET_LEN}
+        {"batch_size": args.batch, "seq_len": INPUT_LEN, "target_len": TARGET_LEN}
     )
     batch = next(make_pipeline(data_cfg, "t5", t5.config("small"), "train"))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     shapes = {k: v.shape for k, v in batch.items()}
-    peak = flops.measure_peak_flops(size=2048, repeats=5)
+    measured_peak = flops.measure_peak_flops(jnp.dtype(args.dtype), size=2048, repeats=5)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak
 
     cases = {}
     for name, moe in (("dense", False), ("upcycled", True)):
-        spec = _spec(moe)
+        spec = _spec(moe, args)
         step, grad_only, state = _step_fn(spec)
         state, loss = step(state, batch)  # compile
         jax.block_until_ready((loss, grad_only(state, batch)))
@@ -126,8 +142,11 @@ def main() -> None:
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "device": str(jax.devices()[0]),
-        "batch": {"size": BATCH, "input_len": INPUT_LEN, "target_len": TARGET_LEN},
+        "model": {"size": args.size, "layers": args.layers, "dtype": args.dtype},
+        "batch": {"size": args.batch, "input_len": INPUT_LEN, "target_len": TARGET_LEN},
         "peak_flops_per_s": peak,
+        "peak_source": "--peak-tflops" if args.peak_tflops else "measured matmul",
+        "measured_matmul_flops_per_s": measured_peak,
         "repeats": args.repeats,
     }
     for name, case in cases.items():
@@ -138,6 +157,7 @@ def main() -> None:
             "step_s_all": case["times"],
             "model_flops": model_flops,
             "mfu": flops.mfu(model_flops, step_s, peak),
+            "achieved_tflops": model_flops / step_s / 1e12,
             "forward_backward_s": statistics.median(case["grad_times"]),
             "params": sum(x.size for x in jax.tree.leaves(case["state"][0])),
         }

@@ -21,8 +21,17 @@ on every device.
 Data movement (DESIGN.md decision 4): a ``SlotDecision`` gathers tokens into ``[G, E, C, d]``
 buffers, runs the experts as batched matmuls and scatter-adds the weighted outputs back; a
 ``DroplessDecision`` sorts the ``G·S·K`` assignments by expert and runs the experts as one grouped
-matmul (``jax.lax.ragged_dot``). ``dispatch="onehot"`` selects the vmoe/flaxformer-style one-hot
-einsum reference instead (O(S·E·C·d)); it exists for tests and benchmarks.
+matmul. ``dispatch`` picks how (``resolve_dispatch``):
+
+* ``"index"``: the gathers/scatters above; dropless experts as a block-sparse grouped matmul
+  (``ExpertMlp.grouped(impl="blocked")``), which is fast on CPU.
+* ``"ragged"``: as ``"index"``, but dropless experts through ``jax.lax.ragged_dot`` (XLA's grouped
+  kernel on TPU and GPU; XLA:CPU lowers it to a masked dense matmul, E times the FLOPs).
+* ``"onehot"``: the vmoe/flaxformer-style one-hot einsum reference (O(S·E·C·d)), for tests and
+  benchmarks.
+* ``"auto"`` (default): ``"index"`` on CPU, ``"ragged"`` on every other platform.
+
+Capacity routing (``SlotDecision``) runs the same gathers under ``"index"`` and ``"ragged"``.
 """
 
 from __future__ import annotations
@@ -36,17 +45,18 @@ from flax import nnx
 from sparse_upcycle import routing, sharding
 from sparse_upcycle.layers import Kernel, activation, fan_in_init
 
-DISPATCH_MODES = ("index", "onehot")
-GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "blocked")
+DISPATCH_MODES = ("auto", "index", "ragged", "onehot")
 
 
-def resolve_grouped_matmul(impl: str) -> str:
-    """ "auto": ``ragged_dot`` where XLA has a grouped kernel (TPU, GPU), ``blocked`` on CPU."""
-    if impl not in GROUPED_MATMUL_IMPLS:
-        raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMUL_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-    return impl
+def resolve_dispatch(mode: str, platform: str | None = None) -> str:
+    """The concrete mode for ``mode`` on ``platform`` (default: jax's default backend):
+    ``"auto"`` is ``"index"`` on CPU (block-sparse dropless experts) and ``"ragged"`` where XLA
+    has a grouped-matmul kernel (TPU, GPU); any other mode is returned as given."""
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "index" if (platform or jax.default_backend()) == "cpu" else "ragged"
+    return mode
 
 
 # Parameter names of each ecosystem's MLP: (gated input names, plain input name, output name).
@@ -299,9 +309,8 @@ class MoeMlp(nnx.Module):
       group_multiple: the number of groups is made a multiple of this (``routing.routing_groups``).
       router_init_std: std of the router kernel's normal init.
       jitter_eps: multiplicative router-input noise in training (needs ``rng``).
-      dispatch: "index" (gather/scatter or grouped matmul) or "onehot" (reference einsums).
-      grouped_matmul: dropless expert computation, "auto" | "ragged_dot" | "blocked" (see
-        ``ExpertMlp.grouped``).
+      dispatch: "auto" | "index" | "ragged" | "onehot" (module docstring; resolved at
+        construction with ``resolve_dispatch``).
       dtype: activation dtype of the experts; the router always computes in float32.
     """
 
@@ -319,14 +328,11 @@ class MoeMlp(nnx.Module):
         group_multiple: int = 1,
         router_init_std: float = 0.02,
         jitter_eps: float = 0.0,
-        dispatch: str = "index",
-        grouped_matmul: str = "auto",
+        dispatch: str = "auto",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if group_multiple < 1:
@@ -338,8 +344,7 @@ class MoeMlp(nnx.Module):
         self.group_size = group_size
         self.group_multiple = group_multiple
         self.jitter_eps = jitter_eps
-        self.dispatch = dispatch
-        self.grouped_matmul = resolve_grouped_matmul(grouped_matmul)
+        self.dispatch = resolve_dispatch(dispatch)
         self.dtype = dtype
         self.router = RouterWeights(emb_dim, router.num_experts, router_init_std, rngs=rngs)
         self.expert = ExpertMlp(
@@ -396,7 +401,8 @@ class MoeMlp(nnx.Module):
         if self.dispatch == "onehot":
             y = _onehot_moe(self.expert, x_GSd, decision)
         elif isinstance(decision, routing.DroplessDecision):
-            y = _dropless_moe(self.expert, x_GSd, decision, self.grouped_matmul)
+            impl = "ragged_dot" if self.dispatch == "ragged" else "blocked"
+            y = _dropless_moe(self.expert, x_GSd, decision, impl)
         else:
             y = _slot_moe(self.expert, x_GSd, decision)
         y = sharding.constrain(y, GROUP_MAJOR)

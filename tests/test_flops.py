@@ -213,7 +213,7 @@ def test_dropless_decoder_matches_xla_ragged_dot():
     masked matmul over all E experts (the ``moe.py`` docstring), so the compiled step does
     E× the grouped FLOPs: XLA ≈ analytic + (E-1)·expert_mlp. (The default CPU path, a scan
     over blocks, cannot be checked this way: XLA counts a loop body once.)"""
-    moe = dict(num_experts=E, grouped_matmul="ragged_dot")  # capacity_factor None: dropless
+    moe = dict(num_experts=E, dispatch="ragged")  # capacity_factor None: dropless
     cfg, model, args, batch = _decoder(moe)
     xla = _xla_flops(model, _forward("decoder", True), args, train=True)
     step = flops.model_flops_per_step("decoder", cfg, batch)

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparse_upcycle import moe, routing, sharding
+from sparse_upcycle.models.moe_config import MoeConfig
 
 D, F, E = 16, 24, 4
 
@@ -89,9 +90,9 @@ def test_index_dispatch_matches_onehot_reference(name, activations):
     # Groups: full, 5 real, 1 real, all padding.
     mask = jnp.ones((4, 8), bool).at[1, 5:].set(False).at[2, 1:].set(False).at[3].set(False)
     l_ref, (g_ref, gx_ref) = _loss_and_grads(_layer(router, "onehot", activations), x, mask)
-    impls = ("ragged_dot", "blocked") if router.capacity(8) is None else ("auto",)
+    impls = ("ragged", "index") if router.capacity(8) is None else ("auto",)
     for impl in impls:
-        fast = _layer(router, "index", activations, grouped_matmul=impl)
+        fast = _layer(router, impl, activations)
         loss, (grads, gx) = _loss_and_grads(fast, x, mask)
         np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
         np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-6)
@@ -248,14 +249,14 @@ def test_big_vision_experts_with_bias_match_reference_and_preserve_dense(name):
     router = ROUTERS[name]
     kw = dict(activations=("gelu_exact",), naming="big_vision", use_bias=True)
     x = jax.random.normal(jax.random.key(9), (2, 8, D))
-    impls = ("ragged_dot", "blocked") if router.capacity(8) is None else ("auto",)
+    impls = ("ragged", "index") if router.capacity(8) is None else ("auto",)
     ref_layer = _layer(router, "onehot", **kw)
     rng = np.random.default_rng(3)
     for module in (ref_layer.expert.Dense_0, ref_layer.expert.Dense_1):  # nonzero biases
         module.bias[...] = jnp.asarray(rng.normal(size=module.bias.shape), jnp.float32)
     l_ref, (g_ref, _) = _loss_and_grads(ref_layer, x)
     for impl in impls:
-        layer = _layer(router, "index", grouped_matmul=impl, **kw)
+        layer = _layer(router, impl, **kw)
         nnx.update(layer, nnx.state(ref_layer))
         loss, (grads, _) = _loss_and_grads(layer, x)
         np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
@@ -338,3 +339,18 @@ def test_group_multiple_splits_a_single_group_over_the_devices():
 
     assert "all-to-all" not in compiled(whole)  # the one group is gathered onto every device
     assert "all-to-all" in compiled(split)  # tokens go to their experts' devices and back
+
+
+def test_dispatch_auto_is_chosen_per_platform():
+    """``auto`` is the block-sparse index path on CPU and ragged_dot on accelerators; the other
+    modes pass through; a typo names the field."""
+    assert moe.resolve_dispatch("auto", "cpu") == "index"
+    assert moe.resolve_dispatch("auto", "gpu") == "ragged"
+    assert moe.resolve_dispatch("auto", "tpu") == "ragged"
+    assert moe.resolve_dispatch("onehot", "gpu") == "onehot"
+    assert moe.resolve_dispatch("index", "tpu") == "index"
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        moe.resolve_dispatch("gather")
+    assert _layer(ROUTERS["top2_dropless"], "auto").dispatch == moe.resolve_dispatch("auto")
+    with pytest.raises(ValueError, match="moe.dispatch must be one of"):
+        MoeConfig(num_experts=4, dispatch="ragged_dot")

@@ -52,13 +52,16 @@ class MoeConfig:
     jitter_eps: float = 0.0
     aux_loss_weight: float = 0.01
     router_z_loss_weight: float = 0.001
-    dispatch: str = "index"
-    grouped_matmul: str = "auto"
+    dispatch: str = "auto"  # "auto" | "index" | "ragged" | "onehot" (moe.resolve_dispatch)
     expert_mlp_dim: int | None = None  # None: the dense MLP's width (fine-grained experts: f/G)
 
     def __post_init__(self):
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"moe.router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        if self.dispatch not in moe.DISPATCH_MODES:
+            raise ValueError(
+                f"moe.dispatch must be one of {moe.DISPATCH_MODES}, got {self.dispatch!r}"
+            )
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         m = self.group_multiple
@@ -207,7 +210,6 @@ class MoeConfig:
             router_init_std=self.router_init_std,
             jitter_eps=self.jitter_eps,
             dispatch=self.dispatch,
-            grouped_matmul=self.grouped_matmul,
             dtype=dtype,
             rngs=rngs,
         )
