@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_upcycle import routing, sharding
+from sparse_upcycle import expert_parallel, routing, sharding
 from sparse_upcycle.layers import Kernel, activation, fan_in_init
 
 DISPATCH_MODES = ("auto", "index", "ragged", "onehot")
@@ -402,7 +402,10 @@ class MoeMlp(nnx.Module):
             y = _onehot_moe(self.expert, x_GSd, decision)
         elif isinstance(decision, routing.DroplessDecision):
             impl = "ragged_dot" if self.dispatch == "ragged" else "blocked"
-            y = _dropless_moe(self.expert, x_GSd, decision, impl)
+            if expert_parallel.applicable(g, decision.num_experts):
+                y = expert_parallel.dropless_moe(self.expert, x_GSd, decision, impl)
+            else:
+                y = _dropless_moe(self.expert, x_GSd, decision, impl)
         else:
             y = _slot_moe(self.expert, x_GSd, decision)
         y = sharding.constrain(y, GROUP_MAJOR)

@@ -38,6 +38,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from sparse_upcycle import sharding
+
+GROUP_SCORES = ("batch", None, None)  # [G, S, E] or [G, E, S] scores, split as the tokens are
+
 ORDERINGS = ("softmax_then_topk", "topk_then_softmax")
 
 
@@ -80,6 +84,22 @@ def expert_choice_capacity(
 ) -> int:
     """Slots per expert for expert choice: ceil(C·S/E), rounded up to ``multiple``, ≤ S."""
     return _round_capacity(capacity_factor * group_size / num_experts, multiple, group_size)
+
+
+def _group_local_top_k(x_GSE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k`` over experts, run on each device's own routing groups when a mesh is
+    set. The partitioner cannot split the top-k op itself: it gathers the [G, S, E] scores
+    onto every device (and again for the gradient); top-k of a token needs only that token."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jax.lax.top_k(x_GSE, k)
+    spec = sharding.logical_to_spec(GROUP_SCORES, x_GSE.shape, mesh)
+    if spec[0] is None:  # groups not split (too few, or the axes are manual here)
+        return jax.lax.top_k(x_GSE, k)
+    values, index = jax.shard_map(
+        lambda x: tuple(jax.lax.top_k(x, k)), in_specs=spec, out_specs=(spec, spec)
+    )(x_GSE)
+    return values, index
 
 
 def top_k_capacity(
@@ -262,7 +282,7 @@ class ExpertChoiceRouter:
         # Padding scores -1 < any probability, so it is picked only when real tokens run out,
         # and such slots are marked invalid.
         scores_GES = jnp.where(mask[..., None], probs, -1.0).transpose(0, 2, 1)
-        top_p, token_index = jax.lax.top_k(scores_GES, cap)  # [G, E, C]
+        top_p, token_index = _group_local_top_k(scores_GES, cap)  # [G, E, C]
         valid = top_p >= 0.0
         weight = jnp.where(valid, top_p, 0.0)
 
@@ -364,9 +384,9 @@ class TopKRouter:
         if e != self.num_experts:
             raise ValueError(f"logits have {e} experts, router expects {self.num_experts}")
         if self.ordering == "softmax_then_topk":
-            weight_GSK, expert_GSK = jax.lax.top_k(probs, k)
+            weight_GSK, expert_GSK = _group_local_top_k(probs, k)
         else:
-            top_logits, expert_GSK = jax.lax.top_k(logits, k)
+            top_logits, expert_GSK = _group_local_top_k(logits, k)
             weight_GSK = jax.nn.softmax(top_logits, axis=-1)
         if self.renormalize:
             weight_GSK = weight_GSK / jnp.sum(weight_GSK, axis=-1, keepdims=True)

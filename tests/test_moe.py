@@ -14,6 +14,7 @@ from sparse_upcycle import moe, routing, sharding
 from sparse_upcycle.models.moe_config import MoeConfig
 
 D, F, E = 16, 24, 4
+AUTO = jax.sharding.AxisType.Auto
 
 ROUTERS = {
     "expert_choice": routing.ExpertChoiceRouter(E, capacity_factor=1.0),
@@ -354,3 +355,41 @@ def test_dispatch_auto_is_chosen_per_platform():
     assert _layer(ROUTERS["top2_dropless"], "auto").dispatch == moe.resolve_dispatch("auto")
     with pytest.raises(ValueError, match="moe.dispatch must be one of"):
         MoeConfig(num_experts=4, dispatch="ragged_dot")
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 8, 1)])
+@pytest.mark.parametrize("name", ["top2_dropless", "top2_capacity", "expert_choice"])
+def test_expert_parallel_equals_one_device_without_gathering_tokens(name, shape):
+    """On (data, expert, model) meshes (2,4,1) and (1,8,1): loss and every gradient equal to one
+    device at 1e-5, and the compiled step has no all-gather at all (neither the tokens nor the
+    router scores: top-k runs on each device's own groups). Dropless top-K exchanges its
+    assignments with the experts' devices through all-to-alls (expert_parallel.py)."""
+    router = {
+        "top2_dropless": routing.TopKRouter(8, k=2, capacity_factor=None),
+        "top2_capacity": routing.TopKRouter(8, k=2, capacity_factor=1.0),
+        "expert_choice": routing.ExpertChoiceRouter(8, capacity_factor=2.0),
+    }[name]
+    layer = _layer(router, group_size=4)
+    x = jax.random.normal(jax.random.key(1), (8, 4, D))
+    mask = jnp.ones((8, 4), bool).at[3, 2:].set(False).at[6].set(False)
+    graphdef, state = nnx.split(layer)
+    cot = jax.random.normal(jax.random.key(2), x.shape)
+
+    def loss(state, x):
+        y, metrics = nnx.merge(graphdef, state)(x, mask)
+        return jnp.sum(y * cot) + metrics.load_balancing_loss + metrics.z_loss
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    want = step(state, x)
+    mesh = jax.make_mesh(shape, ("data", "expert", "model"), axis_types=(AUTO,) * 3)
+    sharded = jax.device_put(state, sharding.param_shardings(state, mesh))
+    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
+    with jax.set_mesh(mesh):
+        assert moe.expert_parallel.applicable(8, 8)
+        got = step(sharded, xs)
+        text = step.lower(sharded, xs).compile().as_text()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert "all-gather" not in text
+    if router.capacity(4) is None:
+        assert text.count("all-to-all") >= 3  # tokens + expert ids out, outputs back
