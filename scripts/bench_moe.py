@@ -21,8 +21,11 @@ SwiGLU; for an accelerator). ``--dtype`` sets the activation and parameter dtype
 ``moe_s`` uses the layer's ``dispatch="auto"`` choice, recorded as ``dispatch`` (``index`` on
 CPU, ``ragged`` elsewhere); for dropless cases ``other_dispatch_s`` times the other grouped path
 (``ragged``: ``jax.lax.ragged_dot``, which XLA:CPU lowers to a dense masked matmul; ``index``:
-block-sparse) in the same run. The dropless ``expert_matmul_s`` assumes perfectly balanced loads
-(S·K/E rows per expert), the least work any dropless layer can do. Each ``*_s`` has a
+block-sparse) in the same run, and ``grouped_only_s`` the grouped matmul alone on the balanced
+rows, pre-sorted (``layer_over_grouped``: the cost of routing, sorting and gathers;
+``grouped_over_matmul``: the grouped matmul's padding and blocking). The dropless
+``expert_matmul_s`` assumes perfectly balanced loads (S·K/E rows per expert), the least work
+any dropless layer can do. Each ``*_s`` has a
 ``*_spread`` = (max - min) / median over its timed runs.
 """
 
@@ -98,6 +101,19 @@ def _matmul_step(layer):
     return step, state
 
 
+def _grouped_step(layer, sizes, impl):
+    graphdef, state = nnx.split(layer.expert)
+
+    @jax.jit
+    def step(state, x_Nd, cot):
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graphdef, state).grouped(x, sizes, impl) * cot)
+
+        return jax.grad(loss, argnums=(0, 1))(state, x_Nd)
+
+    return step, state
+
+
 def bench_case(case, tokens, repeats, slow_repeats, dtype, onehot=True):
     name, router, (e, d, f, activations) = case
     key_x, key_c, key_b = jax.random.split(jax.random.key(0), 3)
@@ -133,6 +149,12 @@ def bench_case(case, tokens, repeats, slow_repeats, dtype, onehot=True):
     buf = jax.random.normal(key_b, (1, e, rows_per_expert, d), dtype)
     step, state = _matmul_step(layer())
     fns["expert_matmul_s"] = (step, (state, buf, buf))
+    if cap is None:  # the grouped matmul alone, on the same balanced rows, pre-sorted
+        impl = "ragged_dot" if auto == "ragged" else "blocked"
+        sizes = jnp.full((e,), rows_per_expert, jnp.int32)
+        step, state = _grouped_step(layer(), sizes, impl)
+        rows = buf.reshape(e * rows_per_expert, d)
+        fns["grouped_only_s"] = (step, (state, rows, rows))
 
     result = {"case": name, "E": e, "d": d, "f": f, "dispatch": auto}
     result.update(_interleaved_medians(fns, repeats, slow_repeats))
@@ -150,6 +172,10 @@ def bench_case(case, tokens, repeats, slow_repeats, dtype, onehot=True):
     if cap is None:
         result["other_dispatch"] = other
         result["other_ratio_vs_matmul"] = result["other_dispatch_s"] / result["expert_matmul_s"]
+        # Where the dropless excess goes: routing + sort + gathers (layer over grouped alone)
+        # and the grouped matmul's own padding and blocking (grouped alone over bare matmuls).
+        result["layer_over_grouped"] = result["moe_s"] / result["grouped_only_s"]
+        result["grouped_over_matmul"] = result["grouped_only_s"] / result["expert_matmul_s"]
     return result
 
 
