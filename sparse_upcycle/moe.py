@@ -205,7 +205,13 @@ class ExpertMlp(nnx.Module):
 
             return None, self._apply(x_bd, pick)
 
-        _, y_blocks = jax.lax.scan(one_block, None, (x_blocks, block_expert))
+        # Without the checkpoint the forward saves each block's slice of every weight for the
+        # backward ([blocks, d, f] per matrix, more bytes than the weights themselves); the
+        # policy keeps the matmul outputs and re-reads the slices instead.
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        _, y_blocks = jax.lax.scan(
+            jax.checkpoint(one_block, policy=policy), None, (x_blocks, block_expert)
+        )
         return y_blocks.reshape(rows, d).at[dest].get(mode="fill", fill_value=0)
 
 
