@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sparse_upcycle import routing
+from sparse_upcycle import permute, routing
 
 BATCH_AXES = ("data", "expert")  # the mesh axes routing groups are split over (sharding.py)
 
@@ -66,32 +66,36 @@ def dropless_moe(experts, x_GSd: jax.Array, decision: routing.DroplessDecision, 
         k = expert_index.shape[-1]
         num = g * s * k
         # Sort by expert (so by destination device); padding assignments have id E -> dropped.
+        # Every row move below is permute.take_rows: a gather both ways.
         expert_N = expert_index.reshape(num)
-        order = jnp.argsort(expert_N, stable=True)
+        order = jnp.argsort(expert_N, stable=True).astype(jnp.int32)
         expert_sorted = expert_N[order]
-        token_sorted = (jnp.arange(num) // k)[order]
         peer = expert_sorted // e_loc  # == n for padding
         counts = jnp.sum(jax.nn.one_hot(peer, n, dtype=jnp.int32), axis=0)
         start = jnp.cumsum(counts) - counts
         slot = jnp.arange(num) - start[jnp.minimum(peer, n - 1)]
-        rows = x.reshape(g * s, d)[token_sorted]
-        send_x = jnp.zeros((n, num, d), x.dtype).at[peer, slot].set(rows, mode="drop")
-        send_e = jnp.full((n, num), e_loc, jnp.int32)
-        send_e = send_e.at[peer, slot].set(expert_sorted % e_loc, mode="drop")
+        dest = jnp.where(peer < n, peer * num + slot, n * num).astype(jnp.int32)  # [n, N] flat
+        source = permute.inverse_permutation(dest, n * num)
+        inverse = permute.inverse_permutation(order, num)
+        sorted_x = permute.take_rows(jnp.repeat(x.reshape(g * s, d), k, axis=0), order, inverse)
+        send_x = permute.take_rows(sorted_x, source, dest).reshape(n, num, d)
+        local_e = jnp.where(peer < n, expert_sorted % e_loc, e_loc).astype(jnp.int32)
+        send_e = jnp.append(local_e, e_loc)[jnp.minimum(source, num)].reshape(n, num)
         # recv[p] = what device p sent to this one.
         recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True).reshape(n * num, d)
         recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True).reshape(n * num)
         # The local experts as one grouped matmul over the received rows.
-        order_r = jnp.argsort(recv_e, stable=True)
+        order_r = jnp.argsort(recv_e, stable=True).astype(jnp.int32)
+        inverse_r = permute.inverse_permutation(order_r, n * num)
         sizes = jnp.sum(jax.nn.one_hot(recv_e, e_loc, dtype=jnp.int32), axis=0)
-        y_sorted = local.grouped(recv_x[order_r], sizes, impl)
+        y_sorted = local.grouped(permute.take_rows(recv_x, order_r, inverse_r), sizes, impl)
         routed = jnp.arange(n * num)[:, None] < sizes.sum()
         y_sorted = jnp.where(routed, y_sorted, 0)
-        y_recv = jnp.zeros_like(y_sorted).at[order_r].set(y_sorted).reshape(n, num, d)
+        y_recv = permute.take_rows(y_sorted, inverse_r, order_r).reshape(n, num, d)
         # Back to the devices the rows came from, then to assignment order.
-        y_back = jax.lax.all_to_all(y_recv, "expert", 0, 0, tiled=True)
-        y_mine = y_back.at[peer, slot].get(mode="fill", fill_value=0).astype(jnp.float32)
-        y_N = jnp.zeros_like(y_mine).at[order].set(y_mine)
+        y_back = jax.lax.all_to_all(y_recv, "expert", 0, 0, tiled=True).reshape(n * num, d)
+        y_mine = permute.take_rows(y_back, dest, source).astype(jnp.float32)
+        y_N = permute.take_rows(y_mine, inverse, order)
         y = jnp.sum(y_N.reshape(g * s, k, d) * weight.reshape(g * s, k, 1), axis=1)
         return y.reshape(g, s, d).astype(x.dtype)
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_upcycle import expert_parallel, routing, sharding
+from sparse_upcycle import expert_parallel, permute, routing, sharding
 from sparse_upcycle.layers import Kernel, activation, fan_in_init
 
 DISPATCH_MODES = ("auto", "index", "ragged", "onehot")
@@ -57,36 +57,6 @@ def resolve_dispatch(mode: str, platform: str | None = None) -> str:
     if mode == "auto":
         return "index" if (platform or jax.default_backend()) == "cpu" else "ragged"
     return mode
-
-
-@jax.custom_vjp
-def take_rows(x_Nd: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-    """``x[index]`` with zero rows where ``index`` is out of range, for an injective ``index``
-    whose inverse is ``inverse`` (``inverse[index[i]] == i``; out of range where no ``i``).
-
-    Both directions are gathers: the gradient is ``g[inverse]``, where autodiff of a gather
-    would scatter-add (a serial loop on XLA:CPU, atomics on GPU)."""
-    return x_Nd.at[index].get(mode="fill", fill_value=0)
-
-
-def _take_rows_fwd(x_Nd, index, inverse):
-    return take_rows(x_Nd, index, inverse), (index, inverse)
-
-
-def _take_rows_bwd(residuals, g):
-    index, inverse = residuals
-    return g.at[inverse].get(mode="fill", fill_value=0), None, None
-
-
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
-
-
-def inverse_permutation(index: jax.Array, size: int) -> jax.Array:
-    """For an injective ``index`` into ``size`` rows (out-of-range entries ignored): ``inv`` of
-    length ``size`` with ``inv[index[i]] = i`` and ``len(index)`` (out of range) elsewhere."""
-    n = index.shape[0]
-    inv = jnp.full((size,), n, jnp.int32)
-    return inv.at[index].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
 
 
 # Parameter names of each ecosystem's MLP: (gated input names, plain input name, output name).
@@ -218,8 +188,8 @@ class ExpertMlp(nnx.Module):
         safe = jnp.minimum(row_expert, e - 1)
         dest = (padded_end - padded)[safe] + jnp.arange(n) - (raw_end - group_sizes_E)[safe]
         dest = jnp.where(row_expert < e, dest, rows)  # out of range: dropped below
-        source = inverse_permutation(dest, rows)  # block row -> input row (n: padding)
-        x_blocks = take_rows(x_Nd, source, dest).reshape(rows // block, block, d)
+        source = permute.inverse_permutation(dest, rows)  # block row -> input row (n: padding)
+        x_blocks = permute.take_rows(x_Nd, source, dest).reshape(rows // block, block, d)
         block_expert = jnp.searchsorted(padded_end, jnp.arange(rows // block) * block, "right")
 
         def one_block(_, xs):
@@ -242,7 +212,7 @@ class ExpertMlp(nnx.Module):
         _, y_blocks = jax.lax.scan(
             jax.checkpoint(one_block, policy=policy), None, (x_blocks, block_expert)
         )
-        return take_rows(y_blocks.reshape(rows, d), dest, source)
+        return permute.take_rows(y_blocks.reshape(rows, d), dest, source)
 
 
 class RouterWeights(nnx.Module):
@@ -299,17 +269,17 @@ def _dropless_moe(experts: ExpertMlp, x_GSd, decision: routing.DroplessDecision,
     k = decision.expert_index.shape[-1]
     expert_N = decision.expert_index.reshape(-1)  # N = G·S·K assignments; padding has id E
     order = jnp.argsort(expert_N, stable=True).astype(jnp.int32)
-    inverse = inverse_permutation(order, order.shape[0])
+    inverse = permute.inverse_permutation(order, order.shape[0])
     # Each token repeated K times (backward: a sum over K), then permuted by gathers only.
     x_Nd = jnp.repeat(x_GSd.reshape(g * s, d), k, axis=0)
-    x_sorted = take_rows(x_Nd, order, inverse)
+    x_sorted = permute.take_rows(x_Nd, order, inverse)
     group_sizes = jnp.sum(jax.nn.one_hot(expert_N, decision.num_experts, dtype=jnp.int32), axis=0)
     y_sorted = experts.grouped(x_sorted, group_sizes, impl)
     # Rows past the routed total (padding assignments) are zeroed explicitly: backends are not
     # bound to zero them, and garbage times a zero weight can still be NaN.
     routed = jnp.arange(y_sorted.shape[0])[:, None] < group_sizes.sum()
     y_sorted = jnp.where(routed, y_sorted, 0).astype(jnp.float32)
-    y_N = take_rows(y_sorted, inverse, order)  # unsort
+    y_N = permute.take_rows(y_sorted, inverse, order)  # unsort
     w = decision.combine_weight.reshape(g * s, k, 1)
     y = jnp.sum(y_N.reshape(g * s, k, d) * w, axis=1)
     return y.reshape(g, s, d).astype(x_GSd.dtype)
