@@ -20,14 +20,14 @@ Reported (medians of ``--repeats`` interleaved timings, all in this process):
 * ``model_flops``: analytic model FLOPs per step (``sparse_upcycle.flops``: 2 FLOPs per
   multiply-add of every matmul, forward + backward = 3 × forward; MoE layers count the E·C
   expert slots their capacity gives, filled or not, plus the router).
-* ``peak_flops_per_s``: a jitted 2048² matmul in ``--dtype`` timed in this run (the device's
-  practical peak), or ``--peak-tflops`` (a data-sheet figure) when given;
+* ``peak_flops_per_s``: a jitted 2048² matmul in ``--dtype`` timed between the steps of this
+  run (the median over repeats: the device's practical peak), or ``--peak-tflops`` (a data-sheet figure) when given;
   ``mfu = model_flops / step_s / peak``; ``achieved_tflops = model_flops / step_s``.
 * ``forward_backward_s``: the same step without the optimizer update (the Adafactor update is
   elementwise work over all parameters, which model FLOPs do not count and upcycling
   multiplies), and its ratio over the FLOPs ratio.
 * ``time_ratio / flops_ratio``: (upcycled step time / dense step time) ÷ (upcycled FLOPs /
-  dense FLOPs): the cost of MoE beyond its arithmetic (goal ≤ 1.15). Goal for dense MFU: ≥ 0.40.
+  dense FLOPs): the cost of MoE beyond its arithmetic (goal ≤ 1.15). Goal for dense MFU: ≥ 0.45.
 """
 
 from __future__ import annotations
@@ -115,8 +115,7 @@ def main() -> None:
     batch = next(make_pipeline(data_cfg, "t5", t5.config("small"), "train"))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     shapes = {k: v.shape for k, v in batch.items()}
-    measured_peak = flops.measure_peak_flops(jnp.dtype(args.dtype), size=2048, repeats=5)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak
+    peaks = []  # the matmul peak is timed between the steps too, so noise hits it alike
 
     cases = {}
     for name, moe in (("dense", False), ("upcycled", True)):
@@ -127,6 +126,7 @@ def main() -> None:
         cases[name] = {"spec": spec, "step": step, "grad": grad_only, "state": state}
         cases[name].update(times=[], grad_times=[])
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+        peaks.append(flops.measure_peak_flops(jnp.dtype(args.dtype), size=2048, repeats=3))
         for case in cases.values():
             case["state"], loss = case["step"](case["state"], batch)  # untimed warm run
             jax.block_until_ready(loss)
@@ -139,6 +139,8 @@ def main() -> None:
             jax.block_until_ready(case["grad"](case["state"], batch))
             case["grad_times"].append(time.perf_counter() - t0)
 
+    measured_peak = statistics.median(peaks)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "device": str(jax.devices()[0]),
@@ -147,6 +149,7 @@ def main() -> None:
         "peak_flops_per_s": peak,
         "peak_source": "--peak-tflops" if args.peak_tflops else "measured matmul",
         "measured_matmul_flops_per_s": measured_peak,
+        "measured_matmul_flops_per_s_all": peaks,
         "repeats": args.repeats,
     }
     for name, case in cases.items():
@@ -171,7 +174,7 @@ def main() -> None:
     # ~4x the dense parameters) rather than with the model FLOPs.
     result["forward_backward_time_ratio_over_flops_ratio"] = fb_ratio / flops_ratio
     result["goals"] = {
-        "dense_mfu>=0.40": result["dense"]["mfu"] >= 0.40,
+        "dense_mfu>=0.45": result["dense"]["mfu"] >= 0.45,
         "time_ratio/flops_ratio<=1.15": time_ratio / flops_ratio <= 1.15,
     }
     text = json.dumps(result, indent=2)
