@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_upcycle import moe, routing
+from sparse_upcycle import host_memory, moe, routing
 
 E, D, F = 32, 512, 1024
 GATED_GELU, SWIGLU = ("gelu", "linear"), ("silu", "linear")
@@ -180,6 +180,8 @@ def bench_case(case, tokens, repeats, slow_repeats, dtype, onehot=True):
 
 
 def main():
+    # glibc settings as the command line applies them (SPARSE_UPCYCLE_MALLOC=system: defaults)
+    malloc = "tuned" if host_memory.tune() else "system"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--slow-repeats", type=int, default=3, help="for calls over 1 s")
@@ -217,6 +219,7 @@ def main():
         },
         "machine": {
             "platform": platform.platform(),
+            "malloc": malloc,
             "cpu_count": os.cpu_count(),
             "devices": [str(d) for d in jax.devices()],
             "jax": jax.__version__,

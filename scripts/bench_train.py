@@ -12,7 +12,8 @@ GELU, fp32) dense, and upcycled with E=32 experts in every other layer: expert c
 C=2 in the encoder, top-2 with C=1.25 in the decoder (routing groups = each batch's tokens).
 Batch 16 × 128 input / 32 target tokens of synthetic data. A step is the whole jitted training
 step of ``sparse_upcycle.train`` (forward, backward, Adafactor update, donated state) on one
-device.
+device, with glibc's allocator set as the command line sets it (``host_memory.tune()``;
+``SPARSE_UPCYCLE_MALLOC=system`` keeps the defaults).
 
 Reported (medians of ``--repeats`` interleaved timings, all in this process):
 
@@ -21,7 +22,8 @@ Reported (medians of ``--repeats`` interleaved timings, all in this process):
   multiply-add of every matmul, forward + backward = 3 × forward; MoE layers count the E·C
   expert slots their capacity gives, filled or not, plus the router).
 * ``peak_flops_per_s``: a jitted 2048² matmul in ``--dtype`` timed between the steps of this
-  run (the median over repeats: the device's practical peak), or ``--peak-tflops`` (a data-sheet figure) when given;
+  run (the median over repeats: the device's practical peak), or ``--peak-tflops`` (a
+  data-sheet figure) when given;
   ``mfu = model_flops / step_s / peak``; ``achieved_tflops = model_flops / step_s``.
 * ``forward_backward_s``: the same step without the optimizer update (the Adafactor update is
   elementwise work over all parameters, which model FLOPs do not count and upcycling
@@ -45,7 +47,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from sparse_upcycle import flops, optim
+from sparse_upcycle import flops, host_memory, optim
 from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.models import t5
 from sparse_upcycle.task import ModelSpec, make_loss_fn
@@ -97,6 +99,8 @@ def _step_fn(spec: ModelSpec):
 
 
 def main() -> None:
+    # glibc settings as the command line applies them (SPARSE_UPCYCLE_MALLOC=system: defaults)
+    malloc = "tuned" if host_memory.tune() else "system"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="small", choices=["small", "base"])
@@ -142,7 +146,7 @@ def main() -> None:
     measured_peak = statistics.median(peaks)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "malloc": malloc},
         "device": str(jax.devices()[0]),
         "model": {"size": args.size, "layers": args.layers, "dtype": args.dtype},
         "batch": {"size": args.batch, "input_len": INPUT_LEN, "target_len": TARGET_LEN},

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_upcycle import moe, routing
+from sparse_upcycle import host_memory, moe, routing
 
 E, K, D, F = 8, 2, 1024, 3584
 HF_IMPLS = ("eager", "grouped_mm")
@@ -123,6 +123,8 @@ def _our_step(layer: moe.MoeMlp, x, cot):
 
 
 def main() -> None:
+    # glibc settings as the command line applies them (SPARSE_UPCYCLE_MALLOC=system: defaults)
+    malloc = "tuned" if host_memory.tune() else "system"
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
@@ -187,7 +189,11 @@ def main() -> None:
         "dtype": "float32",
         "timing": "median fwd+bwd, interleaved",
         "repeats": args.repeats,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "malloc": malloc,
+        },
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
         "transformers": transformers.__version__,
         "dispatch": moe.resolve_dispatch("auto"),
