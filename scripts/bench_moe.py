@@ -32,7 +32,6 @@ any dropless layer can do. Each ``*_s`` has a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from bench_common import emit
 from flax import nnx
 
 from sparse_upcycle import host_memory, moe, routing
@@ -229,11 +229,7 @@ def main():
             for c in cases
         ],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

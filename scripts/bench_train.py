@@ -35,7 +35,6 @@ Reported (medians of ``--repeats`` interleaved timings, all in this process):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from bench_common import emit
 from flax import nnx
 
 from sparse_upcycle import flops, host_memory, optim
@@ -181,11 +181,7 @@ def main() -> None:
         "dense_mfu>=0.45": result["dense"]["mfu"] >= 0.45,
         "time_ratio/flops_ratio<=1.15": time_ratio / flops_ratio <= 1.15,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ untimed one):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import emit
 from flax import nnx
 
 from sparse_upcycle import host_memory, moe, routing
@@ -211,11 +211,7 @@ def main() -> None:
         if name != "expert_matmul_s":
             over = result[name] / result["expert_matmul_s"]
             result[name.removesuffix("_s") + "_over_floor"] = over
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
