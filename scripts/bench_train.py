@@ -28,6 +28,8 @@ Reported (medians of ``--repeats`` interleaved timings, all in this process):
 * ``forward_backward_s``: the same step without the optimizer update (the Adafactor update is
   elementwise work over all parameters, which model FLOPs do not count and upcycling
   multiplies), and its ratio over the FLOPs ratio.
+* ``xla_forward_backward``: XLA's cost analysis of the compiled forward + backward (FLOPs,
+  bytes accessed) and ``xla_bytes_accessed_ratio``, upcycled over dense.
 * ``time_ratio / flops_ratio``: (upcycled step time / dense step time) ÷ (upcycled FLOPs /
   dense FLOPs): the cost of MoE beyond its arithmetic (goal ≤ 1.15). Goal for dense MFU: ≥ 0.45.
 """
@@ -98,6 +100,14 @@ def _step_fn(spec: ModelSpec):
     return jax.jit(train_step, donate_argnums=0), jax.jit(grad_only), state
 
 
+def _xla_cost(fn, *args) -> dict:
+    """XLA's own count of the compiled call: FLOPs and bytes accessed (None where the
+    backend reports none)."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, list) else (cost or {})
+    return {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
+
+
 def main() -> None:
     # glibc settings as the command line applies them (SPARSE_UPCYCLE_MALLOC=system: defaults)
     malloc = "tuned" if host_memory.tune() else "system"
@@ -128,6 +138,7 @@ def main() -> None:
         state, loss = step(state, batch)  # compile
         jax.block_until_ready((loss, grad_only(state, batch)))
         cases[name] = {"spec": spec, "step": step, "grad": grad_only, "state": state}
+        cases[name]["xla"] = _xla_cost(grad_only, state, batch)
         cases[name].update(times=[], grad_times=[])
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
         peaks.append(flops.measure_peak_flops(jnp.dtype(args.dtype), size=2048, repeats=3))
@@ -167,6 +178,7 @@ def main() -> None:
             "achieved_tflops": model_flops / step_s / 1e12,
             "forward_backward_s": statistics.median(case["grad_times"]),
             "params": sum(x.size for x in jax.tree.leaves(case["state"][0])),
+            "xla_forward_backward": case["xla"],
         }
     time_ratio = result["upcycled"]["step_s"] / result["dense"]["step_s"]
     flops_ratio = result["upcycled"]["model_flops"] / result["dense"]["model_flops"]
@@ -177,6 +189,9 @@ def main() -> None:
     # Without the optimizer update, whose cost grows with the parameter count (the MoE has
     # ~4x the dense parameters) rather than with the model FLOPs.
     result["forward_backward_time_ratio_over_flops_ratio"] = fb_ratio / flops_ratio
+    xla = [result[n]["xla_forward_backward"] for n in ("dense", "upcycled")]
+    if all(x["bytes_accessed"] for x in xla):  # the step's excess follows these (README)
+        result["xla_bytes_accessed_ratio"] = xla[1]["bytes_accessed"] / xla[0]["bytes_accessed"]
     result["goals"] = {
         "dense_mfu>=0.45": result["dense"]["mfu"] >= 0.45,
         "time_ratio/flops_ratio<=1.15": time_ratio / flops_ratio <= 1.15,
