@@ -4,11 +4,13 @@
 safetensors (one ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards plus
 ``model.safetensors.index.json`` above ``--max-shard-size``), for
 
-* a decoder: dense as ``LlamaForCausalLM``; MoE as ``MixtralForCausalLM``, in transformers
-  5.x's fused expert layout (``mlp.experts.gate_up_proj`` [E, 2f, d], ``mlp.experts.down_proj``
-  [E, d, f], ``mlp.gate.weight`` [E, d]) or, with ``--moe-layout per_expert``, Mixtral's
-  per-expert layout (``block_sparse_moe.experts.{j}.w1/w2/w3``) that 4.x reads. An MoE that
-  Mixtral would compute differently is refused (``hf_llama.mixtral_problems``);
+* a decoder: dense as ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` (the
+  family it came from: ``DecoderConfig.model_type``, ``hf_llama.dense_problems``); MoE as
+  ``MixtralForCausalLM``, in transformers 5.x's fused expert layout
+  (``mlp.experts.gate_up_proj`` [E, 2f, d], ``mlp.experts.down_proj`` [E, d, f],
+  ``mlp.gate.weight`` [E, d]) or, with ``--moe-layout per_expert``, Mixtral's per-expert layout
+  (``block_sparse_moe.experts.{j}.w1/w2/w3``) that 4.x reads. An MoE that Mixtral would
+  compute differently is refused (``hf_llama.mixtral_problems``);
 * a dense T5 as ``T5ForConditionalGeneration`` and a dense ViT as ``ViTForImageClassification``
   (``ViTModel`` without a head). HF has no class for our T5/ViT MoE layers: refused.
 

@@ -76,13 +76,22 @@ def fan_in_init(in_axis: int = -2, out_axis: int = -1, batch_axis: Sequence[int]
 
 
 class RMSNorm(nnx.Module):
-    """RMS layer norm (T5, Llama): ``x / sqrt(mean(x²) + eps) * scale``, statistics in fp32."""
+    """RMS layer norm (T5, Llama): ``x / sqrt(mean(x²) + eps) * scale``, statistics in fp32.
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    ``axes`` is the logical name of ``scale``'s one dimension: ``("embed",)`` for a norm over
+    the model width, ``("kv",)`` (replicated) for Qwen3's per-head norms over head_dim."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        axes: tuple[str] = ("embed",),
+    ):
         self.eps = eps
-        self.scale = logical_param(
-            nnx.initializers.ones, rngs.params(), (dim,), ("embed",), param_dtype
-        )
+        self.scale = logical_param(nnx.initializers.ones, rngs.params(), (dim,), axes, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -260,6 +269,12 @@ class Attention(nnx.Module):
     (T5X stores DenseGeneral kernels flattened to 2-D). ``scale`` multiplies q·k: 1.0 for T5
     (whose query init folds in 1/sqrt(head_dim)), head_dim**-0.5 for Llama.
 
+    Biases: ``use_bias`` puts one on ``query``/``key``/``value`` and, unless ``out_bias`` says
+    otherwise, on ``out`` (HF Llama/Qwen3 ``attention_bias``: all four; HF Qwen2: q/k/v only).
+    ``qk_norm_eps`` adds ``query_norm``/``key_norm``, RMSNorms over head_dim applied to each
+    head after the projection and before RoPE (Qwen3, transformers
+    ``models/qwen3/modeling_qwen3.py``: ``Qwen3Attention.q_norm``/``k_norm``).
+
     Incremental decoding: pass ``cache=(k [B, T, K, D], v [B, T, K, D])`` and ``cache_index``
     (the position of the first new token); the new keys/values are written there and the
     updated cache is returned."""
@@ -273,6 +288,8 @@ class Attention(nnx.Module):
         num_kv_heads=None,
         scale=1.0,
         use_bias=False,
+        out_bias=None,
+        qk_norm_eps=None,
         query_init=None,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
@@ -292,7 +309,12 @@ class Attention(nnx.Module):
         )
         self.key = Dense(emb_dim, kv_heads * head_dim, ("embed", "joined_kv"), **kw)
         self.value = Dense(emb_dim, kv_heads * head_dim, ("embed", "joined_kv"), **kw)
+        kw["use_bias"] = use_bias if out_bias is None else out_bias
         self.out = Dense(num_heads * head_dim, emb_dim, ("joined_kv", "embed"), **kw)
+        if qk_norm_eps is not None:
+            norm: dict[str, Any] = dict(rngs=rngs, param_dtype=param_dtype, axes=("kv",))
+            self.query_norm = RMSNorm(head_dim, qk_norm_eps, **norm)
+            self.key_norm = RMSNorm(head_dim, qk_norm_eps, **norm)
 
     def __call__(
         self,
@@ -312,6 +334,8 @@ class Attention(nnx.Module):
         q = self.query(x_q).reshape(b, l, self.num_heads, self.head_dim)
         k = self.key(x_kv).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.value(x_kv).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "query_norm"):
+            q, k = self.query_norm(q), self.key_norm(k)
         if rope_theta is not None:
             if q_positions is None or kv_positions is None:
                 raise ValueError("rope_theta needs q_positions and kv_positions")

@@ -103,8 +103,8 @@ def supported_model_types() -> list[str]:
 class HFCheckpoint(InMemoryReader):
     """A Hugging Face model directory, read into our paths; ``config`` (= ``model_config``) is
     our model config, ``family`` the registered family whose HF map reads its ``model_type``,
-    ``model_family`` that map's name (``llama`` for Llama, Mistral and Mixtral), ``tensors``
-    the safetensors by HF name and ``hf_config`` its ``config.json``."""
+    ``model_family`` that map's name (``llama`` for Llama, Mistral, Mixtral, Qwen2 and Qwen3),
+    ``tensors`` the safetensors by HF name and ``hf_config`` its ``config.json``."""
 
     def __init__(self, path: str):
         if not is_hf(path):

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_upcycle.checkpoints.hf_llama import check_hf_types
+from sparse_upcycle.checkpoints.hf_types import check_hf_types
 from sparse_upcycle.models.t5 import T5Config
 
 _ATTN = {"q": "query", "k": "key", "v": "value", "o": "out"}

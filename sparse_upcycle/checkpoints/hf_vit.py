@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_upcycle.checkpoints.hf_llama import check_hf_types
+from sparse_upcycle.checkpoints.hf_types import check_hf_types
 from sparse_upcycle.models.vit import ViTConfig, default_moe
 
 # transformers ≥ 5 in-memory names → checkpoint-file names (after the ``vit.`` prefix is cut).

@@ -1,4 +1,5 @@
-"""Llama-style decoder-only language model, dense or with sparse MoE MLP blocks (Flax NNX).
+"""Llama-style decoder-only language model (Llama, Qwen2, Qwen3), dense or with sparse MoE MLP
+blocks (Flax NNX).
 
 Architecture (Touvron et al. 2023, "Llama 2", §2.2; Grattafiori et al. 2024, "The Llama 3 Herd
 of Models", §3.1.1): pre-norm residual blocks ``h = x + Attn(RMSNorm(x))``,
@@ -6,59 +7,75 @@ of Models", §3.1.1): pre-norm residual blocks ``h = x + Attn(RMSNorm(x))``,
 in HF's half-split layout (``layers.apply_rope``), grouped-query attention (Ainslie et al.
 2023) scaled by ``head_dim**-0.5``, SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (Shazeer 2020),
 a final RMSNorm and logits from ``logits_dense`` or, when ``tie_word_embeddings``, from the
-token embedding. No biases anywhere. MoE blocks (``config.moe``) replace the MLP with
+token embedding. No biases, except on the attention projections where ``attention_bias``
+(q/k/v) and ``attention_out_bias`` (o) ask for them (Qwen2: q/k/v; HF Llama/Qwen3
+``attention_bias``: all four); ``qk_norm`` adds Qwen3's per-head RMSNorm (weights of size
+``head_dim``) on queries and keys after the projection, before RoPE (Yang et al. 2025, "Qwen3
+Technical Report", §2, after Dehghani et al. 2023's QK-norm; transformers
+``models/qwen3/modeling_qwen3.py``). MoE blocks (``config.moe``) replace the MLP with
 ``MoeConfig.make_layer(..., causal=True)``; the default routing is Mixtral's (Jiang et al. 2024,
 §2.1): top-2 token choice, softmax over the two chosen logits, dropless.
 
 Parameter paths (pure dict), one-to-one with HF ``LlamaForCausalLM`` / ``MixtralForCausalLM``
-(``checkpoints/hf_llama.py`` has the transposes):
+/ ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (``checkpoints/hf_llama.py`` has the transposes):
 
-======================================  =========  ===================================
-ours (``L`` = ``layers_{i}``)           shape      HF (``M`` = ``model.layers.{i}``)
-======================================  =========  ===================================
-``token_embedder/embedding``            [V, d]     ``model.embed_tokens.weight``
-``L/pre_attention_norm/scale``          [d]        ``M.input_layernorm.weight``
-``L/attention/query/kernel``            [d, H·Dh]  ``M.self_attn.q_proj.weight``
-``L/attention/{key,value}/kernel``      [d, K·Dh]  ``M.self_attn.{k,v}_proj.weight``
-``L/attention/out/kernel``              [H·Dh, d]  ``M.self_attn.o_proj.weight``
-``L/pre_mlp_norm/scale``                [d]        ``M.post_attention_layernorm.weight``
-``L/mlp/{wi_0,wi_1}/kernel``            [d, f]     ``M.mlp.{gate,up}_proj.weight``
-``L/mlp/wo/kernel``                     [f, d]     ``M.mlp.down_proj.weight``
-``L/mlp/router/w/kernel`` (MoE)         [d, E]     ``M.mlp.gate.weight``
-``L/mlp/expert/{wi_0,wi_1}/kernel``     [E, d, f]  ``M.mlp.experts.gate_up_proj``
-``L/mlp/expert/wo/kernel``              [E, f, d]  ``M.mlp.experts.down_proj``
-``final_norm/scale``                    [d]        ``model.norm.weight``
-``logits_dense/kernel`` (untied only)   [d, V]     ``lm_head.weight``
-======================================  =========  ===================================
+=====================================  =========  =====================================
+ours (``L`` = ``layers_{i}``)          shape      HF (``M`` = ``model.layers.{i}``)
+=====================================  =========  =====================================
+``token_embedder/embedding``           [V, d]     ``model.embed_tokens.weight``
+``L/pre_attention_norm/scale``         [d]        ``M.input_layernorm.weight``
+``L/attention/query/kernel``           [d, H·Dh]  ``M.self_attn.q_proj.weight``
+``L/attention/{key,value}/kernel``     [d, K·Dh]  ``M.self_attn.{k,v}_proj.weight``
+``L/attention/out/kernel``             [H·Dh, d]  ``M.self_attn.o_proj.weight``
+``L/attention/query/bias`` (1)         [H·Dh]     ``M.self_attn.q_proj.bias``
+``L/attention/{key,value}/bias`` (1)   [K·Dh]     ``M.self_attn.{k,v}_proj.bias``
+``L/attention/out/bias`` (2)           [d]        ``M.self_attn.o_proj.bias``
+``L/attention/query_norm/scale`` (3)   [Dh]       ``M.self_attn.q_norm.weight``
+``L/attention/key_norm/scale`` (3)     [Dh]       ``M.self_attn.k_norm.weight``
+``L/pre_mlp_norm/scale``               [d]        ``M.post_attention_layernorm.weight``
+``L/mlp/{wi_0,wi_1}/kernel``           [d, f]     ``M.mlp.{gate,up}_proj.weight``
+``L/mlp/wo/kernel``                    [f, d]     ``M.mlp.down_proj.weight``
+``L/mlp/router/w/kernel`` (MoE)        [d, E]     ``M.mlp.gate.weight``
+``L/mlp/expert/{wi_0,wi_1}/kernel``    [E, d, f]  ``M.mlp.experts.gate_up_proj``
+``L/mlp/expert/wo/kernel``             [E, f, d]  ``M.mlp.experts.down_proj``
+``final_norm/scale``                   [d]        ``model.norm.weight``
+``logits_dense/kernel`` (untied only)  [d, V]     ``lm_head.weight``
+=====================================  =========  =====================================
+
+(1) ``attention_bias``, (2) ``attention_out_bias``, (3) ``qk_norm``.
 
 Parameters are float32; ``config.dtype`` is the activation dtype. Attention softmax, norms,
 RoPE and the router compute in float32 whatever it is; logits come back as float32.
 
-Decoding: ``init_cache`` makes a ``DecodeCache``, ``extend`` runs a chunk of one or more tokens
-against it (prefill, then one token at a time) and ``generate`` does greedy or temperature
-sampling. With dropless routing the cached path computes the same function as the full
-forward. With capacity-limited top-K it does not (a token's slot depends on which tokens share
-its routing group, and a one-token step is a different group), so use dropless for inference.
+Decoding: ``init_cache`` makes a ``DecodeCache`` (``models/decoding.py``), ``extend`` runs a
+chunk of one or more tokens against it (prefill, then one token at a time) and ``generate``
+does greedy or temperature sampling. With dropless routing the cached path computes the same
+function as the full forward. With capacity-limited top-K it does not (a token's slot depends
+on which tokens share its routing group, and a one-token step is a different group), so use
+dropless for inference.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
 from sparse_upcycle import flop_terms, routing
 from sparse_upcycle.layers import Dense, Embed, RMSNorm
 from sparse_upcycle.models import remat as remat_lib
 from sparse_upcycle.models import scan
 from sparse_upcycle.models.decoder_blocks import DecoderBlock
+from sparse_upcycle.models.decoding import DecodeCache, generate_loop
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
+
+# The HF families a dense decoder is written back as (``DecoderConfig.model_type``).
+DENSE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 # Decoder MoE default: Mixtral / Llama-3-MoE routing (top-2, softmax over the chosen two so
 # the weights sum to 1, dropless). num_experts=0 keeps the model dense until asked otherwise.
@@ -89,6 +106,14 @@ class DecoderConfig:
     function, so config equality ignores it. ``scan_layers`` (``models/scan.py``; not an HF
     field) runs the full forward's blocks as one ``jax.lax.scan`` (cached decoding stays
     unrolled); equality ignores it too.
+
+    Qwen fields: ``attention_bias`` puts biases on the q/k/v projections and
+    ``attention_out_bias`` on the output one (HF Qwen2 always has the first and never the
+    second; HF Llama's and Qwen3's ``attention_bias`` means both); ``qk_norm`` is Qwen3's
+    per-head q/k RMSNorm (eps ``rms_norm_eps``). ``model_type`` ("llama", "qwen2", "qwen3"; not
+    a function of the model) is the HF family a dense model is exported as
+    (``hf_llama.config_to_hf``, which refuses a structure that family cannot hold); config
+    equality ignores it.
     """
 
     vocab_size: int = 32000
@@ -104,12 +129,20 @@ class DecoderConfig:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     dtype: str = "float32"
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    qk_norm: bool = False
     moe: MoeConfig = DEFAULT_MOE
+    model_type: str = dataclasses.field(default="llama", compare=False)
     remat: str = dataclasses.field(default="none", compare=False)
     scan_layers: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self):
         remat_lib.check(self.remat)
+        if self.model_type not in DENSE_MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {list(DENSE_MODEL_TYPES)}, got {self.model_type!r}"
+            )
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -230,21 +263,6 @@ def config(name: str, **overrides: Any) -> DecoderConfig:
 # --------------------------------------------------------------------------------------------
 # Modules.
 # --------------------------------------------------------------------------------------------
-
-
-@struct.dataclass
-class DecodeCache:
-    """Per-layer keys/values [B, T, K, Dh] (after RoPE), which cache slots hold real tokens
-    (``key_mask`` [B, T]) and how many slots are filled (``index``, int32 scalar)."""
-
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    key_mask: jax.Array
-    index: jax.Array
-
-    @property
-    def max_len(self) -> int:
-        return self.key_mask.shape[1]
 
 
 class Decoder(nnx.Module):
@@ -435,7 +453,7 @@ class Decoder(nnx.Module):
         if prompt_mask is None:
             prompt_mask = jnp.ones(prompt_tokens.shape, bool)
         graphdef, state = nnx.split(self)
-        return _generate(
+        return generate_loop(
             graphdef,
             state,
             jnp.asarray(prompt_tokens),
@@ -445,33 +463,6 @@ class Decoder(nnx.Module):
             max_new_tokens=max_new_tokens,
             sample=temperature > 0,
         )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample"))
-def _generate(graphdef, state, prompt, prompt_mask, rng, temperature, *, max_new_tokens, sample):
-    model: Decoder = nnx.merge(graphdef, state)
-    batch, prompt_len = prompt.shape
-
-    def pick(logits_BV, key):
-        if not sample:
-            return jnp.argmax(logits_BV, axis=-1).astype(prompt.dtype)
-        return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(prompt.dtype)
-
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model.extend(prompt, cache, positions=positions, token_mask=prompt_mask)
-    keys = jax.random.split(rng, max_new_tokens)
-    first = pick(logits[:, -1], keys[0])
-
-    def step(carry, key):
-        cache, token, position = carry
-        logits, cache = model.extend(token[:, None], cache, positions=position[:, None])
-        return (cache, pick(logits[:, 0], key), position + 1), token
-
-    carry = (cache, first, prompt_mask.sum(axis=1).astype(jnp.int32))
-    (_, last, _), tokens = jax.lax.scan(step, carry, keys[1:])
-    new = jnp.concatenate([tokens.T, last[:, None]], axis=1)
-    return jnp.concatenate([prompt, new], axis=1)
 
 
 def abstract_params(config: DecoderConfig) -> dict:
@@ -491,7 +482,7 @@ MLP_WIDTH_FIELD = "intermediate_size"
 TASK = "lm"
 TOKENS_KEY = "tokens"
 HF_MAP = "sparse_upcycle.checkpoints.hf_llama"
-HF_MODEL_TYPES = ("llama", "mistral", "mixtral")
+HF_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 _TOKEN_KEYS = ("tokens", "inputs", "input_tokens", "decoder_input_tokens", "targets")
 
 

@@ -47,6 +47,9 @@ class DecoderBlock(nnx.Module):
             c.head_size,
             num_kv_heads=c.kv_heads,
             scale=c.head_size**-0.5,
+            use_bias=c.attention_bias,
+            out_bias=c.attention_out_bias,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
             rngs=rngs,
         )
         self.pre_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, rngs=rngs)
