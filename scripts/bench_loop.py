@@ -70,7 +70,7 @@ def bare_step(cfg):
     batch = next(make_pipeline(cfg.data, t.spec.family, t.spec.config, "train"))
     batch = global_batch(batch, mesh, 1)
     step = jax.jit(
-        make_train_step(t.loss_fn, t.tx, t.schedule),
+        make_train_step(t.loss_fn, t.tx, t.schedule, t.bias_updates),
         in_shardings=(t.state_sh, {k: v.sharding for k, v in batch.items()}, t.replicated),
         out_shardings=(t.state_sh, t.replicated),
         donate_argnums=0,

@@ -16,6 +16,7 @@ BREAKDOWN_KEYS = (
     "attention_scores_values",
     "dense_mlp",
     "expert_mlp",
+    "shared_expert_mlp",
     "router",
     "embedding",
     "logits",
@@ -79,6 +80,11 @@ def mlp_stack(
         f_e = moe.expert_mlp_dim or f
         out["expert_mlp"] += len(sparse) * slots * mlp(d, f_e, n_in)
         out["router"] += len(sparse) * routed * 2 * d * moe.num_experts
+        f_s = moe.shared_mlp_dim(f)
+        if f_s:  # shared experts (and their gate) on every token
+            out["shared_expert_mlp"] += len(sparse) * num_tokens * mlp(d, f_s, n_in)
+            if moe.shared_expert_gate:
+                out["router"] += len(sparse) * num_tokens * 2 * d
 
 
 def shape(value: Any) -> tuple[int, ...]:

@@ -15,15 +15,17 @@ Per token, with width d, H query heads and K key/value heads of size Dh (forward
     attention scores/values 2·H·Dh·T (q·kᵀ) + 2·H·Dh·T (probs·v)       per query token
     dense MLP               2·n_in·d·f + 2·f·d                          per token
     expert MLP              2·n_in·d·f_e + 2·f_e·d                      per expert slot
-    router                  2·d·E                                       per routed token
+    shared expert MLP       2·n_in·d·f_s + 2·f_s·d                      per token (MoE layers)
+    router                  2·d·E (+ 2·d for a shared-expert gate)      per routed token
     logits / head           2·d·V (T5, decoder: every target token; ViT: one per image)
     patch embedding (ViT)   2·(p_h·p_w·c)·d                             per patch
 
 n_in is 2 for gated MLPs (T5 v1.1 gated-GELU, SwiGLU) and 1 otherwise; f_e is the expert
-width (``MoeConfig.expert_mlp_dim`` or f). T is the number of keys a query attends over. The
-whole [L, T] score matrix is counted even under a causal mask, because the model computes it
-(PaLM appendix B counts it the same way). T5's cross-attention projects the encoder's keys and
-values once per decoder layer.
+width (``MoeConfig.expert_mlp_dim`` or f), f_s the shared experts' total width
+(``MoeConfig.shared_mlp_dim``; 0 without shared experts). T is the number of keys a query
+attends over. The whole [L, T] score matrix is counted even under a causal mask, because the
+model computes it (PaLM appendix B counts it the same way). T5's cross-attention projects the
+encoder's keys and values once per decoder layer.
 
 MoE layers (``moe.py``) cut the B·L tokens of a layer into G groups of S tokens
 (``routing.routing_groups``: by default S = min(group_size, B·L), G = ceil(B·L / S), the last group
@@ -88,7 +90,8 @@ def forward_flops(family: str, cfg: Any, batch: Any, *, train: bool = False) -> 
 
     Returns:
       ``{"attention_projections", "attention_scores_values", "dense_mlp", "expert_mlp",
-      "router", "embedding", "logits", "total"}`` as Python ints (formulas: module docstring).
+      "shared_expert_mlp", "router", "embedding", "logits", "total"}`` as Python ints
+      (formulas: module docstring).
     """
     module = models.get(family)
     out = module.forward_flops(cfg, *module.batch_lengths(batch), train)

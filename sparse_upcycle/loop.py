@@ -224,7 +224,7 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh) -> dict:
     start_step = int(state["step"])
 
     # ---------------------------------------------------------------- steps
-    train_step = make_train_step(loss_fn, tx, t.schedule)
+    train_step = make_train_step(loss_fn, tx, t.schedule, t.bias_updates)
     seed = jax.make_array_from_process_local_data(replicated, np.int32(config.seed))
 
     batch_sh = None  # from the first batch's ranks

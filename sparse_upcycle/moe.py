@@ -6,6 +6,16 @@ Parameter paths (relative to the layer), mirroring T5X's dense ``MlpBlock`` with
 * ``expert/wi_0/kernel``         [E, d, f]  (gated MLPs: also ``expert/wi_1/kernel``)
 * ``expert/wi/kernel``           [E, d, f]  (non-gated MLPs)
 * ``expert/wo/kernel``           [E, f, d]
+* ``router/selection_bias``      [E]  (auxiliary-loss-free balancing only: ``expert_bias``)
+* ``shared_expert/wi_0/kernel``  [d, f_s]  (shared experts only; ``wi_1``, ``wi`` likewise)
+* ``shared_expert/wo/kernel``    [f_s, d]
+* ``shared_expert_gate/kernel``  [d, 1]  (Qwen2-MoE's sigmoid gate only)
+
+Shared experts (DeepSeek-MoE, Dai et al. 2024, §3.2; Qwen1.5-MoE / Qwen2-MoE) see every token:
+the layer computes ``routed(x) + shared(x)``, or ``routed(x) + sigmoid(x·g)·shared(x)`` with
+the gate. ``num_shared_experts`` experts of width ``shared_expert_mlp_dim`` are one MLP of width
+f_s = their sum (the same function as separate experts added up), with the dense MLP's
+parameter names and sharding (``embed``, ``mlp``).
 
 Grouping (``routing.routing_groups``). Tokens ``[B, L, d]`` are flattened to ``T = B·L``
 tokens and cut into ``G`` groups of ``S`` consecutive tokens. By default
@@ -43,7 +53,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_upcycle import expert_parallel, permute, routing, sharding
-from sparse_upcycle.layers import Kernel, activation, fan_in_init
+from sparse_upcycle.layers import Kernel, activation, fan_in_init, logical_param
 
 DISPATCH_MODES = ("auto", "index", "ragged", "onehot")
 
@@ -216,11 +226,67 @@ class ExpertMlp(nnx.Module):
 
 
 class RouterWeights(nnx.Module):
-    """The router's only parameter, ``w/kernel`` [d, E], init N(0, router_init_std²), no bias."""
+    """The router's parameter ``w/kernel`` [d, E], init N(0, router_init_std²), no bias; with
+    ``expert_bias`` also ``selection_bias`` [E] (zeros): the auxiliary-loss-free bias that
+    only ranks experts (``routing.TopKRouter``). It is a parameter so that checkpoints,
+    sharding and exports carry it, but no gradient reaches it and the train step replaces the
+    optimizer's update of it by ``routing.selection_bias_update``."""
 
-    def __init__(self, emb_dim, num_experts, router_init_std=0.02, *, rngs: nnx.Rngs):
+    def __init__(
+        self, emb_dim, num_experts, router_init_std=0.02, *, expert_bias=False, rngs: nnx.Rngs
+    ):
         init = nnx.initializers.normal(stddev=router_init_std)
         self.w = Kernel(init, (emb_dim, num_experts), ("embed", "unmodeled"), rngs=rngs)
+        if expert_bias:
+            self.selection_bias = logical_param(
+                nnx.initializers.zeros, rngs.params(), (num_experts,), ("unmodeled",)
+            )
+
+
+class SharedMlp(nnx.Module):
+    """A dense MLP over every token with the experts' parameter names (``EXPERT_NAMING``), so
+    ``shared_expert/wi_0/kernel`` [d, f_s] mirrors the dense ``mlp/wi_0/kernel``; sharded like
+    the dense MLP (``embed``, ``mlp``)."""
+
+    def __init__(
+        self,
+        emb_dim,
+        mlp_dim,
+        activations,
+        *,
+        naming: str = "t5x",
+        use_bias: bool = False,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
+        if naming not in EXPERT_NAMING:
+            raise ValueError(f"naming must be one of {sorted(EXPERT_NAMING)}, got {naming!r}")
+        self.activations = tuple(activations)
+        gated_names, plain_name, out_name = EXPERT_NAMING[naming]
+        if len(self.activations) == 2 and gated_names is None:
+            raise ValueError(f"{naming} naming has no gated MLP; use one activation")
+        self.input_names = tuple(gated_names) if len(self.activations) == 2 else (plain_name,)
+        self.output_name = out_name
+        init = fan_in_init()
+
+        def dense(shape, axes):
+            bias = {"bias_axes": (axes[1],)} if use_bias else {}
+            return Kernel(init, shape, axes, rngs=rngs, dtype=param_dtype, **bias)
+
+        for name in self.input_names:
+            setattr(self, name, dense((emb_dim, mlp_dim), ("embed", "mlp")))
+        setattr(self, out_name, dense((mlp_dim, emb_dim), ("mlp", "embed")))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def proj(a, name):
+            layer = getattr(self, name)
+            y = a @ sharding.gathered(layer.kernel).astype(a.dtype)
+            return y + layer.bias[...].astype(a.dtype) if hasattr(layer, "bias") else y
+
+        h = activation(self.activations[0])(proj(x, self.input_names[0]))
+        if len(self.activations) == 2:
+            h = h * activation(self.activations[1])(proj(x, self.input_names[1]))
+        return proj(h, self.output_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +385,9 @@ class MoeMlp(nnx.Module):
       jitter_eps: multiplicative router-input noise in training (needs ``rng``).
       dispatch: "auto" | "index" | "ragged" | "onehot" (module docstring; resolved at
         construction with ``resolve_dispatch``).
+      expert_bias: keep an auxiliary-loss-free selection bias (``RouterWeights``; top-K only).
+      shared_mlp_dim: f_s, the total width of the shared experts (0: none).
+      shared_expert_gate: scale the shared experts' output by sigmoid(x·g) (Qwen2-MoE).
       dtype: activation dtype of the experts; the router always computes in float32.
     """
 
@@ -337,6 +406,9 @@ class MoeMlp(nnx.Module):
         router_init_std: float = 0.02,
         jitter_eps: float = 0.0,
         dispatch: str = "auto",
+        expert_bias: bool = False,
+        shared_mlp_dim: int = 0,
+        shared_expert_gate: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -354,7 +426,26 @@ class MoeMlp(nnx.Module):
         self.jitter_eps = jitter_eps
         self.dispatch = resolve_dispatch(dispatch)
         self.dtype = dtype
-        self.router = RouterWeights(emb_dim, router.num_experts, router_init_std, rngs=rngs)
+        if expert_bias and not isinstance(router, routing.TopKRouter):
+            raise ValueError("expert_bias (auxiliary-loss-free balancing) needs a top-K router")
+        if shared_expert_gate and not shared_mlp_dim:
+            raise ValueError("shared_expert_gate needs shared experts (shared_mlp_dim > 0)")
+        self.router = RouterWeights(
+            emb_dim, router.num_experts, router_init_std, expert_bias=expert_bias, rngs=rngs
+        )
+        if shared_mlp_dim:
+            self.shared_expert = SharedMlp(
+                emb_dim,
+                shared_mlp_dim,
+                activations,
+                naming=naming,
+                use_bias=use_bias,
+                rngs=rngs,
+                param_dtype=param_dtype,
+            )
+            if shared_expert_gate:
+                init = nnx.initializers.normal(stddev=router_init_std)
+                self.shared_expert_gate = Kernel(init, (emb_dim, 1), ("embed", None), rngs=rngs)
         self.expert = ExpertMlp(
             router.num_experts,
             emb_dim,
@@ -370,12 +461,26 @@ class MoeMlp(nnx.Module):
         """(G, S) for ``num_tokens`` tokens (``routing.routing_groups``)."""
         return routing.routing_groups(num_tokens, self.group_size, self.group_multiple)
 
-    def route(self, x_GSd, token_mask_GS=None, *, rng=None, train=True) -> routing.RoutingDecision:
+    def route(
+        self, x_GSd, token_mask_GS=None, *, rng=None, train=True, sequence_length=None
+    ) -> routing.RoutingDecision:
+        """The routing decision for groups ``x_GSd``. ``sequence_length``: the tokens per
+        sequence in the flattened order (for ``seq_aux_loss``; default: all one sequence)."""
         logits = routing.router_logits(
             x_GSd, sharding.gathered(self.router.w.kernel), jitter_eps=self.jitter_eps, rng=rng
         )
         policy = self.routing_policy if train else self.eval_routing_policy
-        return policy.route(logits, token_mask_GS)
+        if not isinstance(policy, routing.TopKRouter):
+            return policy.route(logits, token_mask_GS)
+        extra = {}
+        if hasattr(self.router, "selection_bias"):
+            extra["selection_bias"] = self.router.selection_bias[...]
+        if policy.load_balancing_type == "seq_aux_loss":
+            g, s = logits.shape[:2]
+            length = sequence_length or g * s
+            extra["segment_ids"] = (jnp.arange(g * s) // length).reshape(g, s)
+            extra["num_segments"] = -(-(g * s) // length)
+        return policy.route(logits, token_mask_GS, **extra)
 
     def __call__(
         self,
@@ -404,7 +509,10 @@ class MoeMlp(nnx.Module):
             mask_T = jnp.pad(mask_T, (0, pad))
         x_GSd = sharding.constrain(x_Td.reshape(g, s, d), GROUP_MAJOR)
         # The router sees the input as given (fp32 math), the experts see it in self.dtype.
-        decision = self.route(x_GSd, mask_T.reshape(g, s), rng=rng, train=train)
+        length = lead[-1] if len(lead) > 1 else t
+        decision = self.route(
+            x_GSd, mask_T.reshape(g, s), rng=rng, train=train, sequence_length=length
+        )
         x_GSd = x_GSd.astype(self.dtype)
         if self.dispatch == "onehot":
             y = _onehot_moe(self.expert, x_GSd, decision)
@@ -417,4 +525,17 @@ class MoeMlp(nnx.Module):
         else:
             y = _slot_moe(self.expert, x_GSd, decision)
         y = sharding.constrain(y, GROUP_MAJOR)
-        return y.reshape(g * s, d)[:t].reshape(*lead, d), decision.metrics
+        y = y.reshape(g * s, d)[:t].reshape(*lead, d)
+        if hasattr(self, "shared_expert"):
+            y = y + self._shared(x, mask_T[:t].reshape(lead)).astype(y.dtype)
+        return y, decision.metrics
+
+    def _shared(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """The shared experts on every real token (padding rows give zero), gated by
+        sigmoid(x·g) when the layer has Qwen2-MoE's gate (the gate in float32)."""
+        x = jnp.where(mask[..., None], x, 0).astype(self.dtype)
+        y = self.shared_expert(x)
+        if hasattr(self, "shared_expert_gate"):
+            gate = x.astype(jnp.float32) @ self.shared_expert_gate.kernel[...].astype(jnp.float32)
+            y = (jax.nn.sigmoid(gate) * y.astype(jnp.float32)).astype(y.dtype)
+        return jnp.where(mask[..., None], y, 0)

@@ -220,7 +220,7 @@ def plan(
 
     # The step exactly as the training loop jits it (loop.train_and_evaluate).
     step = jax.jit(
-        make_train_step(t.loss_fn, t.tx, t.schedule),
+        make_train_step(t.loss_fn, t.tx, t.schedule, t.bias_updates),
         in_shardings=(t.state_sh, batch_sh, t.replicated),
         out_shardings=(t.state_sh, t.replicated),
         donate_argnums=0,

@@ -43,6 +43,8 @@ from sparse_upcycle import sharding
 GROUP_SCORES = ("batch", None, None)  # [G, S, E] or [G, E, S] scores, split as the tokens are
 
 ORDERINGS = ("softmax_then_topk", "topk_then_softmax")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,15 +131,21 @@ class RouterMetrics:
     and a partly padded last group weighs what its real tokens weigh.
 
     Attributes:
-      load_balancing_loss: Switch loss E·Σ_e f_e·P_e (Fedus et al. 2021, eq. 4); zero for expert
-        choice, which is balanced by construction. f_e counts tokens with e among their top-K,
-        so Σ_e f_e = K and a perfectly balanced router scores K (as flaxformer/T5X).
+      load_balancing_loss: ``load_balancing_type="aux_loss"``: the Switch loss E·Σ_e f_e·P_e
+        (Fedus et al. 2021, eq. 4), per group; f_e counts tokens with e among their top-K, so
+        Σ_e f_e = K and a perfectly balanced router scores K (as flaxformer/T5X).
+        ``"seq_aux_loss"``: DeepSeek-V3's sequence-wise loss (DeepSeek-AI 2024, §2.3, eqs.
+        17-20), per sequence Σ_e f_e·P_e with f_e = E/(K·T)·(tokens of the sequence with e
+        among their top-K), P_e the sequence's mean normalised score, so a balanced router
+        scores 1; averaged over sequences. P uses the probabilities below. Zero for expert
+        choice, which is balanced by construction.
       z_loss: router z-loss mean(logsumexp(logits)²) (Zoph et al. 2022, ST-MoE eq. 5).
       expert_load: [E] fraction of kept assignments handled by each expert (sums to 1).
       dropped_fraction: top-K: fraction of assignments dropped by capacity; expert choice:
         fraction of tokens reached by no expert.
-      entropy: mean entropy of the softmax over experts.
-      top1_prob: mean of the largest softmax probability.
+      entropy: mean entropy of the probabilities over experts (the softmax, or with sigmoid
+        scores the scores divided by their sum).
+      top1_prob: mean of the largest probability.
     """
 
     load_balancing_loss: jax.Array
@@ -323,6 +331,17 @@ class TopKRouter:
     * ``ordering="softmax_then_topk"``: softmax over all E, keep the K largest probabilities
       (He et al. 2024 found this better for upcycling). ``"topk_then_softmax"``: softmax over
       the K largest logits only (Mixtral).
+    * ``score_function="sigmoid"`` (DeepSeek-V3, DeepSeek-AI 2024, §2.1 eqs. 13-15): each
+      expert's score is s_e = sigmoid(logit_e), the K largest scores are kept and their
+      weights are the scores (with ``renormalize``, s_e / Σ_top-K s, as DeepSeek-V3 does). It
+      has no ordering choice: ``ordering`` must stay ``"softmax_then_topk"`` ("scores, then
+      top-K").
+    * ``selection_bias`` [E] passed to ``route`` (auxiliary-loss-free balancing, Wang et al.
+      2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts", §3): top-K
+      picks by score + bias, the weights are the unbiased scores (for ``topk_then_softmax``
+      the softmax of the chosen experts' unbiased logits). The score a bias is added to is
+      the one top-K ranks: the probability, the logit (``topk_then_softmax``) or the sigmoid
+      score. No gradient reaches the bias; ``selection_bias_update`` moves it between steps.
     * ``renormalize``: divide the K weights by their sum.
     * capacity ``ceil(C·S·K/E)``; ``capacity_factor=None`` is dropless.
     * Buffers fill in priority order: k-major (every token's 1st choice before any token's
@@ -341,10 +360,26 @@ class TopKRouter:
     renormalize: bool = False
     batch_prioritized: bool = False
     causal: bool = False
+    score_function: str = "softmax"
+    load_balancing_type: str = "aux_loss"
 
     def __post_init__(self):
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(
+                f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}"
+            )
+        if self.score_function == "sigmoid" and self.ordering != "softmax_then_topk":
+            raise ValueError(
+                "sigmoid scores are per expert, so there is no softmax to order against top-K: "
+                f"set ordering='softmax_then_topk' (scores, then top-K), got {self.ordering!r}"
+            )
+        if self.load_balancing_type not in LOAD_BALANCING_TYPES:
+            raise ValueError(
+                f"load_balancing_type must be one of {LOAD_BALANCING_TYPES}, got "
+                f"{self.load_balancing_type!r}"
+            )
         if not 1 <= self.k <= self.num_experts:
             raise ValueError(
                 f"top-K needs 1 <= k <= num_experts, got k={self.k}, num_experts={self.num_experts}"
@@ -376,29 +411,54 @@ class TopKRouter:
         )
 
     def route(
-        self, logits_GSE: jax.Array, token_mask: jax.Array | None = None
+        self,
+        logits_GSE: jax.Array,
+        token_mask: jax.Array | None = None,
+        *,
+        selection_bias: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        num_segments: int | None = None,
     ) -> SlotDecision | DroplessDecision:
+        """The decision for ``logits_GSE``. ``selection_bias`` [E]: added to the scores top-K
+        ranks (class docstring). ``segment_ids`` [G, S] (int, in ``[0, num_segments)``): the
+        sequence of each token, needed by ``load_balancing_type="seq_aux_loss"``."""
         logits, mask, probs = _prepare(logits_GSE, token_mask)
         g, s, e = probs.shape
         k = self.k
         if e != self.num_experts:
             raise ValueError(f"logits have {e} experts, router expects {self.num_experts}")
-        if self.ordering == "softmax_then_topk":
-            weight_GSK, expert_GSK = _group_local_top_k(probs, k)
+        if self.score_function == "sigmoid":
+            scores = jax.nn.sigmoid(logits)
+            # Probabilities for the balancing loss and the diagnostics (DeepSeek-V3 eq. 19).
+            probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
         else:
-            top_logits, expert_GSK = _group_local_top_k(logits, k)
-            weight_GSK = jax.nn.softmax(top_logits, axis=-1)
+            scores = probs if self.ordering == "softmax_then_topk" else logits
+        if selection_bias is None:
+            ranked = scores
+        else:
+            ranked = scores + jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
+        _, expert_GSK = _group_local_top_k(ranked, k)
+        weight_GSK = jnp.take_along_axis(scores, expert_GSK, axis=-1)
+        if self.score_function == "softmax" and self.ordering == "topk_then_softmax":
+            weight_GSK = jax.nn.softmax(weight_GSK, axis=-1)
         if self.renormalize:
             weight_GSK = weight_GSK / jnp.sum(weight_GSK, axis=-1, keepdims=True)
         weight_GSK = jnp.where(mask[..., None], weight_GSK, 0.0)
 
-        # Switch load-balancing loss on choices before capacity.
+        # The load-balancing loss on choices before capacity.
         chose_GSE = jax.nn.one_hot(expert_GSK, e, dtype=jnp.float32).max(axis=2)
-        n_real = jnp.maximum(mask.sum(axis=1), 1)[:, None]
-        f_GE = jnp.where(mask[..., None], chose_GSE, 0.0).sum(axis=1) / n_real
-        p_GE = jnp.where(mask[..., None], probs, 0.0).sum(axis=1) / n_real
-        n_G = mask.sum(axis=1)
-        lb_loss = jnp.sum(n_G * e * jnp.sum(f_GE * p_GE, axis=-1)) / jnp.maximum(n_G.sum(), 1)
+        if self.load_balancing_type == "seq_aux_loss":
+            if segment_ids is None or num_segments is None:
+                raise ValueError("seq_aux_loss needs the tokens' segment_ids and num_segments")
+            lb_loss = sequence_load_balancing_loss(
+                chose_GSE, probs, mask, segment_ids, num_segments, k
+            )
+        else:
+            n_real = jnp.maximum(mask.sum(axis=1), 1)[:, None]
+            f_GE = jnp.where(mask[..., None], chose_GSE, 0.0).sum(axis=1) / n_real
+            p_GE = jnp.where(mask[..., None], probs, 0.0).sum(axis=1) / n_real
+            n_G = mask.sum(axis=1)
+            lb_loss = jnp.sum(n_G * e * jnp.sum(f_GE * p_GE, axis=-1)) / jnp.maximum(n_G.sum(), 1)
         z_loss, entropy, top1 = _token_stats(logits, probs, mask)
 
         cap = self.capacity(s)
@@ -451,3 +511,53 @@ class TopKRouter:
 
 
 Router = ExpertChoiceRouter | TopKRouter
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSeek-V3's balancing: the sequence-wise loss and the auxiliary-loss-free bias.
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_load_balancing_loss(
+    chose_GSE: jax.Array,
+    probs_GSE: jax.Array,
+    mask_GS: jax.Array,
+    segment_ids_GS: jax.Array,
+    num_segments: int,
+    k: int,
+) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss without its α (DeepSeek-AI 2024, §2.3, eqs.
+    17-20), averaged over the sequences that have real tokens:
+
+    ``L = Σ_e f_e·P_e`` per sequence of T real tokens, ``f_e = E/(K·T)·Σ_t 1[e ∈ top-K(t)]``,
+    ``P_e = (1/T)·Σ_t p_{t,e}`` with ``p`` the normalised scores. A uniform router scores 1.
+
+    Args:
+      chose_GSE: 1 where expert e is among token s's top-K (before capacity), else 0.
+      probs_GSE: each token's normalised scores (sum 1 over E).
+      mask_GS: True for real tokens; padding counts nowhere.
+      segment_ids_GS: each token's sequence index in ``[0, num_segments)``.
+      num_segments: the number of sequences (static).
+      k: K, the experts per token.
+    """
+    e = probs_GSE.shape[-1]
+    real = mask_GS.reshape(-1).astype(jnp.float32)
+    seg = segment_ids_GS.reshape(-1)
+    chose = chose_GSE.reshape(-1, e) * real[:, None]
+    probs = probs_GSE.reshape(-1, e) * real[:, None]
+    t = jax.ops.segment_sum(real, seg, num_segments)  # real tokens per sequence
+    f = jax.ops.segment_sum(chose, seg, num_segments) * e / (k * jnp.maximum(t, 1))[:, None]
+    p = jax.ops.segment_sum(probs, seg, num_segments) / jnp.maximum(t, 1)[:, None]
+    present = t > 0
+    per_seq = jnp.sum(f * p, axis=-1)
+    return jnp.sum(jnp.where(present, per_seq, 0.0)) / jnp.maximum(present.sum(), 1)
+
+
+def selection_bias_update(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:
+    """One auxiliary-loss-free step (Wang et al. 2024, Algorithm 1; DeepSeek-V3 §2.1.2):
+    ``b_e + rate·sign(mean load − load_e)``, with the load of the step's batch (any positive
+    scale: ``expert_load`` fractions or token counts give the same signs). Overloaded experts
+    are pushed down, underloaded ones up; a perfectly balanced expert keeps its bias."""
+    load = expert_load_E.astype(jnp.float32)
+    step = rate * jnp.sign(jnp.mean(load) - load)
+    return (bias_E.astype(jnp.float32) + step).astype(bias_E.dtype)

@@ -371,4 +371,17 @@ def _capacity_lines(info) -> list[str]:
                 f"  {key} ({moe.router}, {'train' if train else 'eval'}): C={c}, "
                 f"S={moe.group_size}, E={moe.num_experts} -> {'dropless' if cap is None else cap}"
             )
+        if moe.router == "top_k":
+            bias = f", expert_bias (rate {moe.bias_update_rate:g})" if moe.expert_bias else ""
+            out.append(
+                f"  {key} routing: {moe.score_function} scores, {moe.ordering}, "
+                f"renormalize={moe.renormalize}, {moe.load_balancing_type}{bias}"
+            )
+        if moe.num_shared_experts:
+            width = moe.shared_expert_mlp_dim or moe.expert_mlp_dim or "the dense MLP's"
+            gate = " behind a sigmoid gate" if moe.shared_expert_gate else ""
+            out.append(
+                f"  {key} shared experts: {moe.num_shared_experts} of width {width}, on every "
+                f"token{gate}"
+            )
     return out

@@ -89,6 +89,53 @@ def moe_layer_names(spec: ModelSpec) -> list[str]:
     return models.get(spec.family).moe_layer_names(spec.config)
 
 
+SELECTION_BIAS = ("router", "selection_bias")  # moe.RouterWeights' auxiliary-loss-free bias
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasUpdate:
+    """One MoE layer's auxiliary-loss-free bias: where it is in the parameters, which row of
+    ``metrics["router/expert_load"]`` is its layer's load, and the rate γ."""
+
+    path: tuple[str, ...]
+    row: int
+    rate: float
+
+
+def bias_updates(spec: ModelSpec, abstract_params) -> tuple[BiasUpdate, ...]:
+    """The selection biases the train step moves (``routing.selection_bias_update``), one per
+    MoE layer with ``moe.expert_bias``. The MoE blocks that keep one must share
+    ``bias_update_rate``."""
+    blocks = [b for b in models.moe_blocks(spec.config).values() if b.expert_bias]
+    if not blocks:
+        return ()
+    rates = {b.bias_update_rate for b in blocks}
+    if len(rates) > 1:
+        raise ConfigError(
+            f"the MoE blocks with expert_bias must share bias_update_rate; got {sorted(rates)}"
+        )
+    rate = rates.pop()
+    leaves = [
+        path
+        for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+        if tuple(getattr(k, "key", k) for k in path[-2:]) == SELECTION_BIAS
+    ]
+    leaves = [tuple(str(getattr(k, "key", k)) for k in path) for path in leaves]
+    out = []
+    for row, name in enumerate(moe_layer_names(spec)):
+        parts = tuple(name.split("/"))
+        mine = [
+            p
+            for p in leaves
+            if any(p[i : i + len(parts)] == parts for i in range(len(p) - len(parts) + 1))
+        ]
+        if len(mine) == 1:
+            out.append(BiasUpdate(mine[0], row, float(rate)))
+        elif len(mine) > 1:
+            raise ValueError(f"MoE layer {name!r} matches several selection biases: {mine}")
+    return tuple(out)
+
+
 def make_loss_fn(spec: ModelSpec, graphdef, abstract_state, loss_cfg) -> Callable:
     """``loss_fn(params, batch, rng, train) -> (loss, metrics)`` over pure-dict params."""
     aux_w, router_z_w = _aux_weights(spec)

@@ -23,11 +23,18 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_upcycle import optim, sharding
+from sparse_upcycle import optim, routing, sharding
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.model_blocks import param_dtype
 from sparse_upcycle.optim_dtype import cast_floating
-from sparse_upcycle.task import ModelSpec, make_loss_fn, model_class, resolve_model
+from sparse_upcycle.task import (
+    BiasUpdate,
+    ModelSpec,
+    bias_updates,
+    make_loss_fn,
+    model_class,
+    resolve_model,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Training:
     loss_fn: Callable
     tx: optax.GradientTransformation
     schedule: Callable
+    bias_updates: tuple[BiasUpdate, ...] = ()
 
     def init_state(self, seed: int) -> dict:
         """A random train state (the model's own initialisers), placed with ``state_sh``."""
@@ -97,6 +105,7 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
         loss_fn,
         tx,
         schedule,
+        bias_updates(spec, abstract_params),
     )
 
 
@@ -153,7 +162,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
             )
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
+def make_train_step(
+    loss_fn, tx: optax.GradientTransformation, schedule, bias_updates: tuple[BiasUpdate, ...] = ()
+):
     """``step(state, batch, seed) -> (state, metrics)``: one optimizer update of ``state``
     (``{"params", "opt_state", "step"}``), its randomness ``fold_in(key(seed), step)``. The seed
     (an int32 scalar) is an argument, not a constant of the program, so runs that differ only
@@ -162,7 +173,11 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
     Gradients are taken w.r.t. the stored parameters (bfloat16 ones under
     ``model.param_dtype=bfloat16``); ``tx`` (``optim.make_optimizer``) computes the update in
     float32 and ``optax.apply_updates`` adds it in float32, rounding the sum to the parameter
-    dtype once."""
+    dtype once.
+
+    ``bias_updates`` (``Training.bias_updates``): the auxiliary-loss-free selection biases. Each
+    is set to ``routing.selection_bias_update`` of its value before the step, with the step's
+    expert load; the optimizer's update of it (zero: no gradient reaches it) is discarded."""
 
     def train_step(state, batch, seed):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
@@ -170,6 +185,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
         (_, metrics), grads = grad_fn(state["params"], batch, rng, True)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        for b in bias_updates:
+            old = _leaf(state["params"], b.path)
+            load = metrics["router/expert_load"][b.row]
+            params = _with_leaf(params, b.path, routing.selection_bias_update(old, load, b.rate))
         metrics["grad_norm"] = optax.tree.norm(cast_floating(grads, jnp.float32))
         metrics["learning_rate"] = schedule(state["step"])
         metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -177,3 +196,15 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule):
         return new, metrics
 
     return train_step
+
+
+def _leaf(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _with_leaf(tree: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of the nested dict ``tree`` with the leaf at ``path`` replaced (others shared)."""
+    head, *rest = path
+    return {**tree, head: _with_leaf(tree[head], tuple(rest), value) if rest else value}

@@ -177,6 +177,18 @@ CASES = {
         "decoder",
         lambda: _decoder(dict(num_experts=E, capacity_factor=1.25, eval_capacity_factor=2.0)),
     ),
+    "decoder_moe_shared_experts": (
+        "decoder",
+        lambda: _decoder(
+            dict(
+                num_experts=E,
+                capacity_factor=1.25,
+                num_shared_experts=2,
+                shared_expert_mlp_dim=384,
+                shared_expert_gate=True,
+            )
+        ),
+    ),
     "vit_dense": ("vit", lambda: _vit(False)),
     "vit_moe_expert_choice": ("vit", lambda: _vit(True)),
 }

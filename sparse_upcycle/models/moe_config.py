@@ -7,6 +7,16 @@ Every model config (T5, ViT, decoder) holds one ``MoeConfig`` per stack. ``layer
 * ``"last_n:N"``: the last N blocks
 * a list/tuple of block indices (or a string of them, "1,3" / "[1, 3]")
 * ``"none"`` (or ``num_experts=0``): a dense model
+
+Routing beyond the paper's (top-K only): ``score_function="sigmoid"`` (DeepSeek-V3),
+``expert_bias`` with ``bias_update_rate`` (auxiliary-loss-free balancing, Wang et al. 2024: a
+per-expert bias that only ranks experts, moved by the train step) and
+``load_balancing_type="seq_aux_loss"`` (DeepSeek-V3's sequence-wise loss); see
+``routing.TopKRouter``. The names follow Megatron-Core's ``moe_router_score_function``,
+``moe_router_enable_expert_bias``, ``moe_router_bias_update_rate`` and
+``moe_router_load_balancing_type``. ``num_shared_experts`` experts of width
+``shared_expert_mlp_dim`` (default: the routed experts' width) see every token, optionally
+behind Qwen2-MoE's sigmoid gate (``shared_expert_gate``); see ``moe.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ _FLOAT_FIELDS = (
     "jitter_eps",
     "aux_loss_weight",
     "router_z_loss_weight",
+    "bias_update_rate",
 )
 
 
@@ -54,6 +65,13 @@ class MoeConfig:
     router_z_loss_weight: float = 0.001
     dispatch: str = "auto"  # "auto" | "index" | "ragged" | "onehot" (moe.resolve_dispatch)
     expert_mlp_dim: int | None = None  # None: the dense MLP's width (fine-grained experts: f/G)
+    score_function: str = "softmax"  # "softmax" | "sigmoid" (top-K only)
+    expert_bias: bool = False  # auxiliary-loss-free balancing (top-K only)
+    bias_update_rate: float = 1e-3  # its γ: b_e += γ·sign(mean load − load_e) per step
+    load_balancing_type: str = "aux_loss"  # "aux_loss" (Switch) | "seq_aux_loss" (DeepSeek-V3)
+    num_shared_experts: int = 0
+    shared_expert_mlp_dim: int | None = None  # each one's width; None: the routed experts'
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x·g) times the shared experts
 
     def __post_init__(self):
         if self.router not in ROUTER_KINDS:
@@ -67,6 +85,45 @@ class MoeConfig:
         m = self.group_multiple
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"moe.group_multiple must be an integer >= 1, got {m!r}")
+        n = self.num_shared_experts
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"moe.num_shared_experts must be an integer >= 0, got {n!r}")
+        for name in ("expert_mlp_dim", "shared_expert_mlp_dim"):
+            width = getattr(self, name)
+            if width is not None and (
+                isinstance(width, bool) or not isinstance(width, int) or width < 1
+            ):
+                raise ValueError(f"moe.{name} must be an integer >= 1 or None, got {width!r}")
+        if self.shared_expert_gate and not n:
+            raise ValueError("moe.shared_expert_gate needs moe.num_shared_experts >= 1")
+        if self.score_function not in routing.SCORE_FUNCTIONS:
+            raise ValueError(
+                f"moe.score_function must be one of {routing.SCORE_FUNCTIONS}, got "
+                f"{self.score_function!r}"
+            )
+        if self.load_balancing_type not in routing.LOAD_BALANCING_TYPES:
+            raise ValueError(
+                f"moe.load_balancing_type must be one of {routing.LOAD_BALANCING_TYPES}, got "
+                f"{self.load_balancing_type!r}"
+            )
+        if self.router == "expert_choice":
+            for name, off in (
+                ("score_function", "softmax"),
+                ("expert_bias", False),
+                ("load_balancing_type", "aux_loss"),
+            ):
+                if getattr(self, name) != off:
+                    raise ValueError(
+                        f"moe.{name}={getattr(self, name)!r} is for top-K routing; expert "
+                        f"choice uses softmax scores and needs no balancing (set moe.{name}="
+                        f"{off!r} or moe.router='top_k')"
+                    )
+        if self.score_function == "sigmoid" and self.ordering != "softmax_then_topk":
+            raise ValueError(
+                "moe.score_function='sigmoid' scores each expert on its own, so there is no "
+                "softmax to order against top-K: set moe.ordering='softmax_then_topk' (scores, "
+                f"then top-K), got {self.ordering!r}"
+            )
         for name in _FLOAT_FIELDS:  # nan/inf (e.g. 1e999) would overflow a capacity later
             value = getattr(self, name)
             capacity = name.endswith("capacity_factor")  # its sign: the router's check
@@ -155,6 +212,11 @@ class MoeConfig:
         drops = self.eval_drops()
         if drops:
             return drops
+        if self.router == "top_k" and self.score_function == "sigmoid" and not self.renormalize:
+            return (
+                f"top-{self.k} weights are sigmoid scores (renormalize=False), which do not sum "
+                "to one"
+            )
         if self.router == "top_k" and not (
             self.renormalize or self.ordering == "topk_then_softmax" or self.k >= self.num_experts
         ):
@@ -163,6 +225,13 @@ class MoeConfig:
                 f"experts ({self.ordering}, renormalize=False), which do not sum to one"
             )
         return None
+
+    def shared_mlp_dim(self, mlp_dim: int) -> int:
+        """f_s, the shared experts' total width (0 without shared experts), for a dense MLP of
+        width ``mlp_dim``: ``num_shared_experts`` × (``shared_expert_mlp_dim`` or the routed
+        experts' width)."""
+        width = self.shared_expert_mlp_dim or self.expert_mlp_dim or mlp_dim
+        return self.num_shared_experts * width
 
     def make_router(self, capacity_factor: float | None, *, causal: bool) -> routing.Router:
         if self.router == "expert_choice":
@@ -183,6 +252,8 @@ class MoeConfig:
             self.renormalize,
             self.batch_prioritized,
             causal,
+            self.score_function,
+            self.load_balancing_type,
         )
 
     def make_layer(
@@ -210,6 +281,9 @@ class MoeConfig:
             router_init_std=self.router_init_std,
             jitter_eps=self.jitter_eps,
             dispatch=self.dispatch,
+            expert_bias=self.expert_bias,
+            shared_mlp_dim=self.shared_mlp_dim(mlp_dim),
+            shared_expert_gate=self.shared_expert_gate,
             dtype=dtype,
             rngs=rngs,
         )
