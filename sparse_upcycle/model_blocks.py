@@ -49,13 +49,14 @@ def moe_config(base: MoeConfig, block, where: str = "model.moe", **forced) -> Mo
         raise ConfigError(f"moe config: {e}") from None
 
 
-def model_configs(model, num_experts: int, base=None, granularity: int = 1):
+def model_configs(model, num_experts: int, base=None, granularity: int = 1, shared: int = 0):
     """(family, dense config, MoE config) for a config's ``model`` block.
 
     ``base`` is a family config to start from (e.g. the one a Hugging Face checkpoint carries)
     when ``model.name == "checkpoint"``. The MoE config gets ``num_experts`` (the recipe's
     total); the dense one none. ``granularity`` G > 1 makes the experts f/G wide (virtual
-    groups). ``model.remat`` (``models/remat.py``; default ``"none"``, also for a
+    groups); ``shared`` S > 0 adds S shared experts of that width (fine_grained_shared).
+    ``model.remat`` (``models/remat.py``; default ``"none"``, also for a
     checkpoint's config) and ``model.scan_layers`` (``models/scan.py``; default False) set
     both configs' fields of those names; they are set there only, not in ``model.overrides``.
     ``model.param_dtype`` is checked here (``param_dtype``) and read by ``training.py``."""
@@ -114,6 +115,8 @@ def model_configs(model, num_experts: int, base=None, granularity: int = 1):
             f"by G={granularity}"
         )
     fine = {"expert_mlp_dim": width // granularity} if granularity > 1 else {}
+    if shared:  # fine_grained_shared: S shared experts of the routed experts' width f/G
+        fine.update(num_shared_experts=shared, shared_expert_mlp_dim=width // granularity)
 
     def with_moe(n):
         blocks = {

@@ -47,7 +47,11 @@ def resolve_models(config, source=None):
     base = source.config if source is not None else None
     method = recipe.method_impl
     family, dense, moe = model_configs(
-        config.model, recipe.total_experts, base, method.granularity(recipe)
+        config.model,
+        recipe.total_experts,
+        base,
+        method.granularity(recipe),
+        method.shared_experts(recipe),
     )
     try:
         method.check_model(recipe, models.moe_blocks(moe))

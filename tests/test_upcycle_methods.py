@@ -145,9 +145,12 @@ def test_drop_upcycling_reinitialises_a_shared_unit_set(ratio):
 
 
 def test_registry_holds_the_three_methods_and_their_settings():
-    assert methods.names() == ("copy", "virtual_group", "drop")
+    assert methods.names() == ("copy", "virtual_group", "drop", "fine_grained_shared")
     assert isinstance(methods.get("drop"), methods.Drop)
-    with pytest.raises(ValueError, match=r"must be one of \('copy', 'virtual_group', 'drop'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be one of \('copy', 'virtual_group', 'drop', 'fine_grained_shared'\)",
+    ):
         methods.get("magic")
     with pytest.raises(ValueError, match="already registered"):
         methods.register(methods.Copy())

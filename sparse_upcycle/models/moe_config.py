@@ -94,7 +94,7 @@ class MoeConfig:
                 isinstance(width, bool) or not isinstance(width, int) or width < 1
             ):
                 raise ValueError(f"moe.{name} must be an integer >= 1 or None, got {width!r}")
-        if self.shared_expert_gate and not n:
+        if self.shared_expert_gate and not n and self.num_experts:
             raise ValueError("moe.shared_expert_gate needs moe.num_shared_experts >= 1")
         if self.score_function not in routing.SCORE_FUNCTIONS:
             raise ValueError(

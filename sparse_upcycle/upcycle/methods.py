@@ -1,227 +1,70 @@
-"""Upcycling methods: one dense MLP (numpy arrays) -> E stacked experts, deterministically.
-
-A dense MLP is given as ``{name: array}`` with input kernels [d, f] (``wi_0``/``wi_1``, ``wi``
-or ``Dense_0``), optional input biases [f], an output kernel [f, d] (``wo`` or ``Dense_1``) and
-an optional output bias [d]; ``MlpNames`` says which is which. Every method returns the same
-names with a leading expert axis.
-
-* ``copy_experts`` — Komatsuzaki et al. 2023 (Sparse Upcycling, §3.1): every expert is the
-  dense MLP, optionally plus N(0, noise_std²) noise.
-* ``virtual_group_experts`` — He et al. 2024 ("Upcycling Large Language Models into Mixture of
-  Experts", §3): E = E_x·G fine-grained experts of width f/G. Shard s of the dense hidden
-  units (columns of the input kernels, rows of the output kernel) goes to every expert j with
-  j mod G = s, and the router's columns are repeated G times (``virtual_group_router``), so
-  the G experts of a run score alike and top-K (K % G == 0) picks whole runs, each run summing
-  to the dense MLP. Weight scaling undoes the routing weights' shrinkage at a uniform router.
-  With ``softmax_then_topk`` every expert gets p = 1/E (E = E_x·G), K/G runs are picked and
-  each run sums to the dense MLP, so the output is (K/G)·(1/E)·MLP = K/(E_x·G²)·MLP, hence
-  a = E_x·G²/K; with ``topk_then_softmax`` each of the K picks gets 1/K and the output is
-  (K/G)·(1/K)·MLP = MLP/G, hence a = G. The paper's ``scaling="paper"`` multiplies each of
-  the three gated matrices by a^(1/3) (or both matrices of a plain MLP by a^(1/2)), which is
-  exact only for homogeneous activations; ``scaling="exact"`` puts all of a on the output
-  kernel, exact for any activation.
-* ``drop_upcycle_experts`` — Nakamura et al. 2025 (Drop-Upcycling, §3): per expert, a random
-  set of ⌊r·f⌋ hidden units (one set shared by the input columns and output rows) is
-  re-initialised from N(mean, std) of the original matrix; the rest is copied.
-
-Randomness comes from ``numpy.random.default_rng([seed, layer, expert, purpose])``, so a
-recipe's seed fixes every expert of every layer, independent of processing order.
-
-Each method is also data: a ``Method`` subclass (``Copy``, ``VirtualGroup``, ``Drop``) in the
-registry ``METHODS``, owning the recipe settings it reads, their validation, the expert count,
-expert and router construction, the model routing it needs and whether it is meant to keep the
-dense function. ``rules.py`` and ``Recipe`` only ask ``get(recipe.method)``; a new method is
-one subclass and one ``register`` call.
+"""Upcycling methods as data: a ``Method`` subclass per method (``Copy``, ``VirtualGroup``,
+``Drop``, ``FineGrainedShared``) in the registry ``METHODS``, owning the recipe settings it
+reads, their validation, the expert count, expert and router construction (the numerics live
+in ``experts.py``, whose docstring has each method's formulas and sources), the model routing
+it needs and whether it is meant to keep the dense function. ``rules.py`` and ``Recipe`` only
+ask ``get(recipe.method)``; a new method is one subclass and one ``register`` call.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sparse_upcycle.moe import EXPERT_NAMING
 from sparse_upcycle.routing import ORDERINGS
+from sparse_upcycle.upcycle.experts import (
+    BIG_VISION,
+    DROP_STATS,
+    SCALINGS,
+    T5X_GATED,
+    T5X_PLAIN,
+    MlpNames,
+    copy_experts,
+    drop_upcycle_experts,
+    fine_grained_shared_experts,
+    fine_grained_shared_name,
+    fine_grained_shared_scale,
+    recipe_name,
+    reinitialise_units,
+    virtual_group_experts,
+    virtual_group_router,
+    virtual_group_scale,
+)
 
 if TYPE_CHECKING:
     from sparse_upcycle.models.moe_config import MoeConfig
     from sparse_upcycle.upcycle.recipe import Recipe
 
-SCALINGS = ("paper", "exact", "none")
-DROP_STATS = ("matrix", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class MlpNames:
-    """Which entries of an MLP dict are input kernels, the output kernel, and biases."""
-
-    inputs: tuple[str, ...] = ("wi_0", "wi_1")
-    output: str = "wo"
-    input_biases: tuple[str, ...] = ()
-    output_bias: str | None = None
-
-    def all(self) -> tuple[str, ...]:
-        extra = (self.output_bias,) if self.output_bias else ()
-        return (*self.inputs, *self.input_biases, self.output, *extra)
-
-
-# The dense MLPs the MoE layer mirrors, in its own vocabulary (``moe.EXPERT_NAMING``).
-_T5X_INPUTS, _T5X_PLAIN, _T5X_OUT = EXPERT_NAMING["t5x"]
-_, _BV_IN, _BV_OUT = EXPERT_NAMING["big_vision"]
-T5X_GATED = MlpNames(tuple(_T5X_INPUTS), _T5X_OUT)
-T5X_PLAIN = MlpNames((_T5X_PLAIN,), _T5X_OUT)
-BIG_VISION = MlpNames((_BV_IN,), _BV_OUT, (f"{_BV_IN}_bias",), f"{_BV_OUT}_bias")
-
-
-def _rng(seed: int, layer: int, expert: int, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([seed, layer, expert, purpose])
-
-
-def _check(mlp: Mapping[str, np.ndarray], names: MlpNames) -> tuple[int, int]:
-    missing = [n for n in names.all() if n not in mlp]
-    if missing:
-        raise ValueError(f"dense MLP lacks {missing}; has {sorted(mlp)}")
-    shapes = {n: tuple(np.shape(mlp[n])) for n in (*names.inputs, names.output)}
-    bad = [n for n, s in shapes.items() if len(s) != 2]
-    if bad:
-        raise ValueError(f"dense MLP kernel {bad[0]} has shape {shapes[bad[0]]}, expected 2-D")
-    # d from the output kernel's columns, f from its rows: the inputs must be [d, f]. When
-    # they disagree, every kernel is named: the one that is wrong is not always the first.
-    f, d = shapes[names.output]
-    if any(shapes[n] != (d, f) for n in names.inputs):
-        shown = ", ".join(f"{n} {shapes[n]}" for n in shapes)
-        raise ValueError(
-            f"the dense MLP's kernels disagree ({shown}): the input kernels must be [d, f] and "
-            f"the output kernel [f, d]; one of them does not come from this model"
-        )
-    return d, f
-
-
-def copy_experts(
-    mlp,
-    num_experts: int,
-    names: MlpNames = T5X_GATED,
-    *,
-    noise_std: float = 0.0,
-    seed: int = 0,
-    layer: int = 0,
-) -> dict[str, np.ndarray]:
-    """Every expert a copy of the dense MLP (+ optional Gaussian noise on the kernels)."""
-    _check(mlp, names)
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    out = {}
-    for i, name in enumerate(names.all()):
-        w = np.asarray(mlp[name])
-        stacked = np.repeat(w[None], num_experts, axis=0)
-        if noise_std > 0 and name in (*names.inputs, names.output):
-            noise = _rng(seed, layer, 0, 100 + i).normal(0.0, noise_std, stacked.shape)
-            stacked = (stacked + noise).astype(w.dtype)
-        out[name] = stacked
-    return out
-
-
-def virtual_group_scale(expansion: int, granularity: int, k: int, ordering: str) -> float:
-    """The activation scale a of He et al. 2024 (see module docstring)."""
-    if ordering not in ORDERINGS:
-        raise ValueError(f"ordering must be one of {ORDERINGS}, got {ordering!r}")
-    if ordering == "softmax_then_topk":
-        return expansion * granularity**2 / k
-    return float(granularity)
-
-
-def recipe_name(expansion: int, granularity: int, k: int) -> str:
-    """The paper's notation, e.g. E8G1T2."""
-    return f"E{expansion}G{granularity}T{k}"
-
-
-def virtual_group_experts(
-    mlp,
-    expansion: int,
-    granularity: int,
-    k: int,
-    names: MlpNames = T5X_GATED,
-    *,
-    ordering: str = "softmax_then_topk",
-    scaling: str = "paper",
-) -> dict[str, np.ndarray]:
-    """E_x·G experts of width f/G; expert j holds hidden shard j mod G, scaled by ``scaling``."""
-    d, f = _check(mlp, names)
-    if names.input_biases or names.output_bias:
-        raise ValueError("virtual_group is defined for bias-free (LLM) MLPs")
-    if expansion < 1 or granularity < 1:
-        raise ValueError(f"expansion and granularity must be >= 1, got {expansion}, {granularity}")
-    if k % granularity:
-        raise ValueError(
-            f"virtual groups need top-K with K % G == 0 so that whole groups are "
-            f"picked; got K={k}, G={granularity}"
-        )
-    if f % granularity:
-        raise ValueError(f"the dense hidden width f={f} must be divisible by G={granularity}")
-    if not 1 <= k <= expansion * granularity:
-        raise ValueError(f"K={k} must be in [1, E_x·G={expansion * granularity}]")
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-    a = virtual_group_scale(expansion, granularity, k, ordering) if scaling != "none" else 1.0
-    n_mats = len(names.inputs) + 1
-    per_matrix = a ** (1.0 / n_mats) if scaling == "paper" else 1.0
-    fs = f // granularity
-    num_experts = expansion * granularity
-    shard = np.arange(num_experts) % granularity
-    out = {}
-    for name in names.inputs:
-        w = np.asarray(mlp[name])
-        shards = w.reshape(d, granularity, fs).transpose(1, 0, 2)  # [G, d, f/G]
-        out[name] = (shards[shard] * per_matrix).astype(w.dtype)
-    wo = np.asarray(mlp[names.output])
-    shards = wo.reshape(granularity, fs, d)
-    out_scale = a if scaling == "exact" else per_matrix
-    out[names.output] = (shards[shard] * out_scale).astype(wo.dtype)
-    return out
-
-
-def virtual_group_router(kernel_dEx: np.ndarray, granularity: int) -> np.ndarray:
-    """Repeat each router column G times: [d, E_x] -> [d, E_x·G], runs of G share a column."""
-    return np.repeat(np.asarray(kernel_dEx), granularity, axis=1)
-
-
-def drop_upcycle_experts(
-    mlp,
-    num_experts: int,
-    ratio: float,
-    names: MlpNames = T5X_GATED,
-    *,
-    seed: int = 0,
-    layer: int = 0,
-    stats: str = "matrix",
-) -> dict[str, np.ndarray]:
-    """Copy, then re-initialise ⌊ratio·f⌋ hidden units per expert (Drop-Upcycling).
-
-    ``stats="matrix"`` draws from N(mean, std) of each original matrix (the paper's choice);
-    ``"none"`` from N(0, std). Biases of dropped units are re-initialised to zero."""
-    _, f = _check(mlp, names)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"drop ratio r must be in [0, 1], got {ratio}")
-    if stats not in DROP_STATS:
-        raise ValueError(f"stats must be one of {DROP_STATS}, got {stats!r}")
-    out = copy_experts(mlp, num_experts, names)
-    n_drop = int(np.floor(ratio * f))
-    for e in range(num_experts):
-        units = np.sort(_rng(seed, layer, e, 0).choice(f, size=n_drop, replace=False))
-        for i, name in enumerate((*names.inputs, names.output)):
-            w = np.asarray(mlp[name], np.float64)
-            mean = w.mean() if stats == "matrix" else 0.0
-            draw = _rng(seed, layer, e, 1 + i)
-            if name == names.output:
-                out[name][e, units, :] = draw.normal(mean, w.std(), (n_drop, w.shape[1]))
-            else:
-                out[name][e, :, units] = draw.normal(mean, w.std(), (n_drop, w.shape[0]))
-        for name in names.input_biases:
-            out[name][e, units] = 0.0
-    return out
-
+__all__ = [
+    "BIG_VISION",
+    "DROP_STATS",
+    "METHODS",
+    "SCALINGS",
+    "T5X_GATED",
+    "T5X_PLAIN",
+    "Copy",
+    "Drop",
+    "FineGrainedShared",
+    "Method",
+    "MlpNames",
+    "VirtualGroup",
+    "copy_experts",
+    "drop_upcycle_experts",
+    "fine_grained_shared_experts",
+    "fine_grained_shared_name",
+    "fine_grained_shared_scale",
+    "get",
+    "names",
+    "recipe_name",
+    "register",
+    "reinitialise_units",
+    "unregister",
+    "virtual_group_experts",
+    "virtual_group_router",
+    "virtual_group_scale",
+]
 
 # --------------------------------------------------------------------------------------------
 # Methods as data: the registry
@@ -283,6 +126,25 @@ class Method:
     def check_model(self, recipe: Recipe, moe_blocks: Mapping[str, MoeConfig]) -> None:
         """Raise ValueError if the MoE model's routing (its ``MoeConfig`` blocks by name)
         does not fit the method."""
+
+    def shared_experts(self, recipe: Recipe) -> int:
+        """S, the shared experts per MoE layer the method builds (each f/G wide)."""
+        return 0
+
+    def shared(
+        self,
+        mlp: Mapping[str, np.ndarray],
+        names: MlpNames,
+        recipe: Recipe,
+        layer: int,
+        gated: bool,
+    ) -> dict[str, np.ndarray]:
+        """The shared experts ``{name: 2-D array}`` of one dense MLP (``gated``: the layer has
+        a shared-expert gate, which the rules initialise to zero)."""
+        raise ValueError(
+            f"method {recipe.method!r} builds no shared experts; use method "
+            "'fine_grained_shared' or set model.moe.num_shared_experts=0"
+        )
 
 
 class Copy(Method):
@@ -397,6 +259,139 @@ class Drop(Method):
         )
 
 
+class FineGrainedShared(Method):
+    """Fine-grained routed experts plus shared experts from one dense MLP
+    (``fine_grained_shared_experts``; the router in runs of G-S equal columns)."""
+
+    name = "fine_grained_shared"
+    settings = (
+        "num_experts",
+        "shared_experts",
+        "granularity",
+        "k",
+        "ordering",
+        "renormalize",
+        "scaling",
+        "reinit_ratio",
+        "drop_stats",
+    )
+
+    def validate(self, recipe):
+        super().validate(recipe)
+        g, s, e, k = recipe.granularity, recipe.shared_experts, recipe.num_experts, recipe.k
+        if not 0 <= s < g:
+            raise ValueError(
+                f"fine_grained_shared needs 0 <= shared_experts < granularity; got S={s}, G={g}"
+            )
+        r = g - s
+        if e % r or k % r:
+            raise ValueError(
+                f"fine_grained_shared needs num_experts and k to be multiples of "
+                f"granularity - shared_experts = {r}, so that top-K picks whole replicas of the "
+                f"routed shards; got num_experts={e}, k={k}"
+            )
+        if k > e:
+            raise ValueError(f"k={k} must be <= num_experts={e}")
+        if recipe.ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {ORDERINGS}, got {recipe.ordering!r}")
+        if recipe.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {recipe.scaling!r}")
+        if not 0.0 <= recipe.reinit_ratio <= 1.0:
+            raise ValueError(f"reinit_ratio must be in [0, 1], got {recipe.reinit_ratio}")
+        if recipe.drop_stats not in DROP_STATS:
+            raise ValueError(f"stats must be one of {DROP_STATS}, got {recipe.drop_stats!r}")
+
+    def granularity(self, recipe):
+        return recipe.granularity
+
+    def shared_experts(self, recipe):
+        return recipe.shared_experts
+
+    def display_name(self, recipe):
+        return fine_grained_shared_name(
+            recipe.num_experts, recipe.shared_experts, recipe.granularity, recipe.k
+        )
+
+    def _build(self, mlp, names, recipe, layer, gated):
+        routed, shared = fine_grained_shared_experts(
+            mlp,
+            recipe.num_experts,
+            recipe.shared_experts,
+            recipe.granularity,
+            recipe.k,
+            names,
+            ordering=recipe.ordering,
+            renormalize=recipe.renormalize,
+            scaling=recipe.scaling,
+            gated_shared=gated,
+        )
+        if recipe.reinit_ratio:
+            reinitialise_units(
+                routed,
+                mlp,
+                recipe.reinit_ratio,
+                names,
+                seed=recipe.seed,
+                layer=layer,
+                stats=recipe.drop_stats,
+            )
+        return routed, shared
+
+    def experts(self, mlp, names, recipe, layer):
+        return self._build(mlp, names, recipe, layer, False)[0]
+
+    def shared(self, mlp, names, recipe, layer, gated):
+        if not recipe.shared_experts:
+            return super().shared(mlp, names, recipe, layer, gated)
+        return self._build(mlp, names, recipe, layer, gated)[1]
+
+    def router(self, shape, layer, recipe, rng):
+        d, _ = shape
+        r = recipe.granularity - recipe.shared_experts
+        base = rng.normal(0.0, recipe.router_init_std, (d, recipe.num_experts // r))
+        return virtual_group_router(base, r).astype(np.float32)
+
+    def preserves_dense_function(self, recipe):
+        reasons = []
+        if recipe.scaling != "exact":
+            reasons.append(f"scaling={recipe.scaling!r} (only 'exact' is exact for any activation)")
+        if recipe.reinit_ratio:
+            reasons.append(f"reinit_ratio={recipe.reinit_ratio:g} re-initialises routed units")
+        sums_to_one = recipe.ordering == "topk_then_softmax" or recipe.renormalize
+        if not sums_to_one and recipe.router_init_std:
+            reasons.append(
+                "softmax_then_topk without renormalize weights the routed experts by the "
+                "router's probabilities, so the MoE equals the dense MLP only at a uniform "
+                "router (router_init_std=0)"
+            )
+        if not reasons:
+            return None
+        return "fine_grained_shared with " + "; ".join(reasons)
+
+    def check_model(self, recipe, moe_blocks):
+        for block in moe_blocks.values():
+            if not block.sparse_layers(1_000_000):
+                continue
+            if (
+                block.router != "top_k"
+                or block.k != recipe.k
+                or block.ordering != recipe.ordering
+                or block.renormalize != recipe.renormalize
+            ):
+                raise ValueError(
+                    f"fine_grained_shared scaling assumes top-{recipe.k} {recipe.ordering} "
+                    f"routing with renormalize={recipe.renormalize}; the model routes "
+                    f"{block.router} k={block.k} {block.ordering} renormalize={block.renormalize}"
+                    ": set model.moe (router, k, ordering, renormalize) to match upcycle"
+                )
+            if block.score_function != "softmax" and not recipe.renormalize:
+                raise ValueError(
+                    f"fine_grained_shared with {block.score_function} scores keeps the dense "
+                    "function only when the top-K weights sum to one: set renormalize=True in "
+                    "model.moe and upcycle"
+                )
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -429,5 +424,5 @@ def get(name: str) -> Method:
         raise ValueError(f"upcycling method must be one of {names()}, got {name!r}") from None
 
 
-for _method in (Copy(), VirtualGroup(), Drop()):
+for _method in (Copy(), VirtualGroup(), Drop(), FineGrainedShared()):
     register(_method)

@@ -21,11 +21,14 @@ COMMON_SETTINGS = ("method", "router_init_std", "seed", "optimizer", "step")
 class Recipe:
     """Everything that determines an upcycled checkpoint (written next to it as recipe.json).
 
-    ``num_experts`` is E for copy/drop; for virtual_group E = expansion · granularity.
-    ``k`` and ``ordering`` must match the model's top-K router (virtual_group scaling uses
-    them). ``optimizer``: "reset" (default; the paper's language setting: training starts
-    from a fresh optimizer state) or "tile" (the paper's vision setting: the dense moments are
-    copied into every expert, written as ``opt_state`` next to the params; ``copy`` only).
+    ``num_experts`` is E for copy/drop and the routed experts of fine_grained_shared; for
+    virtual_group E = expansion · granularity. ``k``, ``ordering`` (and for
+    fine_grained_shared ``renormalize``) must match the model's top-K router (the scalings
+    use them). ``shared_experts`` (S) and ``reinit_ratio`` (Drop-Upcycling's r for the routed
+    experts) are fine_grained_shared's. ``optimizer``: "reset" (default; the paper's language
+    setting: training starts from a fresh optimizer state) or "tile" (the paper's vision
+    setting: the dense moments are copied into every expert, written as ``opt_state`` next to
+    the params; ``copy`` only).
     ``step``: "reset" (default; the MoE checkpoint is at step 0) or "keep" (it carries the
     dense step count, so a schedule keyed on the step continues where the dense run stopped)."""
 
@@ -38,7 +41,10 @@ class Recipe:
     granularity: int = 1  # virtual_group: G
     k: int = 2
     ordering: str = "softmax_then_topk"
-    scaling: str = "paper"  # virtual_group: paper | exact | none
+    renormalize: bool = False  # fine_grained_shared: the model's top-K renormalises
+    scaling: str = "paper"  # virtual_group / fine_grained_shared: paper | exact | none
+    shared_experts: int = 0  # fine_grained_shared: S
+    reinit_ratio: float = 0.0  # fine_grained_shared: r of the routed experts
     drop_ratio: float = 0.5  # drop: r
     drop_stats: str = "matrix"
     optimizer: str = "reset"
@@ -51,12 +57,14 @@ class Recipe:
             raise ValueError(f"recipe optimizer must be reset or tile, got {self.optimizer!r}")
         if self.step not in ("reset", "keep"):
             raise ValueError(f"recipe step must be reset or keep, got {self.step!r}")
+        if self.shared_experts < 0:
+            raise ValueError(f"upcycle.shared_experts must be >= 0, got {self.shared_experts}")
         if self.num_experts < 1 or self.expansion < 1 or self.granularity < 1 or self.k < 1:
             raise ValueError(
                 "num_experts, expansion, granularity and k must all be >= 1; got "
                 f"{self.num_experts}, {self.expansion}, {self.granularity}, {self.k}"
             )
-        for name in ("router_init_std", "noise_std", "drop_ratio"):
+        for name in ("router_init_std", "noise_std", "drop_ratio", "reinit_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"upcycle.{name} must be a finite number >= 0, got {value!r}")
@@ -74,7 +82,8 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """A short name: the method's, or the paper's notation (virtual groups, e.g. E8G1T2)."""
+        """A short name: the method's, or the papers' notation (virtual groups, e.g. E8G1T2;
+        fine-grained + shared experts, e.g. E8S2G4T2)."""
         return self.method_impl.display_name(self)
 
     @property

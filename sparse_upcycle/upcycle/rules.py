@@ -8,7 +8,13 @@ is produced by exactly one rule, tried in order:
 2. ``<prefix>/expert/<name>/{kernel,bias}``   -> the recipe's method (``Method.experts``)
    applied to the dense MLP at ``<prefix>/<name>/…`` (T5X ``mlp/wi_0`` …, big_vision
    ``MlpBlock_0/Dense_0`` …)
-3. any other path                             -> copied from the dense checkpoint unchanged
+3. ``<prefix>/shared_expert/<name>/{kernel,bias}`` -> the method's shared experts
+   (``Method.shared``) of the same dense MLP
+4. ``<prefix>/shared_expert_gate/kernel``     -> zeros (the gate starts at sigmoid(0) = 1/2,
+   which ``Method.shared`` compensates)
+5. ``<prefix>/router/selection_bias``         -> zeros (auxiliary-loss-free balancing starts
+   unbiased)
+6. any other path                             -> copied from the dense checkpoint unchanged
 
 Dense paths that no rule consumed (other than the MLPs that became experts) are an error, and
 so is any shape that differs from the target's. ``upcycle_tree`` yields ``(path, array)`` one
@@ -27,6 +33,8 @@ from sparse_upcycle.upcycle.recipe import Recipe  # also re-exported: rules.Reci
 
 ROUTER_RE = re.compile(r"^(?P<prefix>.+)/router/w/kernel$")
 EXPERT_RE = re.compile(r"^(?P<prefix>.+)/expert/(?P<name>[^/]+)/(?P<leaf>kernel|bias)$")
+SHARED_RE = re.compile(r"^(?P<prefix>.+)/shared_expert/(?P<name>[^/]+)/(?P<leaf>kernel|bias)$")
+ZEROS_RE = re.compile(r"^(?P<prefix>.+)/(shared_expert_gate/kernel|router/selection_bias)$")
 
 
 def _layer_index(prefix: str) -> int:
@@ -56,12 +64,17 @@ def _dense_mlp(dense: Mapping, prefix: str) -> tuple[dict, methods.MlpNames]:
     return mlp, names
 
 
-def _experts(dense, read, prefix, recipe: Recipe) -> dict[str, np.ndarray]:
+def _experts(dense, read, prefix, recipe: Recipe, shared_gated=None) -> dict[str, np.ndarray]:
+    """The routed experts of the dense MLP at ``prefix`` or, with ``shared_gated`` set (whether
+    the layer gates them), its shared experts."""
     paths, names = _dense_mlp(dense, prefix)
     mlp = {key: read(path) for key, path in paths.items()}
     if names is methods.BIG_VISION and "Dense_0_bias" not in mlp:
         names = methods.MlpNames(("Dense_0",), "Dense_1")
-    return methods.get(recipe.method).experts(mlp, names, recipe, _layer_index(prefix))
+    method = methods.get(recipe.method)
+    if shared_gated is not None:
+        return method.shared(mlp, names, recipe, _layer_index(prefix), shared_gated)
+    return method.experts(mlp, names, recipe, _layer_index(prefix))
 
 
 def _router(shape, prefix, recipe: Recipe) -> np.ndarray:
@@ -78,7 +91,9 @@ def plan(dense_paths, target_paths) -> list[tuple[str, str, str]]:
     for path in target_paths:
         if m := ROUTER_RE.match(path):
             steps.append((path, "router", m["prefix"]))
-        elif m := EXPERT_RE.match(path):
+        elif ZEROS_RE.match(path):
+            steps.append((path, "zeros", path))
+        elif m := EXPERT_RE.match(path) or SHARED_RE.match(path):
             prefix = m["prefix"]
             sources = {p for p in dense_paths if p.startswith(prefix + "/")}
             source = f"{prefix}/{m['name']}/{m['leaf']}"
@@ -88,7 +103,7 @@ def plan(dense_paths, target_paths) -> list[tuple[str, str, str]]:
                     "experts from (is the model config the dense model's?)"
                 )
             used |= sources
-            steps.append((path, "expert", prefix))
+            steps.append((path, "expert" if EXPERT_RE.match(path) else "shared", prefix))
         elif path in dense_paths:
             used.add(path)
             steps.append((path, "copy", path))
@@ -120,18 +135,28 @@ def upcycle_tree(
       recipe: the upcycling recipe.
     """
     dense_paths = list(dense_paths)
-    cache: dict[str, dict[str, np.ndarray]] = {}
-    for path, rule, source in plan(dense_paths, target):
+    steps = plan(dense_paths, target)
+    if any(rule == "shared" for _, rule, _ in steps) and not recipe.method_impl.shared_experts(
+        recipe
+    ):
+        recipe.method_impl.shared({}, methods.T5X_GATED, recipe, 0, False)  # its one-line refusal
+    cache: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for path, rule, source in steps:
         shape, dtype = target[path]
         if rule == "router":
             value = _router(shape, source, recipe)
-        elif rule == "expert":
-            if source not in cache:
+        elif rule == "zeros":
+            value = np.zeros(shape, np.float32)
+        elif rule in ("expert", "shared"):
+            if (rule, source) not in cache:
                 cache.clear()
-                cache[source] = _experts(dense_paths, read, source, recipe)
-            m = EXPERT_RE.match(path)
-            assert m is not None  # plan() gave this path the "expert" rule by this pattern
-            value = cache[source][m["name"] if m["leaf"] == "kernel" else f"{m['name']}_bias"]
+                gated = f"{source}/shared_expert_gate/kernel" in target
+                cache[rule, source] = _experts(
+                    dense_paths, read, source, recipe, gated if rule == "shared" else None
+                )
+            m = EXPERT_RE.match(path) or SHARED_RE.match(path)
+            assert m is not None  # plan() gave this path its rule by these patterns
+            value = cache[rule, source][m["name"] if m["leaf"] == "kernel" else f"{m['name']}_bias"]
         else:
             value = read(source)
         value = np.asarray(value)
