@@ -1,7 +1,8 @@
 """A tiny training config for tests: ``get_config("t5" | "vit" | "decoder" | "<family>-dense")``.
 
 MoE variants have 4 experts in every other layer (expert choice in encoders/ViT, top-2 in
-decoders); ``-dense`` variants have no ``upcycle`` block."""
+decoders, whose MoE layers also have one gated shared expert); ``-dense`` variants have no
+``upcycle`` block."""
 
 from sparse_upcycle.train import default_config
 
@@ -15,8 +16,14 @@ def get_config(arg=None):
         c.model.decoder_moe = {"router": "top_k", "k": 2, "capacity_factor": 1.25}
     elif family == "vit":
         c.model.moe = {"router": "expert_choice", "capacity_factor": 2.0}
-    else:
-        c.model.moe = {"router": "top_k", "k": 2, "capacity_factor": 1.25}
+    else:  # with a gated shared expert (Qwen2-MoE's layout), so meshes and FSDP cover it
+        c.model.moe = {
+            "router": "top_k",
+            "k": 2,
+            "capacity_factor": 1.25,
+            "num_shared_experts": 1,
+            "shared_expert_gate": True,
+        }
     if not dense:
         c.upcycle = {"method": "copy", "num_experts": 4}
     c.data.batch_size = 8
