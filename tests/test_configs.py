@@ -34,9 +34,11 @@ KINDS = ("dense_continue", "upcycle", "moe_scratch")
 T5 = [f"t5_{size}_{kind}" for size in ("base", "large", "xl") for kind in KINDS]
 VIT = [f"vit_{size}_{kind}" for size in ("b16", "l16") for kind in KINDS]
 LLAMA = ["llama_moe_8x_top2"]
-EXPERIMENTS = T5 + VIT + LLAMA
-# A stand-in for the HF checkpoint that ``model.name = "checkpoint"`` takes its architecture from.
+QWEN = ["qwen_moe_fine_grained"]
+EXPERIMENTS = T5 + VIT + LLAMA + QWEN
+# Stand-ins for the HF checkpoint that ``model.name = "checkpoint"`` takes its architecture from.
 LLAMA2_7B = types.SimpleNamespace(config=decoder.config("llama2-7b"))
+QWEN25_05B = types.SimpleNamespace(config=decoder.config("qwen2.5-0.5b"))
 
 
 def path(name: str) -> str:
@@ -45,7 +47,8 @@ def path(name: str) -> str:
 
 def resolve(name: str, config):
     hf = config.model.family == "decoder" and config.model.name == "checkpoint"
-    return resolve_model(config, LLAMA2_7B if hf else None)
+    stand_in = QWEN25_05B if name in QWEN else LLAMA2_7B
+    return resolve_model(config, stand_in if hf else None)
 
 
 def every_other(n: int) -> tuple[int, ...]:
@@ -70,12 +73,13 @@ def test_config_loads_and_resolves(name, arg):
     spec = resolve(name, config)
     if "upcycle" in config:
         recipe = recipe_from(config)  # validates the recipe
-        assert spec.recipe == recipe and recipe.method == "copy"
+        method = "fine_grained_shared" if name in QWEN else "copy"
+        assert spec.recipe == recipe and recipe.method == method
         assert recipe.preserves_dense_function  # exact copies: no noise
         assert moe_layer_names(spec), "an upcycle config must have MoE layers"
     else:
         assert spec.recipe is None and moe_layer_names(spec) == []
-    expected_family = {"t5": T5, "vit": VIT, "decoder": LLAMA}
+    expected_family = {"t5": T5, "vit": VIT, "decoder": LLAMA + QWEN}
     assert name in expected_family[spec.family]
 
 
@@ -193,7 +197,7 @@ def test_llama_settings():
 def test_tiny_variant_runs_on_one_or_eight_devices(name):
     c = load_config(path(name) + ":tiny")
     assert c.data.name == "synthetic" and c.total_steps <= 500
-    assert c.model.name == "tiny"
+    assert c.model.name == ("qwen2-tiny" if name in QWEN else "tiny")
     for devices in (jax.devices()[:1], jax.devices()[:8]):
         mesh = sharding.make_mesh(c.mesh.data, c.mesh.expert, c.mesh.model, devices=devices)
         assert c.data.batch_size % (mesh.shape["data"] * mesh.shape["expert"]) == 0
@@ -362,3 +366,56 @@ def test_tiny_two_step_recipe(tmp_path):
         f"{paper['cross_entropy']:.6f}; upcycled, preserving routers: "
         f"{preserving['cross_entropy']:.6f}"
     )
+
+
+@pytest.mark.parametrize("arg", ["", ":qwen3", ":qwen2.5-0.5b", ":qwen2.5-1.5b", ":tiny"])
+def test_qwen_fine_grained_settings(arg):
+    """E24S2G8T6 (Qwen3: E24S0G8T8) on every other block, renormalised dropless top-K, the
+    shared experts gated for Qwen2-MoE; the recipe keeps the dense function."""
+    c = load_config(path("qwen_moe_fine_grained") + arg)
+    spec = resolve("qwen_moe_fine_grained", c)
+    cfg, recipe = spec.config, spec.recipe
+    moe, f = cfg.moe, spec.dense_config.intermediate_size
+    qwen3 = arg == ":qwen3"
+    assert recipe.name == ("E24S0G8T8" if qwen3 else "E24S2G8T6")
+    assert recipe.preserves_dense_function
+    assert moe.sparse_layers(cfg.num_hidden_layers) == every_other(cfg.num_hidden_layers)
+    assert (moe.num_experts, moe.expert_mlp_dim) == (24, f // 8)
+    assert (moe.num_shared_experts, moe.shared_expert_gate) == ((0, False) if qwen3 else (2, True))
+    assert (moe.ordering, moe.renormalize, moe.capacity_factor) == (
+        "softmax_then_topk",
+        True,
+        None,
+    )
+    if arg == ":qwen2.5-1.5b":
+        assert (cfg.hidden_size, f, cfg.num_hidden_layers) == (1536, 8960, 28)
+
+
+def test_qwen_tiny_upcycle_verify_from_our_own_dense_qwen2(tmp_path, capsys):
+    """The README's path, shortened: a tiny dense Qwen2 trained here, exported as an HF
+    directory, upcycled with the default config (architecture from the directory) and
+    verified to compute the dense function."""
+    from sparse_upcycle import cli
+
+    config = path("qwen_moe_fine_grained")
+    dense = str(tmp_path / "dense")
+    overrides = ["--config.total_steps=3", "--config.checkpoint.every=3", "--config.eval_every=3"]
+    overrides += ["--config.optimizer.warmup_steps=1"]
+    assert (
+        cli.main(
+            ["train", "--config", config + ":tiny_dense", "--config.init_from=scratch"]
+            + overrides
+            + ["--workdir", dense]
+        )
+        == 0
+    )
+    hf = str(tmp_path / "hf")
+    export = ["export", "--src", f"{dense}/checkpoints/3", "--dst", hf]
+    assert cli.main([*export, "--config", config + ":tiny_dense"]) == 0
+    moe = str(tmp_path / "moe")
+    assert cli.main(["upcycle", "--config", config, "--src", hf, "--dst", moe]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", "--config", config, "--dense", hf, "--moe", moe]) == 0
+    result = __import__("json").loads(capsys.readouterr().out)
+    assert result["meant_to_preserve"] and result["ok"], result
+    assert result["max_abs_delta"] < 1e-4  # float32 although the config trains in bfloat16

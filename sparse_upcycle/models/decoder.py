@@ -17,7 +17,9 @@ Technical Report", §2, after Dehghani et al. 2023's QK-norm; transformers
 §2.1): top-2 token choice, softmax over the two chosen logits, dropless.
 
 Parameter paths (pure dict), one-to-one with HF ``LlamaForCausalLM`` / ``MixtralForCausalLM``
-/ ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (``checkpoints/hf_llama.py`` has the transposes):
+/ ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM``
+(``checkpoints/hf_llama.py`` has the transposes, ``checkpoints/hf_qwen_moe.py`` the Qwen MoE
+layers and Qwen2-MoE's gated shared expert):
 
 =====================================  =========  =====================================
 ours (``L`` = ``layers_{i}``)          shape      HF (``M`` = ``model.layers.{i}``)
@@ -71,6 +73,7 @@ from sparse_upcycle.layers import Dense, Embed, RMSNorm
 from sparse_upcycle.models import remat as remat_lib
 from sparse_upcycle.models import scan
 from sparse_upcycle.models.decoder_blocks import DecoderBlock
+from sparse_upcycle.models.decoder_sizes import NAMED_CONFIGS
 from sparse_upcycle.models.decoding import DecodeCache, generate_loop
 from sparse_upcycle.models.moe_config import MoeConfig, average_metrics
 
@@ -187,58 +190,8 @@ class DecoderConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Named sizes.
+# Named sizes (``decoder_sizes.py``).
 # --------------------------------------------------------------------------------------------
-
-_TINY = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=128,
-)
-# Llama 3.2 1B (meta-llama/Llama-3.2-1B config.json): 1,235,814,400 parameters. Its "llama3"
-# RoPE frequency scaling (for contexts beyond 8k) is not implemented: plain RoPE here.
-_LLAMA3_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    max_position_embeddings=131072,
-    dtype="bfloat16",
-)
-# Llama 2 7B (meta-llama/Llama-2-7b-hf config.json): 6,738,415,616 parameters.
-_LLAMA2_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=4096,
-    dtype="bfloat16",
-)
-_MOE_8X_TOP2 = dict(num_experts=8, layers="every_other")
-
-NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": _TINY,
-    "llama-moe-8x-top2-tiny": {**_TINY, "moe": _MOE_8X_TOP2},
-    "llama3-1b": _LLAMA3_1B,
-    "llama3-1b-moe-8x-top2": {**_LLAMA3_1B, "moe": _MOE_8X_TOP2},
-    "llama2-7b": _LLAMA2_7B,
-}
 
 
 def config(name: str, **overrides: Any) -> DecoderConfig:
@@ -482,7 +435,7 @@ MLP_WIDTH_FIELD = "intermediate_size"
 TASK = "lm"
 TOKENS_KEY = "tokens"
 HF_MAP = "sparse_upcycle.checkpoints.hf_llama"
-HF_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+HF_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _TOKEN_KEYS = ("tokens", "inputs", "input_tokens", "decoder_input_tokens", "targets")
 
 
