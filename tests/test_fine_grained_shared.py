@@ -221,6 +221,12 @@ def test_upcycle_and_verify_a_qwen2_with_gated_shared_experts(tmp_path, capsys):
     assert cli.main([*verify, *args]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["meant_to_preserve"] and result["ok"] and result["max_abs_delta"] < 1e-4
+    assert cli.main(["inspect", dst]) == 0
+    report = capsys.readouterr().out
+    assert "shared experts: 2 of width 16, on every token behind a sigmoid gate" in report
+    assert "softmax scores, softmax_then_topk, renormalize=True, aux_loss" in report
+    # Active parameters count the shared experts (every token) and K/E of the routed ones.
+    assert "layers_1/mlp/shared_expert/wo/kernel" in report
     # The model's routing must be the one the scaling assumes: one line, exit 2.
     code = cli.main(
         [*upcycle[:-1], str(tmp_path / "x"), *args, "--config.model.moe.renormalize=False"]
