@@ -53,7 +53,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sparse_upcycle.moe import EXPERT_NAMING
+from sparse_upcycle.expert_mlp import EXPERT_NAMING
 from sparse_upcycle.routing import ORDERINGS
 
 SCALINGS = ("paper", "exact", "none")
