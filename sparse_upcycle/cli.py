@@ -127,7 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--moe-layout",
         default="fused",
         choices=("fused", "per_expert"),
-        help="Mixtral expert tensors: transformers 5.x fused (default) or 4.x per-expert",
+        help="MoE expert tensors: transformers 5.x fused (default) or 4.x per-expert",
     )
     exp.add_argument(
         "--dtype",

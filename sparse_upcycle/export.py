@@ -5,12 +5,15 @@ safetensors (one ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` 
 ``model.safetensors.index.json`` above ``--max-shard-size``), for
 
 * a decoder: dense as ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` (the
-  family it came from: ``DecoderConfig.model_type``, ``hf_llama.dense_problems``); MoE as
-  ``MixtralForCausalLM``, in transformers 5.x's fused expert layout
-  (``mlp.experts.gate_up_proj`` [E, 2f, d], ``mlp.experts.down_proj`` [E, d, f],
-  ``mlp.gate.weight`` [E, d]) or, with ``--moe-layout per_expert``, Mixtral's per-expert layout
-  (``block_sparse_moe.experts.{j}.w1/w2/w3``) that 4.x reads. An MoE that Mixtral would
-  compute differently is refused (``hf_llama.mixtral_problems``);
+  family it came from: ``DecoderConfig.model_type``, ``hf_llama.dense_problems``); MoE as the
+  MoE class of that family: ``MixtralForCausalLM`` (llama), ``Qwen2MoeForCausalLM`` (qwen2;
+  with its gated shared expert) or ``Qwen3MoeForCausalLM`` (qwen3), in transformers 5.x's
+  fused expert layout (``mlp.experts.gate_up_proj`` [E, 2f, d], ``mlp.experts.down_proj``
+  [E, d, f], ``mlp.gate.weight`` [E, d]) or, with ``--moe-layout per_expert``, the per-expert
+  layout that 4.x reads (Mixtral's ``block_sparse_moe.experts.{j}.w1/w2/w3``, the Qwen MoEs'
+  ``mlp.experts.{j}.gate_proj/up_proj/down_proj``). An MoE that the class would compute
+  differently is refused in one line, naming the class that would hold it if one does
+  (``hf_llama.moe_problems``; ``checkpoints/hf_qwen_moe.py``);
 * a dense T5 as ``T5ForConditionalGeneration`` and a dense ViT as ``ViTForImageClassification``
   (``ViTModel`` without a head). HF has no class for our T5/ViT MoE layers: refused.
 
@@ -71,6 +74,8 @@ DTYPES = {
 MOE_LAYOUTS = {"fused": "fused", "per_expert": "legacy"}
 # LlamaConfig keys MixtralConfig has no use for.
 _LLAMA_ONLY = ("mlp_bias", "attention_bias", "pretraining_tp")
+# The HF MoE classes whose per-expert layout transformers 4.x reads.
+_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +327,7 @@ def _write_hf(source, out, hf_config, target_dtype, moe_layout, max_bytes, extra
         "torch_dtype" if "torch_dtype" in hf_config and "dtype" not in hf_config else "dtype"
     )
     hf_config[dtype_key] = target_dtype.name
-    if moe_layout == "per_expert" and hf_config.get("model_type") == "mixtral":
+    if moe_layout == "per_expert" and hf_config.get("model_type") in _MOE_MODEL_TYPES:
         hf_config["torch_dtype"] = target_dtype.name  # the key transformers < 4.56 reads
     writer = ShardedSafetensorsWriter(out, max_bytes)
     stream = _hf_tensors(source, moe_layout, extras)

@@ -7,6 +7,7 @@ Tiny random models are built once per module; their weights are O(1) so that a 1
 on the logits is a real one.
 """
 
+import dataclasses
 import json
 import os
 
@@ -294,12 +295,18 @@ def test_config_to_hf_refuses_what_the_family_cannot_hold():
         )
     with pytest.raises(ValueError, match="model_type must be one of"):
         dec.config("tiny", model_type="gpt2")
-    # An MoE of a Qwen2 is not a Mixtral: its attention has biases.
+    # An MoE of a Qwen2 is not a Mixtral (its attention has biases) but a Qwen2-MoE; labelled
+    # llama, Mixtral refuses it and names the class that holds it.
     moe = dec.config(
         "llama-moe-8x-top2-tiny", attention_bias=True, model_type="qwen2", moe={"layers": "all"}
     )
-    with pytest.raises(ValueError, match=r"Mixtral's attention has no biases.*attention_bias"):
-        hf_llama.config_to_hf(moe)
+    assert hf_llama.config_to_hf(moe)["architectures"] == ["Qwen2MoeForCausalLM"]
+    with pytest.raises(
+        ValueError,
+        match=r"Mixtral's attention has no biases.*attention_bias.*"
+        r"HF Qwen2-MoE would hold it: set model_type='qwen2'",
+    ):
+        hf_llama.config_to_hf(dataclasses.replace(moe, model_type="llama"))
     # model_type does not change the function: config equality ignores it.
     assert dec.config("tiny", model_type="qwen3") == dec.config("tiny")
 
@@ -340,10 +347,11 @@ def test_upcycle_copy_and_verify_preserve_the_dense_function(name, saved, tmp_pa
     assert rc == 0, err
     result = json.loads(out)
     assert result["meant_to_preserve"] and result["ok"] and result["max_abs_delta"] < 1e-4
-    # Mixtral has no attention biases or q/k norms: exporting the MoE is refused in one line.
+    # The MoE exports as the MoE class of its family (tests/test_export_qwen_moe.py has more).
     rc, _, err = _run(capsys, "export", "--src", dst, "--dst", tmp_path / "hf")
-    assert rc == 2 and "Mixtral" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "hf").exists()
+    assert rc == 0, err
+    hf_json = json.load(open(tmp_path / "hf" / "config.json"))
+    assert hf_json["model_type"] == f"{name}_moe"
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3"])

@@ -1,5 +1,5 @@
-"""HF Llama / Mixtral / Qwen2 / Qwen3 state dicts <-> ``models/decoder.py`` parameters, in
-pure numpy.
+"""HF Llama / Mixtral / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE state dicts <->
+``models/decoder.py`` parameters, in pure numpy.
 
 Sources for the formats: HF transformers ``models/llama/modeling_llama.py``,
 ``models/mixtral/modeling_mixtral.py``, ``models/qwen2/modeling_qwen2.py`` and
@@ -45,7 +45,11 @@ MoE layers, Mixtral safetensors on disk (legacy, accepted by ``from_hf``):
 (1) ``attention_bias`` (Qwen2 always; Llama, Qwen3: config.json ``attention_bias``), (2)
 ``attention_out_bias`` (Llama, Qwen3: ``attention_bias``; never in Qwen2), (3) ``qk_norm``
 (Qwen3 always). Which family a checkpoint is comes from ``config.json``'s ``model_type``
-(``config_from_hf``); ``config_to_hf`` writes ``DecoderConfig.model_type`` back.
+(``config_from_hf``); ``config_to_hf`` writes ``DecoderConfig.model_type`` back. The MoE
+layers of a qwen2 / qwen3 model are Qwen2-MoE's / Qwen3-MoE's: the same fused expert and
+router names, their own per-expert names (``mlp.experts.{j}.{gate,up,down}_proj``) and
+Qwen2-MoE's gated shared expert (``mlp.shared_expert.*``, ``mlp.shared_expert_gate``);
+``hf_qwen_moe.py`` has that table.
 
 Rotary layout: HF-format q/k weights are already in the half-split layout that
 ``layers.apply_rope`` uses (dimension i pairs with i + Dh/2), so they are copied as they are.
@@ -66,11 +70,13 @@ from typing import Any
 
 import numpy as np
 
+from sparse_upcycle.checkpoints import hf_qwen_moe as qwen_moe
 from sparse_upcycle.checkpoints.hf_llama_config import (
     config_from_hf,
     config_to_hf,
     dense_problems,
     mixtral_problems,
+    moe_problems,
 )
 from sparse_upcycle.models.decoder import DecoderConfig, abstract_params
 
@@ -128,18 +134,16 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _t_last2(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
-
-
 # --------------------------------------------------------------------------------------------
 # Parameters.
 # --------------------------------------------------------------------------------------------
 
 
 def from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict:
-    """An HF Llama/Mixtral/Qwen2/Qwen3 state dict (numpy arrays, any float dtype) -> float32
-    params in the pure-dict layout of ``decoder.Decoder`` (see the module table)."""
+    """An HF Llama/Mixtral/Qwen2/Qwen3/Qwen2-MoE/Qwen3-MoE state dict (numpy arrays, any float
+    dtype) -> float32 params in the pure-dict layout of ``decoder.Decoder`` (see the module
+    table). MoE layers follow ``config.model_type``: llama -> Mixtral's names, qwen2 / qwen3
+    -> the Qwen MoEs' (``hf_qwen_moe.py``)."""
     sd = {k: v for k, v in state_dict.items() if not _IGNORED.match(k)}
     used: set[str] = set()
 
@@ -160,12 +164,15 @@ def from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict:
             _set(params, (layer, *path), w.T.copy() if transpose else w)
         if i not in sparse:
             continue
+        if config.model_type != "llama":  # Qwen2-MoE / Qwen3-MoE (hf_qwen_moe.py)
+            params[layer]["mlp"] = qwen_moe.mlp_from_hf(take, sd.__contains__, prefix, config)
+            continue
         if prefix + "mlp.gate.weight" in sd:  # transformers 5.x fused layout
             router = take(prefix + "mlp.gate.weight")
-            gate_up = take(prefix + "mlp.experts.gate_up_proj")  # [E, 2f, d]
-            f = gate_up.shape[1] // 2
-            wi_0, wi_1 = _t_last2(gate_up[:, :f]), _t_last2(gate_up[:, f:])
-            wo = _t_last2(take(prefix + "mlp.experts.down_proj"))  # [E, d, f] -> [E, f, d]
+            expert = qwen_moe.fused_experts_from_hf(
+                take(prefix + "mlp.experts.gate_up_proj"), take(prefix + "mlp.experts.down_proj")
+            )
+            wi_0, wi_1, wo = (expert[n]["kernel"] for n in ("wi_0", "wi_1", "wo"))
         else:  # Mixtral's on-disk per-expert layout
             moe = prefix + "block_sparse_moe."
             router = take(moe + "gate.weight")
@@ -203,8 +210,9 @@ def from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict:
 
 def to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fused") -> dict:
     """Decoder params (pure dict; numpy or jax arrays) -> an HF state dict of float32 numpy
-    arrays. MoE layers are written in transformers 5.x's fused layout (``moe_format="fused"``)
-    or Mixtral's per-expert on-disk layout (``"legacy"``)."""
+    arrays. MoE layers are written, with the names of the MoE class of ``config.model_type``
+    (Mixtral, Qwen2-MoE, Qwen3-MoE), in transformers 5.x's fused layout
+    (``moe_format="fused"``) or the per-expert on-disk layout (``"legacy"``)."""
     _check_shapes(params, abstract_params(config))
     return dict(iter_to_hf(params, config, moe_format=moe_format))
 
@@ -225,16 +233,16 @@ def iter_to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fus
         if i not in sparse:
             continue
         mlp = layer["mlp"]
+        if config.model_type != "llama":  # Qwen2-MoE / Qwen3-MoE (hf_qwen_moe.py)
+            yield from qwen_moe.mlp_to_hf(mlp, config, prefix, moe_format=moe_format)
+            continue
+        if config.moe.num_shared_experts:
+            raise ValueError(qwen_moe.shared_problem(config, "Mixtral"))
         router = _f32(mlp["router"]["w"]["kernel"]).T.copy()
         if moe_format == "fused":
             yield prefix + "mlp.gate.weight", router
-            wi_0, wi_1 = (_f32(mlp["expert"][n]["kernel"]) for n in ("wi_0", "wi_1"))
-            yield (
-                prefix + "mlp.experts.gate_up_proj",
-                np.concatenate([_t_last2(wi_0), _t_last2(wi_1)], axis=1),
-            )
-            del wi_0, wi_1
-            yield prefix + "mlp.experts.down_proj", _t_last2(_f32(mlp["expert"]["wo"]["kernel"]))
+            for name, value in qwen_moe.fused_experts_to_hf(mlp["expert"]):
+                yield prefix + "mlp.experts." + name, value
         else:
             moe = prefix + "block_sparse_moe."
             yield moe + "gate.weight", router
@@ -279,5 +287,6 @@ __all__ = [
     "from_hf",
     "iter_to_hf",
     "mixtral_problems",
+    "moe_problems",
     "to_hf",
 ]

@@ -1,8 +1,9 @@
-"""HF Llama / Mixtral / Qwen2 / Qwen3 ``config.json`` <-> ``DecoderConfig`` (the tensor side
-is ``hf_llama.py``, which re-exports these functions as the family's HF map).
+"""HF Llama / Mixtral / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE ``config.json`` <->
+``DecoderConfig`` (the tensor side is ``hf_llama.py``, which re-exports these functions as the
+family's HF map; the Qwen MoE fields and what those classes hold are ``hf_qwen_moe.py``).
 
-Field names and class defaults: transformers ``models/{llama,mixtral,qwen2,qwen3}/
-configuration_*.py`` (5.x); what each family's attention holds: ``modeling_*.py``.
+Field names and class defaults: transformers ``models/{llama,mixtral,qwen2,qwen3,qwen2_moe,
+qwen3_moe}/configuration_*.py`` (5.x); what each family's attention holds: ``modeling_*.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from sparse_upcycle.checkpoints import hf_qwen_moe as qwen_moe
 from sparse_upcycle.checkpoints.hf_types import check_hf_types
 from sparse_upcycle.models.decoder import DEFAULT_MOE, DecoderConfig
 
@@ -37,6 +39,8 @@ _KINDS = {
     "mixtral": ("llama", 1e-5, 2048),
     "qwen2": ("qwen2", 1e-6, 32768),
     "qwen3": ("qwen3", 1e-6, 32768),
+    "qwen2_moe": ("qwen2", 1e-6, 32768),
+    "qwen3_moe": ("qwen3", 1e-6, 32768),
 }
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -47,7 +51,7 @@ _ARCHITECTURES = {
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
     """A ``DecoderConfig`` from an HF ``config.json`` dict (``model_type`` llama, mixtral,
-    qwen2 or qwen3).
+    qwen2, qwen3, qwen2_moe or qwen3_moe).
 
     Refuses, with a ValueError naming the field, what this decoder does not implement: RoPE
     scaling (e.g. Llama 3.1's "llama3"), MLP biases, activations other than SiLU, Mixtral's
@@ -58,11 +62,17 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
     (its attention ignores ``attention_bias``, as its MLP and Qwen3's ignore ``mlp_bias``).
     Qwen3 adds the q/k norms and, without ``head_dim``, HF's class default 128. Mixtral
     becomes an every-layer MoE with top-K dropless routing, ``topk_then_softmax`` (its
-    softmax-top-K-renormalise is the same function).
+    softmax-top-K-renormalise is the same function). Qwen2-MoE / Qwen3-MoE read as their dense
+    family (``model_type`` qwen2 / qwen3; Qwen2-MoE's q/k/v biases follow ``qkv_bias``) with
+    the MoE blocks of ``hf_qwen_moe.moe_from_hf``.
     """
     kind = hf_config.get("model_type") if isinstance(hf_config, Mapping) else None
     if kind not in _KINDS:
         raise ValueError(f"model_type {kind!r} is not supported; expected one of {list(_KINDS)}")
+    window = hf_config.get("sliding_window")
+    if kind == "qwen2_moe" and type(window) is int and window == 0:
+        # Qwen2MoeConfig.__post_init__ writes 0 for "no window" (use_sliding_window=False)
+        hf_config = {**hf_config, "sliding_window": None}
     check_hf_types(
         hf_config,
         ints=(
@@ -77,9 +87,18 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
             "num_local_experts",
             "num_experts_per_tok",
             "sliding_window",
+            "moe_intermediate_size",
+            "decoder_sparse_step",
         ),
         floats=("rope_theta", "rms_norm_eps", "initializer_range", "router_aux_loss_coef"),
-        bools=("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"),
+        bools=(
+            "tie_word_embeddings",
+            "attention_bias",
+            "mlp_bias",
+            "use_sliding_window",
+            "norm_topk_prob",
+            "qkv_bias",
+        ),
         strs=("hidden_act",),
         dicts=("rope_scaling", "rope_parameters"),
         required=(
@@ -106,7 +125,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
         )
     if hf_config.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"hidden_act {hf_config['hidden_act']!r} is not supported (silu only)")
-    qwen = kind in ("qwen2", "qwen3")
+    qwen = kind in ("qwen2", "qwen3", *qwen_moe.QWEN_MOE_KINDS)
     if not qwen and hf_config.get("mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported (the decoder's MLPs have no biases)")
     if kind == "mixtral" and hf_config.get("attention_bias", False):
@@ -120,7 +139,14 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
     family, eps, max_positions = _KINDS[kind]
     heads = hf_config["num_attention_heads"]
     kv_default = 32 if qwen else None  # Qwen2Config/Qwen3Config: 32; None means all heads
-    bias = kind == "qwen2" or (kind != "mixtral" and bool(hf_config.get("attention_bias", False)))
+    if kind in qwen_moe.QWEN_MOE_KINDS:
+        kv_default = qwen_moe.kv_heads_default(kind)
+    if kind == "qwen2_moe":  # 5.x's qkv_bias (default True; 4.x: always biases)
+        bias = hf_config.get("qkv_bias") is not False
+    else:
+        bias = kind == "qwen2" or (
+            kind != "mixtral" and bool(hf_config.get("attention_bias", False))
+        )
     kw = dict(
         vocab_size=hf_config["vocab_size"],
         hidden_size=hf_config["hidden_size"],
@@ -136,8 +162,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
         max_position_embeddings=hf_config.get("max_position_embeddings", max_positions),
         initializer_range=hf_config.get("initializer_range", 0.02),
         attention_bias=bias,
-        attention_out_bias=bias and kind != "qwen2",
-        qk_norm=kind == "qwen3",
+        attention_out_bias=bias and family != "qwen2",
+        qk_norm=family == "qwen3",
         model_type=family,
     )
     if kind == "mixtral":
@@ -150,6 +176,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> DecoderConfig:
             router_z_loss_weight=0.0,  # Mixtral trains without a z-loss
             router_init_std=hf_config.get("initializer_range", 0.02),
         )
+    if kind in qwen_moe.QWEN_MOE_KINDS:
+        kw["moe"] = qwen_moe.moe_from_hf(hf_config, kind, DecoderConfig(**kw))
     return DecoderConfig(**kw)
 
 
@@ -181,12 +209,20 @@ def mixtral_problems(config: DecoderConfig, *, dropless: bool = False) -> list[s
 
     Mixtral (transformers ``MixtralSparseMoeBlock`` / ``MixtralTopKRouter``): every layer is
     an MoE layer; p = softmax(x·W_gate); the top-K of p, renormalised to sum 1, weight the
-    chosen experts; no capacity, so no token is dropped. Our ``topk_then_softmax`` (softmax
-    over the K largest logits) is the same function, as is ``softmax_then_topk`` with
-    ``renormalize``. Training-only settings (jitter, z-loss, a training capacity factor) do
-    not change the inference function and are not checked. ``dropless=True`` accepts an
-    evaluation capacity factor that can drop tokens: the export then routes dropless.
+    chosen experts; no capacity, so no token is dropped; no shared experts, no attention
+    biases or q/k norms. Our ``topk_then_softmax`` (softmax over the K largest logits) is the
+    same function, as is ``softmax_then_topk`` with ``renormalize``. Training-only settings
+    (jitter, z-loss, a training capacity factor) do not change the inference function and are
+    not checked. ``dropless=True`` accepts an evaluation capacity factor that can drop tokens:
+    the export then routes dropless (``hf_qwen_moe.routing_problems``).
     """
+    return _mixtral_structure(config) + qwen_moe.routing_problems(
+        config, "Mixtral", dropless=dropless
+    )
+
+
+def _mixtral_structure(config: DecoderConfig) -> list[str]:
+    """What Mixtral's layers cannot hold (``mixtral_problems`` less the shared routing ones)."""
     c, m = config, config.moe
     problems = []
     if c.attention_bias or c.attention_out_bias or c.qk_norm:
@@ -195,7 +231,6 @@ def mixtral_problems(config: DecoderConfig, *, dropless: bool = False) -> list[s
             + ", ".join(
                 f for f in ("attention_bias", "attention_out_bias", "qk_norm") if getattr(c, f)
             )
-            + f" (its dense source is HF {c.model_type!r}; no MoE export for it here)"
         )
     sparse, every = c.sparse_layers, tuple(range(c.num_hidden_layers))
     if sparse != every:
@@ -204,20 +239,43 @@ def mixtral_problems(config: DecoderConfig, *, dropless: bool = False) -> list[s
             f"Mixtral makes every layer an MoE layer; layers {dense} are dense here "
             "(upcycle with model.moe.layers='all')"
         )
-    if m.router != "top_k":
-        problems.append(f"Mixtral routes top-K; this model routes {m.router}")
+    if m.num_shared_experts:
+        problems.append(qwen_moe.shared_problem(c, "Mixtral"))
     if m.ordering != "topk_then_softmax" and not m.renormalize:
         problems.append(
             f"Mixtral renormalises the top-{m.k} weights to sum 1; ordering={m.ordering!r} "
             "without renormalize keeps softmax probabilities that do not (no Mixtral config "
             "reproduces that)"
         )
-    drops = m.eval_drops()  # the capacity at the configured group size (moe_config.py)
-    if drops and not dropless:
-        problems.append(
-            f"Mixtral is dropless; in this model {drops}. Pass --dropless to export it routing "
-            "every token"
-        )
+    return problems
+
+
+def _moe_structure(config: DecoderConfig, family: str) -> list[str]:
+    """What the MoE class of dense ``family`` (``qwen_moe.MOE_TARGETS``) cannot hold."""
+    if family == "llama":
+        return _mixtral_structure(config)
+    return qwen_moe.target_problems(config, family)
+
+
+def moe_problems(config: DecoderConfig, *, dropless: bool = False) -> list[str]:
+    """Why the HF MoE class that ``config_to_hf`` picks for this MoE decoder would compute
+    something else (an empty list: it computes the same function at inference). The class
+    follows the dense family, ``config.model_type``: llama -> Mixtral (``mixtral_problems``),
+    qwen2 -> Qwen2-MoE, qwen3 -> Qwen3-MoE (``hf_qwen_moe.target_problems``); all three route
+    alike (``hf_qwen_moe.routing_problems``). When the picked class cannot hold the model's
+    structure and another one can, the last problem names it and the ``model_type`` that
+    picks it."""
+    c = config
+    _, _, name = qwen_moe.MOE_TARGETS[c.model_type]
+    structure = _moe_structure(c, c.model_type)
+    problems = structure + qwen_moe.routing_problems(c, name, dropless=dropless)
+    if structure:
+        fits = [t for t in qwen_moe.MOE_TARGETS if t != c.model_type and not _moe_structure(c, t)]
+        if fits:
+            other = qwen_moe.MOE_TARGETS[fits[0]][2]
+            problems[len(structure) - 1] += (
+                f" (HF {other} would hold it: set model_type={fits[0]!r})"
+            )
     return problems
 
 
@@ -259,10 +317,12 @@ def dense_problems(config: DecoderConfig) -> list[str]:
 
 def config_to_hf(config: DecoderConfig, *, dropless: bool = False) -> dict[str, Any]:
     """An HF ``config.json`` dict: ``config.model_type`` (llama, qwen2 or qwen3) for a dense
-    config (else ValueError listing ``dense_problems``), ``mixtral`` for an MoE one that
-    Mixtral reproduces (else ValueError listing ``mixtral_problems``). Mixtral's
-    ``intermediate_size`` is the experts' width (``moe.expert_mlp_dim`` for fine-grained
-    experts)."""
+    config (else ValueError listing ``dense_problems``); for an MoE one the MoE class of that
+    family, ``mixtral``, ``qwen2_moe`` or ``qwen3_moe``, when it reproduces the model (else
+    ValueError listing ``moe_problems``). Mixtral's ``intermediate_size`` is the experts'
+    width (``moe.expert_mlp_dim`` for fine-grained experts); the Qwen MoEs keep the dense
+    width there and put the experts' in ``moe_intermediate_size``
+    (``hf_qwen_moe.moe_config_to_hf``)."""
     c = config
     out: dict[str, Any] = dict(
         architectures=["LlamaForCausalLM"],
@@ -293,9 +353,13 @@ def config_to_hf(config: DecoderConfig, *, dropless: bool = False) -> dict[str, 
             if c.model_type == "qwen3":
                 out["attention_bias"] = c.attention_bias
         return out
-    problems = mixtral_problems(c, dropless=dropless)
+    problems = moe_problems(c, dropless=dropless)
     if problems:
-        raise ValueError("no HF Mixtral equivalent: " + "; ".join(problems))
+        name = qwen_moe.MOE_TARGETS[c.model_type][2]
+        raise ValueError(f"no HF {name} equivalent: " + "; ".join(problems))
+    if c.model_type != "llama":
+        out.update(qwen_moe.moe_config_to_hf(c))
+        return out
     m = c.moe
     out.update(
         architectures=["MixtralForCausalLM"],
