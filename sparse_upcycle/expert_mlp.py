@@ -226,7 +226,8 @@ class SharedMlp(nnx.Module):
             y = a @ sharding.gathered(layer.kernel).astype(a.dtype)
             return y + layer.bias[...].astype(a.dtype) if hasattr(layer, "bias") else y
 
-        h = activation(self.activations[0])(proj(x, self.input_names[0]))
-        if len(self.activations) == 2:
-            h = h * activation(self.activations[1])(proj(x, self.input_names[1]))
+        first, *second = self.input_names
+        h = activation(self.activations[0])(proj(x, first))
+        if second:
+            h = h * activation(self.activations[1])(proj(x, second[0]))
         return proj(h, self.output_name)

@@ -198,13 +198,13 @@ def make_train_step(
     return train_step
 
 
-def _leaf(tree: dict, path: tuple[str, ...]):
+def _leaf(tree: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _with_leaf(tree: dict, path: tuple[str, ...], value) -> dict:
+def _with_leaf(tree: Any, path: tuple[str, ...], value) -> dict:
     """A copy of the nested dict ``tree`` with the leaf at ``path`` replaced (others shared)."""
     head, *rest = path
     return {**tree, head: _with_leaf(tree[head], tuple(rest), value) if rest else value}
