@@ -86,8 +86,8 @@ reaches 1.557 and 1.472.
 """
 
 import ml_collections
+from _decoder_common import adamw, full_scale_run, tiny_run
 
-from sparse_upcycle.optim import default_optimizer_config
 from sparse_upcycle.train import default_config
 
 NUM_EXPERTS = 8
@@ -128,18 +128,6 @@ def _recipe() -> dict:
     }
 
 
-def _adamw(c: ml_collections.ConfigDict, peak: float, warmup: int) -> None:
-    o = c.optimizer = default_optimizer_config("adamw")
-    o.schedule = "cosine"
-    o.learning_rate = peak
-    o.warmup_steps = warmup
-    o.decay_steps = c.get_ref("total_steps")  # decay over the whole run, overrides included
-    o.end_learning_rate_factor = 0.1
-    o.b1, o.b2, o.eps = 0.9, 0.95, 1e-5
-    o.weight_decay = 0.1
-    o.clip_grad_norm = 1.0
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "tiny", "tiny_dense"):
         raise ValueError(f"arg must be empty (full scale), 'tiny' or 'tiny_dense', got {arg!r}")
@@ -155,40 +143,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "moe": _moe("all", CAPACITY_FACTOR),
             }
         )
-        c.init_from = ""  # "": train.py asks for the HF directory
-        c.total_steps = 20_000
-        c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 8, "model": 4})
-        c.data = ml_collections.ConfigDict(
-            {
-                "name": "token_shards",
-                "path": "",  # "": the pipeline asks for the shard directory
-                "tokenizer": "",
-                "batch_size": 256,
-                "seq_len": 4096,
-                "seed": 0,
-            }
-        )
-        _adamw(c, peak=1e-4, warmup=1_000)
-        c.log_every = 50
-        c.eval_every = 1_000
-        c.eval_steps = 20
-        c.checkpoint = ml_collections.ConfigDict({"every": 1_000, "keep": 3, "async": True})
+        full_scale_run(c, {"data": -1, "expert": 8, "model": 4})
+        adamw(c, peak=1e-4, warmup=1_000)
         c.upcycle = _recipe()
         return c
 
     c.model = ml_collections.ConfigDict({"family": "decoder", "name": "tiny", "overrides": {}})
-    c.init_from = ""
-    c.total_steps = TINY_DENSE_STEPS if arg == "tiny_dense" else TINY_STEPS
-    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
-    c.data = ml_collections.ConfigDict(
-        {"name": "synthetic", "batch_size": 16, "seq_len": 32, "seed": 0}
-    )
-    _adamw(c, peak=3e-3, warmup=20)
-    c.optimizer.weight_decay = 0.0
-    c.log_every = 20
-    c.eval_every = 100
-    c.eval_steps = 4
-    c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 2, "async": True})
+    tiny_run(c, TINY_DENSE_STEPS if arg == "tiny_dense" else TINY_STEPS)
     if arg == "tiny":
         c.model.moe = _moe("all", None)
         c.upcycle = _recipe()

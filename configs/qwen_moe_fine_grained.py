@@ -41,8 +41,8 @@ tiny Qwen2 made on this machine, with their output.
 """
 
 import ml_collections
+from _decoder_common import adamw, full_scale_run, tiny_run
 
-from sparse_upcycle.optim import default_optimizer_config
 from sparse_upcycle.train import default_config
 
 GRANULARITY = 8
@@ -87,18 +87,6 @@ def _recipe(shared: int, num_experts: int, k: int) -> dict:
     }
 
 
-def _adamw(c: ml_collections.ConfigDict, peak: float, warmup: int) -> None:
-    o = c.optimizer = default_optimizer_config("adamw")
-    o.schedule = "cosine"
-    o.learning_rate = peak
-    o.warmup_steps = warmup
-    o.decay_steps = c.get_ref("total_steps")
-    o.end_learning_rate_factor = 0.1
-    o.b1, o.b2, o.eps = 0.9, 0.95, 1e-8
-    o.weight_decay = 0.0
-    o.clip_grad_norm = 1.0
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in ARGS:
         raise ValueError(f"arg must be one of {ARGS[1:]} or empty, got {arg!r}")
@@ -110,17 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = ml_collections.ConfigDict(
             {"family": "decoder", "name": "qwen2-tiny", "overrides": {}}
         )
-        c.init_from = ""
-        c.total_steps = 300 if arg == "tiny_dense" else 200
-        c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
-        c.data = ml_collections.ConfigDict(
-            {"name": "synthetic", "batch_size": 16, "seq_len": 32, "seed": 0}
-        )
-        _adamw(c, peak=3e-3, warmup=20)
-        c.log_every = 20
-        c.eval_every = 100
-        c.eval_steps = 4
-        c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 2, "async": True})
+        tiny_run(c, 300 if arg == "tiny_dense" else 200, eps=1e-8)
         if arg == "tiny":
             c.model.moe = _moe(True, K)
             c.upcycle = _recipe(SHARED, ROUTED, K)
@@ -136,23 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "moe": _moe(not qwen3, k),
         }
     )
-    c.init_from = ""  # "": train.py asks for the HF directory
-    c.total_steps = 20_000
-    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 8, "model": 1})
-    c.data = ml_collections.ConfigDict(
-        {
-            "name": "token_shards",
-            "path": "",  # "": the pipeline asks for the shard directory
-            "tokenizer": "",
-            "batch_size": 256,
-            "seq_len": 4096,
-            "seed": 0,
-        }
-    )
-    _adamw(c, peak=1e-4, warmup=1_000)
-    c.log_every = 50
-    c.eval_every = 1_000
-    c.eval_steps = 20
-    c.checkpoint = ml_collections.ConfigDict({"every": 1_000, "keep": 3, "async": True})
+    full_scale_run(c, {"data": -1, "expert": 8, "model": 1})
+    adamw(c, peak=1e-4, warmup=1_000, eps=1e-8, weight_decay=0.0)
     c.upcycle = _recipe(shared, ROUTED, k)
     return c
