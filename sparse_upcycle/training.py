@@ -5,7 +5,8 @@ state on a mesh (``build_training``), and the pure train step (``make_train_step
 
 ``model.param_dtype`` (``float32`` default | ``bfloat16``) is the dtype the state holds the
 parameters in: ``abstract_params`` carry it (so ``plan`` sizes them, and a resume restores
-them, in it), and initial parameters (random or from ``init_from``) are cast to it. The
+them, in it), and initial parameters (random or from ``init_from``) are cast to it, except
+the auxiliary-loss-free selection biases (``moe.expert_bias``), which stay float32. The
 models build float32 parameters and cast weights to the activation dtype where they use them;
 the optimizer computes in float32 (``optim_dtype``)."""
 
@@ -75,6 +76,12 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
     graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     # the state's dtype; loss_fn's abstract_state only gives the structure to fill
     abstract_params = cast_floating(nnx.to_pure_dict(abstract_state), param_dtype(config.model))
+    biases = bias_updates(spec, abstract_params)
+    for b in biases:  # γ = 1e-3 steps vanish in bfloat16 once |b| > 1/4: kept in float32
+        leaf = _leaf(abstract_params, b.path)
+        abstract_params = _with_leaf(
+            abstract_params, b.path, jax.ShapeDtypeStruct(leaf.shape, jnp.float32)
+        )
     axes = sharding.logical_axes(abstract_model)
     param_sh = sharding.param_shardings(abstract_params, mesh, axes)
     loss_fn = make_loss_fn(spec, graphdef, abstract_state, config.get("loss", {}))
@@ -105,7 +112,7 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
         loss_fn,
         tx,
         schedule,
-        bias_updates(spec, abstract_params),
+        biases,
     )
 
 

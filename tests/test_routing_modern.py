@@ -276,3 +276,27 @@ def test_the_bias_update_balances_a_real_train_run(tmp_path):
     key = next(k for k in ckpt.keys() if k.endswith("router/selection_bias"))
     stored = np.asarray(ckpt.read(key))
     assert stored.shape == (4,) and np.abs(stored).max() >= 0.5
+
+
+def test_the_selection_bias_stays_float32_under_bfloat16_parameters():
+    """Steps of γ = 1e-3 vanish in bfloat16 once |b| > 1/4 (its spacing there is 2^-9·4)."""
+    import os
+
+    from sparse_upcycle import sharding
+    from sparse_upcycle.config import load_config
+    from sparse_upcycle.training import build_training
+
+    config_path = os.path.join(os.path.dirname(__file__), "configs", "train_tiny.py")
+    config = load_config(
+        f"{config_path}:decoder",
+        ["--config.model.moe.expert_bias=True", "--config.model.param_dtype=bfloat16"],
+    )
+    t = build_training(config, None, sharding.make_mesh(devices=jax.devices()[:1]))
+    assert len(t.bias_updates) == 1
+    leaf = t.abstract_params
+    for key in t.bias_updates[0].path:
+        leaf = leaf[key]
+    assert leaf.dtype == jnp.float32
+    assert t.abstract_params["layers_1"]["mlp"]["router"]["w"]["kernel"].dtype == jnp.bfloat16
+    state = t.init_state(0)
+    assert state["params"]["layers_1"]["mlp"]["router"]["selection_bias"].dtype == jnp.float32
