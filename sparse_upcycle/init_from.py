@@ -21,7 +21,13 @@ from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import flatten, unflatten
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.task import ModelSpec, model_class
-from sparse_upcycle.upcycle.rules import Recipe, check_float, tile_optimizer_state, upcycle_tree
+from sparse_upcycle.upcycle.rules import (
+    ROUTER_RE,
+    Recipe,
+    check_float,
+    tile_optimizer_state,
+    upcycle_tree,
+)
 
 
 def _device_put_host(value: np.ndarray, sharding_: NamedSharding) -> jax.Array:
@@ -50,13 +56,17 @@ def initial_params(
     target = {p: (tuple(s.shape), np.dtype(s.dtype)) for p, s in flatten(abstract).items()}
     flat_sh = flatten(shardings)
     slots: dict[str, np.ndarray] = {}
-    if source.is_upcycled:  # an `upcycle` output: take it as it is
+    # An `upcycle` output, or an MoE checkpoint continued without a recipe (an HF Qwen-MoE,
+    # say): take it as it is.
+    moe_source = spec.recipe is None and any(ROUTER_RE.match(p) for p in target)
+    if source.is_upcycled or moe_source:
         missing = sorted(set(target) - set(source.keys()))
         extra = sorted(set(source.keys()) - set(target))
         if missing or extra:
+            fix = "upcycle" if source.is_upcycled else "the checkpoint's own MoE settings"
             raise CheckpointError(
                 f"{config.init_from}: does not match the model (missing {missing[:3]}, "
-                f"unexpected {extra[:3]}); train with the config used for upcycle"
+                f"unexpected {extra[:3]}); train with the config used for {fix}"
             )
         out = {}
         for path in target:
@@ -71,7 +81,8 @@ def initial_params(
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
             out[path] = _device_put_host(value.astype(target[path][1]), flat_sh[path])
-        slots = {k: source.read_optimizer_state(k) for k in source.optimizer_state_keys()}
+        if source.is_upcycled:
+            slots = {k: source.read_optimizer_state(k) for k in source.optimizer_state_keys()}
         return unflatten(out), slots
 
     recipe = spec.recipe or Recipe()

@@ -62,13 +62,23 @@ def resolve_models(config, source=None):
 
 def resolve_model(config, source=None) -> ModelSpec:
     """The model to train: the MoE of the ``upcycle`` recipe when the config has one, else the
-    dense model of ``config.model``."""
+    model of ``config.model`` (dense, or an MoE checkpoint's own MoE: ``source_experts``)."""
     if "upcycle" in config:
         family, dense, moe, recipe = resolve_models(config, source)
         return ModelSpec(family, moe, recipe, dense)
     base = source.config if source is not None else None
-    family, dense, _ = model_configs(config.model, 0, base)
-    return ModelSpec(family, dense, None, dense)
+    n = source_experts(config, base)
+    family, dense, moe = model_configs(config.model, n, base)
+    return ModelSpec(family, moe if n else dense, None, dense)
+
+
+def source_experts(config, base) -> int:
+    """The experts per MoE layer of the checkpoint a config without ``upcycle`` continues
+    (``model.name = "checkpoint"`` with an MoE source, e.g. an HF Qwen2-MoE directory: the
+    model keeps its MoE blocks); 0 for a dense source or a named model."""
+    if base is None or config.model.get("name") != "checkpoint":
+        return 0
+    return max((b.num_experts for b in models.moe_blocks(base).values()), default=0)
 
 
 def model_class(family: str):

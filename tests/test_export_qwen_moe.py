@@ -617,3 +617,62 @@ def test_cli_refuses_in_one_line_and_exit_code_2(dense, work, ids, capsys):
         "(HF Qwen2-MoE would hold it: set model_type='qwen2')",
     )
     print(line)
+
+
+_CONTINUE = """
+from sparse_upcycle.train import default_config
+
+
+def get_config(arg=None):
+    c = default_config()
+    c.model.family = "decoder"
+    c.model.name = "checkpoint"
+    c.data.batch_size = 8
+    c.data.seq_len = 16
+    c.total_steps = 1
+    c.log_every = 1
+    c.eval_every = 1000
+    c.eval_steps = 1
+    c.checkpoint.every = 1
+    c.optimizer.learning_rate = 0.0
+    c.optimizer.schedule = "constant"
+    c.optimizer.warmup_steps = 0
+    return c
+"""
+
+
+def test_train_continues_an_hf_qwen3_moe_as_it_is(tmp_path, capsys):
+    """A config without ``upcycle`` and ``model.name=checkpoint`` keeps an MoE source's own
+    experts and router (no fresh router, no copies): one step at learning rate 0 exports back
+    to the same tensors, bit for bit."""
+    torch.manual_seed(3)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=2,
+        norm_topk_prob=True,
+        max_position_embeddings=64,
+    )
+    src = str(tmp_path / "qwen3_moe")
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(src)
+    config = tmp_path / "continue.py"
+    config.write_text(_CONTINUE)
+    work = str(tmp_path / "run")
+    train = ["train", "--config", str(config), f"--config.init_from={src}", "--workdir", work]
+    assert main(train) == 0
+    out = str(tmp_path / "back")
+    export = ["export", "--src", f"{work}/checkpoints/1", "--dst", out, "--config", str(config)]
+    assert main([*export, "--moe-layout", "per_expert"]) == 0
+    before = safetensors_torch.load_file(os.path.join(src, "model.safetensors"))
+    after = safetensors_torch.load_file(os.path.join(out, "model.safetensors"))
+    assert set(after) == set(before) and any(".experts.3." in k for k in after)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
