@@ -676,3 +676,37 @@ def test_train_continues_an_hf_qwen3_moe_as_it_is(tmp_path, capsys):
     assert set(after) == set(before) and any(".experts.3." in k for k in after)
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name
+
+
+SHIPPED = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "qwen_moe_fine_grained.py")
+
+
+@pytest.mark.parametrize(
+    "family, arg, hf_class",
+    [("qwen2", "", "Qwen2MoeForCausalLM"), ("qwen3", ":qwen3", "Qwen3MoeForCausalLM")],
+)
+def test_the_shipped_config_upcycles_verifies_and_exports(
+    family, arg, hf_class, dense, work, ids, capsys
+):
+    """configs/qwen_moe_fine_grained.py as shipped (E24S2G8T6 gated for Qwen2, E24S0G8T8 for
+    Qwen3; the architecture from the directory): upcycle -> verify -> export, and the HF MoE
+    computes the dense model's logits. The default on a Qwen3 source exports nothing: no HF
+    class holds shared experts with Qwen3's attention (one line, exit 2)."""
+    model, src = dense[family]
+    moe, out = str(work / f"shipped_{family}"), str(work / f"shipped_{family}_hf")
+    config = SHIPPED + arg
+    rc, text, err = _run(capsys, "upcycle", "--config", config, "--src", src, "--dst", moe)
+    assert rc == 0, err
+    rc, text, err = _run(capsys, "verify", "--config", config, "--dense", src, "--moe", moe)
+    result = json.loads(text)
+    assert rc == 0 and result["meant_to_preserve"] and result["ok"], (result, err)
+    assert _run(capsys, "export", "--src", moe, "--dst", out)[0] == 0
+    hf = _load(out)
+    assert type(hf).__name__ == hf_class
+    assert _max_abs(_hf_logits(hf, ids), _hf_logits(model, ids)) <= ATOL
+    if family == "qwen3":
+        wrong = str(work / "shipped_default_on_qwen3")
+        assert _run(capsys, "upcycle", "--config", SHIPPED, "--src", src, "--dst", wrong)[0] == 0
+        rc, _, err = _run(capsys, "export", "--src", wrong, "--dst", wrong + "_hf")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "shared experts" in err
+        assert not os.path.exists(wrong + "_hf")
