@@ -57,7 +57,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--config.<field>=<value> arguments override the config.",
     )
     up.add_argument("--config", required=True, help="CONFIG.py[:arg] with get_config(arg)")
-    up.add_argument("--src", required=True, help="dense checkpoint (T5X, Orbax, .npz, HF dir)")
+    up.add_argument(
+        "--src",
+        help="dense checkpoint (T5X, Orbax, .npz, HF dir); several sources go in the config's "
+        "upcycle.sources instead",
+    )
     up.add_argument("--dst", required=True, help="output directory (Orbax + recipe.json)")
     up.add_argument("--format", default="auto", choices=FORMATS, help="source format")
     up.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
@@ -268,13 +272,19 @@ def _run(args, overrides) -> int:
         verdict = Verdict(info["preserves_dense_function"], tuple(info["preservation"]))
         print(
             f"wrote {args.dst}: {info['recipe_name']} ({info['family']}, "
-            f"{info['recipe']['method']}) from {info['source']['format']} {args.src}; "
+            f"{info['recipe']['method']}) from {_sources_line(info)}; "
             f"meant to preserve the dense function: {verdict}"
         )
         return 0
     result = surgeon.verify(config, args.dense, args.moe, args.format, args.tol)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
+
+
+def _sources_line(info: dict) -> str:
+    """``FORMAT PATH`` of the dense source, or of every source of a multi-source recipe."""
+    listed = info.get("sources") or [info["source"]]
+    return ", ".join(f"{s['format']} {s['path']}" for s in listed)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:

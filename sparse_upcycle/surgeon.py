@@ -27,6 +27,7 @@ from sparse_upcycle.checkpoints.hf import HFCheckpoint
 from sparse_upcycle.checkpoints.layout import (
     CHECKPOINT_DIR,
     UpcycledCheckpoint,
+    checksums,
     config_from_dict,
     save_hf_source,
     write_recipe_json,
@@ -38,10 +39,11 @@ from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.models import build_model
 from sparse_upcycle.sizes import format_bytes
-from sparse_upcycle.task import resolve_models
+from sparse_upcycle.task import recipe_from, resolve_models
 from sparse_upcycle.upcycle.recipe import Recipe
 from sparse_upcycle.upcycle.rules import tile_optimizer_state, upcycle_tree
-from sparse_upcycle.upcycle.verdict import dense_function_verdict
+from sparse_upcycle.upcycle.sources import check_compatible
+from sparse_upcycle.upcycle.verdict import dense_function_verdict, identical_sources
 
 # --------------------------------------------------------------------------------------------
 # upcycle
@@ -50,19 +52,27 @@ from sparse_upcycle.upcycle.verdict import dense_function_verdict
 
 def upcycle(
     config,
-    src: str,
+    src: str | None,
     dst: str,
     fmt: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
     refuse_non_finite: bool = False,
 ) -> dict:
-    """Write the MoE checkpoint for ``config`` from the dense ``src`` to ``dst``; returns the
-    recipe.json content. Nothing is written to ``dst`` unless everything succeeded. Source
-    tensors holding NaN/inf are copied with one warning naming them, or, with
-    ``refuse_non_finite``, stop the run at the first (CheckpointError naming it)."""
-    output = TempOutput(src, dst, kind="upcycle", overwrite=overwrite)
-    source = _open_dense(src, fmt)
+    """Write the MoE checkpoint for ``config`` from the dense ``src`` (or the recipe's
+    ``upcycle.sources``) to ``dst``; returns the recipe.json content. Nothing is written to
+    ``dst`` unless everything succeeded. Source tensors holding NaN/inf are copied with one
+    warning naming them, or, with ``refuse_non_finite``, stop the run at the first
+    (CheckpointError naming it)."""
+    paths = _source_paths(config, src)
+    base_index = recipe_from(config).base_source if len(paths) > 1 else 0
+    also = [(f"upcycle.sources[{i}]", p) for i, p in enumerate(paths) if i != base_index]
+    output = TempOutput(
+        paths[base_index], dst, kind="upcycle", overwrite=overwrite, also_reads=also
+    )
+    opened = [_open_dense(p, fmt) for p in paths]
+    _check_sources(paths, opened)
+    source = opened[base_index]
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
     target = models.target_shapes(family, moe_cfg)
     slot_keys = []
@@ -70,18 +80,27 @@ def upcycle(
         slot_keys = source.optimizer_state_keys()
         if not slot_keys:
             raise CheckpointError(
-                f"{src}: optimizer=tile needs the dense optimizer state and this {source.format} "
-                "checkpoint holds none; use --config.upcycle.optimizer=reset"
+                f"{paths[base_index]}: optimizer=tile needs the dense optimizer state and this "
+                f"{source.format} checkpoint holds none; use --config.upcycle.optimizer=reset"
             )
     _warn_schedule(config, recipe, source.step)
     _check_room(target, output.parent, dst)
-    verdict = dense_function_verdict(recipe, moe_cfg)
+    listed = None
+    if recipe.sources:  # every source's checksums, once: for recipe.json and the verdict
+        listed = [
+            {"path": os.path.abspath(p), "format": o.format, "step": o.step, "sha256": checksums(p)}
+            for p, o in zip(paths, opened, strict=True)
+        ]
+    verdict = dense_function_verdict(recipe, moe_cfg, identical_sources(listed))
     with output as tmp:
         writer = StreamingWriter(os.path.join(tmp, CHECKPOINT_DIR))
         try:
             non_finite: list[str] = []
-            read = _finite_read(source, non_finite, refuse=refuse_non_finite)
-            stream = upcycle_tree(source.keys(), read, target, recipe)
+            reads = [_finite_read(o, non_finite, refuse=refuse_non_finite) for o in opened]
+            read = reads[base_index]
+            stream = upcycle_tree(
+                source.keys(), read, target, recipe, reads if recipe.sources else ()
+            )
             for path, value in tqdm(
                 stream, total=len(target), desc="upcycle", unit="tensor", disable=not progress
             ):
@@ -93,7 +112,7 @@ def upcycle(
                 writer.add(path, value, item="opt_state")
             step = source.step if recipe.step == "keep" and source.step is not None else 0
             writer.close(step=step)
-            _warn_non_finite(src, non_finite)
+            _warn_non_finite(", ".join(paths), non_finite)
         except BaseException:
             writer.abort()
             raise
@@ -104,17 +123,49 @@ def upcycle(
             family=family,
             model=moe_cfg,
             dense_model=dense_cfg,
-            source_path=src,
+            source_path=paths[base_index],
             source_format=source.format,
             source_step=source.step,
             step=step,
             optimizer_slots=len(slot_keys),
             preserves_dense_function=verdict.preserves,
             preservation=list(verdict.reasons),  # why not, when it does not
+            sources=listed,
         )
         if isinstance(source, HFCheckpoint):  # config, tokenizer, … for `export --format hf`
             save_hf_source(source, tmp)
     return info
+
+
+def _source_paths(config, src: str | None) -> list[str]:
+    """The dense checkpoints to read: ``--src``, or the recipe's ``upcycle.sources``."""
+    listed = list(recipe_from(config).sources)
+    if listed and src:
+        raise ConfigError(
+            "--src and upcycle.sources both name dense sources; give them in one place "
+            "(with several sources, in upcycle.sources)"
+        )
+    if listed:
+        return listed
+    if not src:
+        raise ConfigError("no dense source: pass --src DIR or set upcycle.sources")
+    return [src]
+
+
+def _check_sources(paths: list[str], opened: list[CheckpointReader]) -> None:
+    """Several sources must be one architecture: paths, shapes and model configs are compared
+    before any tensor is read."""
+    if len(opened) < 2:
+        return
+    try:
+        check_compatible(
+            paths,
+            [o.keys() for o in opened],
+            [o.shape for o in opened],
+            [o.config for o in opened],
+        )
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _check_room(target: dict, parent: str, dst: str) -> None:
@@ -231,7 +282,7 @@ def verify(config, dense_path: str, moe_path: str, fmt: str = "auto", tol: float
     want, _ = dense(*batch, train=False)
     got, aux = moe(*batch, train=False)
     delta = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
-    verdict = dense_function_verdict(recipe, moe_cfg)
+    verdict = dense_function_verdict(recipe, moe_cfg, identical_sources(info.get("sources")))
     meant = verdict.preserves
     scale = float(np.max(np.abs(np.asarray(want))))
     dropped = float(aux.get("dropped_fraction", 0.0)) if aux else 0.0

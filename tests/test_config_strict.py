@@ -80,7 +80,8 @@ def test_unknown_field_in_the_file(tmp_path):
 def test_unknown_upcycle_field_at_load_and_in_the_recipe_builder():
     message = refused(f"{TRAIN}:vit", ["--config.upcycle.num_expert=3"])
     assert message == (
-        "unknown field config.upcycle.num_expert; did you mean config.upcycle.num_experts?"
+        "unknown field config.upcycle.num_expert; did you mean config.upcycle.num_experts or "
+        "config.upcycle.non_expert?"
     )
     with pytest.raises(ConfigError, match=r"unknown field upcycle\.num_expert; did you mean "):
         task.recipe_from({"upcycle": {"method": "copy", "num_expert": 4}})

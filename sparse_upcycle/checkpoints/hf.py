@@ -88,6 +88,19 @@ class LazySafetensors(Mapping):
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read {name!r} ({e})") from None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from its file's header, without reading the tensor."""
+        file = self._files[name]
+        try:
+            with safe_open(file, framework="numpy") as f:
+                return tuple(f.get_slice(name).get_shape())
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{file}: missing safetensors shard (listed in the index)"
+            ) from None
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read {name!r}'s header ({e})") from None
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
@@ -128,22 +141,61 @@ class HFCheckpoint(InMemoryReader):
                 f"{path}: model_type {hf_type!r} is not supported; supported: "
                 f"{supported_model_types()}"
             )
-        maps = models.hf_map(family)
+        maps = self.maps = models.hf_map(family)
         self.model_family = maps.__name__.rpartition(".")[2].removeprefix("hf_")
         tensors = self.tensors = LazySafetensors(path)  # refuses .bin-only, broken dirs first
+        self._lazy: dict[str, tuple[str, bool]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         try:
             config = maps.config_from_hf(self.hf_config)
-            params = maps.from_hf(tensors, config)
+            lazy = getattr(maps, "lazy_from_hf", lambda sd, c: None)(tensors, config)
+            if lazy is not None:  # a dense model: each tensor read when asked for
+                self._lazy = lazy
+                self._flat = {}
+                self._plan_shapes(maps, config)
+            else:
+                params = maps.from_hf(tensors, config)
+                self._flat = {k: np.asarray(v) for k, v in flatten(params).items()}
         except CheckpointError:
             raise
         except KeyError as e:
             raise CheckpointError(f"{path}: missing {e} (in config.json or the tensors)") from None
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        self._flat = {k: np.asarray(v) for k, v in flatten(params).items()}
         super().__init__(
             os.path.abspath(path), "hf", config=config, model_config=config, family=family
         )
+
+    def _plan_shapes(self, maps, config) -> None:
+        """Every lazily read tensor's shape, from the file headers, checked against the
+        config's before anything is read (ValueError naming the first that differs)."""
+        want = {k: tuple(v.shape) for k, v in flatten(maps.abstract_params(config)).items()}
+        for key, (name, transpose) in self._lazy.items():
+            shape = self.tensors.shape(name)
+            self._shapes[key] = shape[::-1] if transpose else shape
+            if key not in want or self._shapes[key] != want[key]:
+                raise ValueError(
+                    f"{name} has shape {shape}; the config ({key}) expects "
+                    f"{want.get(key, 'no such tensor')}"
+                    + (" transposed" if transpose and key in want else "")
+                )
+
+    def keys(self) -> list[str]:
+        return sorted(self._lazy) if self._lazy else super().keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._lazy or super().__contains__(key)
+
+    def read(self, key: str) -> np.ndarray:
+        if key in self._lazy:
+            return self.maps.read_lazy(self.tensors, *self._lazy[key])
+        return super().read(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key] if key in self._shapes else super().shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(np.float32) if key in self._lazy else super().dtype(key)
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,6 +208,57 @@ def from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict:
     return params
 
 
+def lazy_from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict | None:
+    """A dense decoder's ``from_hf`` without reading: ``{our flat path: (HF name, transpose)}``,
+    every name checked to exist and every tensor of the state dict to have a place, as
+    ``from_hf`` checks them (None for a config with MoE layers: ``from_hf`` reads those whole).
+    ``HFCheckpoint`` reads a tensor only when asked for it, so a source is never held whole."""
+    if config.sparse_layers:
+        return None
+    names = {k for k in state_dict if not _IGNORED.match(k)}
+    out: dict[str, tuple[str, bool]] = {}
+
+    def entry(path: tuple[str, ...], name: str, transpose: bool) -> None:
+        if name not in names:
+            raise ValueError(f"HF state dict has no {name!r} (config: {_describe(config)})")
+        out["/".join(path)] = (name, transpose)
+
+    entry(("token_embedder", "embedding"), "model.embed_tokens.weight", False)
+    for i in range(config.num_hidden_layers):
+        for suffix, path, transpose in _layer_table(config, False):
+            entry((f"layers_{i}", *path), _LAYER.format(i=i) + suffix, transpose)
+    entry(("final_norm", "scale"), "model.norm.weight", False)
+    used = {name for name, _ in out.values()}
+    if config.tie_word_embeddings:
+        if "lm_head.weight" in names:
+            used.add("lm_head.weight")
+            embed, head = (
+                _f32(state_dict[n]) for n in ("model.embed_tokens.weight", "lm_head.weight")
+            )
+            if not np.array_equal(head, embed):
+                raise ValueError(
+                    "config has tie_word_embeddings=True but lm_head.weight differs from "
+                    "model.embed_tokens.weight; use a config with tie_word_embeddings=False"
+                )
+    else:
+        entry(("logits_dense", "kernel"), "lm_head.weight", True)
+        used.add("lm_head.weight")
+    unexpected = sorted(names - used)
+    if unexpected:
+        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ValueError(
+            f"HF state dict has tensors the config does not use: {unexpected[:5]}{more} "
+            f"(config: {_describe(config)})"
+        )
+    return out
+
+
+def read_lazy(state_dict: Mapping[str, Any], name: str, transpose: bool) -> np.ndarray:
+    """One tensor of ``lazy_from_hf``'s plan, as ``from_hf`` would give it (float32)."""
+    w = _f32(state_dict[name])
+    return w.T.copy() if transpose else w
+
+
 def to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fused") -> dict:
     """Decoder params (pure dict; numpy or jax arrays) -> an HF state dict of float32 numpy
     arrays. MoE layers are written, with the names of the MoE class of ``config.model_type``
@@ -286,7 +337,9 @@ __all__ = [
     "dense_problems",
     "from_hf",
     "iter_to_hf",
+    "lazy_from_hf",
     "mixtral_problems",
     "moe_problems",
+    "read_lazy",
     "to_hf",
 ]

@@ -148,12 +148,14 @@ def write_recipe_json(
     dense_model: Any = None,
     preserves_dense_function: bool | None = None,
     preservation: list[str] | None = None,
+    sources: list[dict] | None = None,
 ) -> dict:
     """Write ``directory/recipe.json`` and return its content. The schema, in key order:
     ``package_version``, ``recipe`` (``Recipe.to_dict()``, null for an ``export``),
     ``recipe_name``, ``family``, ``model`` (config of the tensors), ``dense_model`` (the dense
     config it was upcycled from), ``source`` (``path``, ``format``, ``step``, ``sha256`` of
-    every file), ``step``, ``optimizer_slots``, ``preserves_dense_function`` and
+    every file), ``sources`` (only with several dense sources: each one as ``source``),
+    ``step``, ``optimizer_slots``, ``preserves_dense_function`` and
     ``preservation`` (why not, when it does not). ``dense_model`` and the last two are left
     out when None (an ``export --format orbax`` output has none)."""
     info: dict[str, Any] = {
@@ -171,6 +173,8 @@ def write_recipe_json(
         "step": source_step,
         "sha256": checksums(source_path),
     }
+    if sources is not None:  # several dense sources, each as ``source`` (the caller hashed)
+        info["sources"] = sources
     info["step"] = step
     info["optimizer_slots"] = optimizer_slots
     if preserves_dense_function is not None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from sparse_upcycle.upcycle import methods
+from sparse_upcycle.upcycle import methods, sources
 
 # The fields every method shares; each method lists the others it reads (``Method.settings``).
-COMMON_SETTINGS = ("method", "router_init_std", "seed", "optimizer", "step")
+COMMON_SETTINGS = ("method", "router_init_std", "seed", "optimizer", "step", *sources.SETTINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,19 @@ class Recipe:
     drop_stats: str = "matrix"
     optimizer: str = "reset"
     step: str = "reset"
+    # Several dense sources (``sources.py``): paths, each expert's source, the base source and
+    # how the non-expert parameters are made (base | average, per group), averaging weights.
+    sources: tuple[str, ...] = ()
+    expert_sources: tuple[int, ...] = ()
+    experts_per_source: int = 1
+    base_source: int = 0
+    non_expert: str = "base"
+    source_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
+        for name in ("sources", "expert_sources", "source_weights"):  # JSON/ConfigDict lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.method not in methods.METHODS:
             raise ValueError(f"recipe method must be one of {methods.names()}, got {self.method!r}")
         if self.optimizer not in ("reset", "tile"):
@@ -69,6 +80,7 @@ class Recipe:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"upcycle.{name} must be a finite number >= 0, got {value!r}")
         self.method_impl.validate(self)
+        sources.validate(self)
 
     @property
     def method_impl(self) -> methods.Method:

@@ -16,6 +16,10 @@ is produced by exactly one rule, tried in order:
    unbiased)
 6. any other path                             -> copied from the dense checkpoint unchanged
 
+With several sources (``Recipe.sources``, ``sources.py``) rule 2 builds each source's experts
+from its own MLP and stacks them in the recipe's expert order, and rule 6 copies the base
+source's tensor or averages the sources' (``non_expert``, per parameter group).
+
 Dense paths that no rule consumed (other than the MLPs that became experts) are an error, and
 so is any shape that differs from the target's. ``upcycle_tree`` yields ``(path, array)`` one
 at a time, so a caller can write each tensor and let it go (streaming).
@@ -23,12 +27,13 @@ at a time, so a caller can write each tensor and let it go (streaming).
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from sparse_upcycle.upcycle import methods
+from sparse_upcycle.upcycle import methods, sources
 from sparse_upcycle.upcycle.recipe import Recipe  # also re-exported: rules.Recipe
 
 ROUTER_RE = re.compile(r"^(?P<prefix>.+)/router/w/kernel$")
@@ -75,6 +80,29 @@ def _experts(dense, read, prefix, recipe: Recipe, shared_gated=None) -> dict[str
     if shared_gated is not None:
         return method.shared(mlp, names, recipe, _layer_index(prefix), shared_gated)
     return method.experts(mlp, names, recipe, _layer_index(prefix))
+
+
+def _source_experts(dense, reads, prefix, recipe: Recipe) -> dict[str, np.ndarray]:
+    """The routed experts of one MoE layer from several sources: each source's experts from
+    its own MLP (the recipe's method, with that source's random stream), then stacked in the
+    recipe's expert order. Holds this layer's MLP of every source at once, no more."""
+    assignment = sources.expert_assignment(recipe)
+    single = dataclasses.replace(recipe, **{f: _DEFAULTS[f] for f in sources.SETTINGS})
+    layer = _layer_index(prefix)
+    per_source = {}
+    for s in sorted(set(assignment)):
+        sub = dataclasses.replace(single, num_experts=assignment.count(s))
+        paths, names = _dense_mlp(dense, prefix)
+        mlp = {key: reads[s](path) for key, path in paths.items()}
+        if names is methods.BIG_VISION and "Dense_0_bias" not in mlp:
+            names = methods.MlpNames(("Dense_0",), "Dense_1")
+        per_source[s] = methods.get(recipe.method).experts(
+            mlp, names, sub, sources.source_layer(layer, s)
+        )
+    return sources.stack_experts(per_source, assignment)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Recipe)}
 
 
 def _router(shape, prefix, recipe: Recipe) -> np.ndarray:
@@ -124,17 +152,25 @@ def upcycle_tree(
     read: Callable[[str], np.ndarray],
     target: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     recipe: Recipe,
+    reads: Sequence[Callable[[str], np.ndarray]] = (),
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(path, array)`` for every target path, one MoE layer's experts in memory at a
     time.
 
     Args:
       dense_paths: the dense checkpoint's flat ``/`` paths.
-      read: loads one dense tensor by path.
+      read: loads one dense tensor by path (the base source's, with several sources).
       target: flat MoE paths -> (shape, dtype), from the MoE model's abstract params.
       recipe: the upcycling recipe.
+      reads: with ``recipe.sources``, one reader per source, in the recipe's order (the
+        sources' paths and shapes checked alike beforehand: ``sources.check_compatible``).
     """
     dense_paths = list(dense_paths)
+    multi = bool(recipe.sources)
+    if multi and len(reads) != len(recipe.sources):
+        raise ValueError(f"{len(recipe.sources)} sources in the recipe, {len(reads)} readers")
+    modes = sources.parse_non_expert(recipe.non_expert) if multi else {}
+    weights = sources.normalised_weights(recipe) if multi else ()
     steps = plan(dense_paths, target)
     if any(rule == "shared" for _, rule, _ in steps) and not recipe.method_impl.shared_experts(
         recipe
@@ -151,12 +187,19 @@ def upcycle_tree(
             if (rule, source) not in cache:
                 cache.clear()
                 gated = f"{source}/shared_expert_gate/kernel" in target
-                cache[rule, source] = _experts(
-                    dense_paths, read, source, recipe, gated if rule == "shared" else None
-                )
+                if multi:  # sources.validate: a method without shared experts
+                    cache[rule, source] = _source_experts(dense_paths, reads, source, recipe)
+                else:
+                    cache[rule, source] = _experts(
+                        dense_paths, read, source, recipe, gated if rule == "shared" else None
+                    )
             m = EXPERT_RE.match(path) or SHARED_RE.match(path)
             assert m is not None  # plan() gave this path its rule by these patterns
             value = cache[rule, source][m["name"] if m["leaf"] == "kernel" else f"{m['name']}_bias"]
+        elif multi and modes[sources.parameter_group(source)] == "average":
+            values = [np.asarray(r(source)) for r in reads]
+            check_float(path, values[0].dtype, dtype)
+            value = sources.average(values, weights)
         else:
             value = read(source)
         value = np.asarray(value)

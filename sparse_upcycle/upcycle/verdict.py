@@ -29,15 +29,26 @@ class Verdict:
 moe_blocks = models.moe_blocks  # the MoE blocks of a model config, by field name
 
 
-def _recipe_problem(recipe) -> str | None:
+def identical_sources(listed) -> bool:
+    """Whether the sources of a recipe.json's ``sources`` (each with the ``sha256`` of its
+    files) hold the same bytes, so that their experts are copies of one dense MLP."""
+    digests = [sorted(s.get("sha256", {}).items()) for s in listed or ()]
+    return bool(digests) and all(d == digests[0] for d in digests)
+
+
+def _recipe_problem(recipe, same_sources: bool = False) -> str | None:
     """Why the recipe's experts do not sum to the dense MLP (None when they are meant to)."""
+    if len(recipe.sources) > 1 and not same_sources:  # no one dense function to keep
+        return f"the experts come from {len(recipe.sources)} different dense sources"
     return methods.get(recipe.method).preserves_dense_function(recipe)
 
 
-def dense_function_verdict(recipe, moe_model_config) -> Verdict:
+def dense_function_verdict(recipe, moe_model_config, same_sources: bool = False) -> Verdict:
     """Whether the MoE of ``recipe`` with the model config ``moe_model_config`` is meant to
-    reproduce the dense function at evaluation, with the reasons when it is not."""
-    reasons = [r for r in [_recipe_problem(recipe)] if r]
+    reproduce the dense function at evaluation, with the reasons when it is not.
+    ``same_sources``: the recipe's several sources hold identical files
+    (``identical_sources``)."""
+    reasons = [r for r in [_recipe_problem(recipe, same_sources)] if r]
     for name, block in moe_blocks(moe_model_config).items():
         problem = block.eval_routing_problem()
         if problem:
