@@ -28,6 +28,7 @@ setup(
         "safetensors>=0.4,<1",
         "tensorstore>=0.1.60,<0.2",
         "ml_dtypes>=0.5,<0.8",
+        "PyYAML>=6,<7",  # mergekit-moe configs (upcycle --mergekit-yaml)
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: it is the CPU build on the development machines (a

@@ -56,7 +56,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Upcycle a dense checkpoint into an MoE checkpoint. Extra "
         "--config.<field>=<value> arguments override the config.",
     )
-    up.add_argument("--config", required=True, help="CONFIG.py[:arg] with get_config(arg)")
+    up.add_argument("--config", help="CONFIG.py[:arg] with get_config(arg)")
+    up.add_argument(
+        "--mergekit-yaml",
+        metavar="FILE",
+        help="a mergekit-moe config (base_model, experts, gate_mode, ...) instead of --config "
+        "and --src (sparse_upcycle/mergekit_yaml.py has the field mapping)",
+    )
     up.add_argument(
         "--src",
         help="dense checkpoint (T5X, Orbax, .npz, HF dir); several sources go in the config's "
@@ -226,7 +232,11 @@ def _run(args, overrides) -> int:
     from sparse_upcycle.config import check_command
 
     schema = "compare" if args.command == "compare" else "run"
-    config = load_config(args.config, overrides, schema)
+    mergekit_dtype = None
+    if args.command == "upcycle" and (args.mergekit_yaml or not args.config):
+        config, mergekit_dtype = _mergekit_config(args, overrides)
+    else:
+        config = load_config(args.config, overrides, schema)
     check_command(config, args.command)
     if args.command in ("train", "compare"):
         import logging
@@ -275,10 +285,31 @@ def _run(args, overrides) -> int:
             f"{info['recipe']['method']}) from {_sources_line(info)}; "
             f"meant to preserve the dense function: {verdict}"
         )
+        if args.mergekit_yaml:  # mergekit writes an HF MoE: this is the step that does
+            dtype = f" --dtype {mergekit_dtype}" if mergekit_dtype else ""
+            print(f"next: sparse-upcycle export --src {args.dst} --dst HF_DIR{dtype}")
         return 0
     result = surgeon.verify(config, args.dense, args.moe, args.format, args.tol)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
+
+
+def _mergekit_config(args, overrides):
+    """The experiment config of ``upcycle --mergekit-yaml`` (with the overrides applied)."""
+    from sparse_upcycle.config import ConfigError, apply_override, run_schema
+    from sparse_upcycle.mergekit_yaml import config_from_yaml
+
+    if not args.mergekit_yaml:
+        raise ConfigError("upcycle: pass --config (with --src) or --mergekit-yaml")
+    if args.config or args.src:
+        raise ConfigError(
+            "upcycle --mergekit-yaml names the models itself: drop --config and --src"
+        )
+    config, dtype = config_from_yaml(args.mergekit_yaml)
+    known = run_schema()
+    for item in overrides:
+        apply_override(config, item, known)
+    return config, dtype
 
 
 def _sources_line(info: dict) -> str:

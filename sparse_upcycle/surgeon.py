@@ -40,8 +40,9 @@ from sparse_upcycle.config import ConfigError
 from sparse_upcycle.models import build_model
 from sparse_upcycle.sizes import format_bytes
 from sparse_upcycle.task import recipe_from, resolve_models
+from sparse_upcycle.upcycle import router_init
 from sparse_upcycle.upcycle.recipe import Recipe
-from sparse_upcycle.upcycle.rules import tile_optimizer_state, upcycle_tree
+from sparse_upcycle.upcycle.rules import ROUTER_RE, tile_optimizer_state, upcycle_tree
 from sparse_upcycle.upcycle.sources import check_compatible
 from sparse_upcycle.upcycle.verdict import dense_function_verdict, identical_sources
 
@@ -92,6 +93,7 @@ def upcycle(
             for p, o in zip(paths, opened, strict=True)
         ]
     verdict = dense_function_verdict(recipe, moe_cfg, identical_sources(listed))
+    rows = _router_rows(recipe, family, dense_cfg, source, target)
     with output as tmp:
         writer = StreamingWriter(os.path.join(tmp, CHECKPOINT_DIR))
         try:
@@ -99,7 +101,7 @@ def upcycle(
             reads = [_finite_read(o, non_finite, refuse=refuse_non_finite) for o in opened]
             read = reads[base_index]
             stream = upcycle_tree(
-                source.keys(), read, target, recipe, reads if recipe.sources else ()
+                source.keys(), read, target, recipe, reads if recipe.sources else (), rows
             )
             for path, value in tqdm(
                 stream, total=len(target), desc="upcycle", unit="tensor", disable=not progress
@@ -135,6 +137,48 @@ def upcycle(
         if isinstance(source, HFCheckpoint):  # config, tokenizer, … for `export --format hf`
             save_hf_source(source, tmp)
     return info
+
+
+def _router_rows(recipe, family, dense_cfg, source, target) -> dict | None:
+    """Each MoE layer's router kernel for a prompted ``router_init`` (``router_init.py``):
+    the prompts tokenised with the base source's tokenizer.json, then the base model's token
+    embeddings (``cheap_embed``) or our model's forward on the base parameters (``hidden``)."""
+    if recipe.router_init not in router_init.PROMPTED:
+        return None
+    module = models.get(family)
+    embedding = getattr(module, "EMBEDDING", None)
+    if embedding is None or not hasattr(module.Model, "layer_inputs"):
+        raise ConfigError(
+            f"upcycle.router_init={recipe.router_init} needs a decoder-only model; the {family} "
+            "family has no prompt forward; use router_init=random"
+        )
+    try:
+        tokenizer = router_init.tokenizer_path(source.path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    vocab = source.shape(embedding)[0]
+    prefixes = sorted({m["prefix"] for p in target if (m := ROUTER_RE.match(p))})
+    model = None
+    if recipe.router_init != "cheap_embed":  # the base model, once, in float32
+        params = {k: source.read(k) for k in source.keys()}
+        model = build_model(family, _in_float32(dense_cfg), params)
+        del params
+
+    def layer_inputs(ids):
+        assert model is not None
+        states = model.layer_inputs(np.asarray(ids)[None])
+        return {p: np.asarray(states[p][0]) for p in prefixes}
+
+    try:
+        return router_init.router_rows(
+            recipe,
+            prefixes,
+            lambda prompts: router_init.tokenize(tokenizer, prompts, vocab),
+            lambda: source.read(embedding),
+            layer_inputs if model is not None else None,
+        )
+    except ValueError as e:
+        raise ConfigError(f"upcycle.router_init={recipe.router_init}: {e}") from None
 
 
 def _source_paths(config, src: str | None) -> list[str]:

@@ -370,6 +370,29 @@ class Decoder(nnx.Module):
                 metrics.append(m)
         return self._logits(x), metrics, new_kv
 
+    def layer_inputs(self, tokens: jax.Array) -> dict[str, jax.Array]:
+        """The residual stream entering each block, ``{"layers_{i}/mlp": [B, L, d]}`` keyed by
+        the block's MLP prefix (prompt-based router initialisation, ``router_init.py``)."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        mask = (jnp.arange(tokens.shape[1])[None, :] <= jnp.arange(tokens.shape[1])[:, None])[
+            None, None
+        ]
+        x = self.token_embedder(tokens, jnp.dtype(self.config.dtype))
+        out = {}
+        for i in range(self.config.num_hidden_layers):
+            out[f"layers_{i}/mlp"] = x
+            x, _, _ = getattr(self, f"layers_{i}")(
+                x,
+                positions=positions,
+                mask=mask,
+                token_mask=None,
+                train=False,
+                rng=None,
+                cache=None,
+                cache_index=None,
+            )
+        return out
+
     def _logits(self, x):
         x = self.final_norm(x)
         if self.config.tie_word_embeddings:
@@ -432,6 +455,7 @@ Config = DecoderConfig
 Model = Decoder
 MOE_FIELDS = ("moe",)
 MLP_WIDTH_FIELD = "intermediate_size"
+EMBEDDING = "token_embedder/embedding"  # the token embedding [V, d] (router_init cheap_embed)
 TASK = "lm"
 TOKENS_KEY = "tokens"
 HF_MAP = "sparse_upcycle.checkpoints.hf_llama"

@@ -11,10 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from sparse_upcycle.upcycle import methods, sources
+from sparse_upcycle.upcycle import methods, router_init, sources
 
 # The fields every method shares; each method lists the others it reads (``Method.settings``).
-COMMON_SETTINGS = ("method", "router_init_std", "seed", "optimizer", "step", *sources.SETTINGS)
+COMMON_SETTINGS = (
+    "method",
+    "router_init_std",
+    "seed",
+    "optimizer",
+    "step",
+    *sources.SETTINGS,
+    *router_init.SETTINGS,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +65,22 @@ class Recipe:
     base_source: int = 0
     non_expert: str = "base"
     source_weights: tuple[float, ...] = ()
+    # How the fresh router starts (``router_init.py``): random | uniform_random | cheap_embed |
+    # hidden | hidden_last, and the prompts of each expert for the last three.
+    router_init: str = "random"
+    positive_prompts: tuple[tuple[str, ...], ...] = ()
+    negative_prompts: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         for name in ("sources", "expert_sources", "source_weights"):  # JSON/ConfigDict lists
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("positive_prompts", "negative_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(
+                    self, name, tuple(tuple(p) if isinstance(p, list) else p for p in value)
+                )
         if self.method not in methods.METHODS:
             raise ValueError(f"recipe method must be one of {methods.names()}, got {self.method!r}")
         if self.optimizer not in ("reset", "tile"):
@@ -81,6 +100,7 @@ class Recipe:
                 raise ValueError(f"upcycle.{name} must be a finite number >= 0, got {value!r}")
         self.method_impl.validate(self)
         sources.validate(self)
+        router_init.validate(self)
 
     @property
     def method_impl(self) -> methods.Method:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from sparse_upcycle.upcycle import methods, sources
+from sparse_upcycle.upcycle import methods, router_init, sources
 from sparse_upcycle.upcycle.recipe import Recipe  # also re-exported: rules.Recipe
 
 ROUTER_RE = re.compile(r"^(?P<prefix>.+)/router/w/kernel$")
@@ -87,7 +87,8 @@ def _source_experts(dense, reads, prefix, recipe: Recipe) -> dict[str, np.ndarra
     its own MLP (the recipe's method, with that source's random stream), then stacked in the
     recipe's expert order. Holds this layer's MLP of every source at once, no more."""
     assignment = sources.expert_assignment(recipe)
-    single = dataclasses.replace(recipe, **{f: _DEFAULTS[f] for f in sources.SETTINGS})
+    reset = (*sources.SETTINGS, *router_init.SETTINGS)  # one source, one MLP, no prompts
+    single = dataclasses.replace(recipe, **{f: _DEFAULTS[f] for f in reset})
     layer = _layer_index(prefix)
     per_source = {}
     for s in sorted(set(assignment)):
@@ -105,9 +106,15 @@ def _source_experts(dense, reads, prefix, recipe: Recipe) -> dict[str, np.ndarra
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Recipe)}
 
 
-def _router(shape, prefix, recipe: Recipe) -> np.ndarray:
+def _router(shape, prefix, recipe: Recipe, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    if recipe.router_init in router_init.PROMPTED:
+        if prefix not in rows:
+            raise ValueError(f"router_init={recipe.router_init}: no router rows for {prefix}")
+        return rows[prefix]
     layer = _layer_index(prefix)
     rng = np.random.default_rng([recipe.seed, layer, 0, 999])
+    if recipe.router_init == "uniform_random":
+        return router_init.uniform(tuple(shape), rng)
     return methods.get(recipe.method).router(tuple(shape), layer, recipe, rng)
 
 
@@ -153,6 +160,7 @@ def upcycle_tree(
     target: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     recipe: Recipe,
     reads: Sequence[Callable[[str], np.ndarray]] = (),
+    router_rows: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(path, array)`` for every target path, one MoE layer's experts in memory at a
     time.
@@ -164,6 +172,8 @@ def upcycle_tree(
       recipe: the upcycling recipe.
       reads: with ``recipe.sources``, one reader per source, in the recipe's order (the
         sources' paths and shapes checked alike beforehand: ``sources.check_compatible``).
+      router_rows: with a prompted ``recipe.router_init``, each MoE layer's router kernel
+        (``router_init.router_rows``), by layer prefix.
     """
     dense_paths = list(dense_paths)
     multi = bool(recipe.sources)
@@ -180,7 +190,7 @@ def upcycle_tree(
     for path, rule, source in steps:
         shape, dtype = target[path]
         if rule == "router":
-            value = _router(shape, source, recipe)
+            value = _router(shape, source, recipe, router_rows or {})
         elif rule == "zeros":
             value = np.zeros(shape, np.float32)
         elif rule in ("expert", "shared"):
