@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from sparse_upcycle import __version__
+from sparse_upcycle import __version__, t5x_gin
 from sparse_upcycle.checkpoints import FORMATS
 
 DESCRIPTION = (
@@ -69,6 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "upcycle.sources instead",
     )
     up.add_argument("--dst", required=True, help="output directory (Orbax + recipe.json)")
+    t5x_gin.add_arguments(up)
     up.add_argument("--format", default="auto", choices=FORMATS, help="source format")
     up.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     up.add_argument(
@@ -103,8 +104,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "checkpoints resumes from the latest. Extra --config.<field>=<value> arguments "
         "override the config.",
     )
-    tr.add_argument("--config", required=True, help="CONFIG.py[:arg] with get_config(arg)")
+    tr.add_argument("--config", help="CONFIG.py[:arg] with get_config(arg)")
     tr.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/")
+    t5x_gin.add_arguments(tr)
 
     cmp_ = sub.add_parser(
         "compare",
@@ -233,8 +235,21 @@ def _run(args, overrides) -> int:
 
     schema = "compare" if args.command == "compare" else "run"
     mergekit_dtype = None
-    if args.command == "upcycle" and (args.mergekit_yaml or not args.config):
+    if t5x_gin.uses_gin(args):
+        from sparse_upcycle.config import ConfigError
+
+        if getattr(args, "mergekit_yaml", None):
+            raise ConfigError("upcycle: --mergekit-yaml and --gin_file do not go together")
+        config, mapped = t5x_gin.load(args, overrides, args.command)
+        if args.command == "upcycle" and not args.src and not config.upcycle.get("sources"):
+            args.src = t5x_gin.source_path(mapped)
+        _gin_summary(args, mapped)
+    elif args.command == "upcycle" and (args.mergekit_yaml or not args.config):
         config, mergekit_dtype = _mergekit_config(args, overrides)
+    elif not args.config:
+        from sparse_upcycle.config import ConfigError
+
+        raise ConfigError(f"{args.command}: pass --config (or --gin_file)")
     else:
         config = load_config(args.config, overrides, schema)
     check_command(config, args.command)
@@ -294,6 +309,17 @@ def _run(args, overrides) -> int:
     return 0 if result["ok"] else 1
 
 
+def _gin_summary(args, mapped) -> None:
+    """One stderr line on what the gin files gave (and notes on what was read differently)."""
+    print(
+        f"sparse-upcycle: gin: {len(args.gin_file)} file(s), {len(mapped.overrides)} config "
+        f"fields set, {mapped.ignored} plumbing binding(s) not used",
+        file=sys.stderr,
+    )
+    for note in mapped.notes:
+        print(f"sparse-upcycle: gin: {note}", file=sys.stderr)
+
+
 def _mergekit_config(args, overrides):
     """The experiment config of ``upcycle --mergekit-yaml`` (with the overrides applied)."""
     from sparse_upcycle.config import ConfigError, apply_override, run_schema
@@ -333,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     overrides = [a for a in extra if a.startswith("--config.")]
-    unknown = [a for a in extra if not a.startswith("--config.")]
+    args.gin_bindings = [a for a in extra if a.startswith("--gin.")]
+    unknown = [a for a in extra if not a.startswith(("--config.", "--gin."))]
+    if args.gin_bindings and args.command not in ("upcycle", "train", "plan"):
+        unknown += args.gin_bindings
     if unknown or (
         overrides
         and (

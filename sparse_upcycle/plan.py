@@ -368,7 +368,10 @@ def _fraction(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``plan`` (``--config.<field>=<value>`` overrides come as extra args)."""
-    parser.add_argument("--config", required=True, help="CONFIG.py[:arg] with get_config(arg)")
+    from sparse_upcycle import t5x_gin
+
+    parser.add_argument("--config", help="CONFIG.py[:arg] with get_config(arg)")
+    t5x_gin.add_arguments(parser)
     parser.add_argument(
         "--devices", required=True, type=_positive, help="devices of the mesh (fake CPU ones)"
     )
@@ -406,7 +409,11 @@ def _reexec(args, overrides: Sequence[str]) -> int:
     flag = f"--xla_force_host_platform_device_count={args.devices}"
     kept = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
     env.update(XLA_FLAGS=" ".join([*kept, flag]), JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
-    cmd = [sys.executable, "-m", "sparse_upcycle.plan", "--config", args.config]
+    from sparse_upcycle import t5x_gin
+
+    cmd = [sys.executable, "-m", "sparse_upcycle.plan"]
+    cmd += ["--config", args.config] if args.config else []
+    cmd += t5x_gin.gin_argv(args)
     cmd += ["--devices", str(args.devices), "--hbm", str(args.hbm)]
     cmd += ["--headroom", repr(args.headroom), *(["--json"] if args.json else []), *overrides]
     sys.stdout.flush()
@@ -416,9 +423,16 @@ def _reexec(args, overrides: Sequence[str]) -> int:
 def run(args, overrides: Sequence[str] = ()) -> int:
     """The ``plan`` command: 0 when the step fits, 1 when it does not (ConfigError for bad
     input, which the caller prints as one line and exits 2 on)."""
+    from sparse_upcycle import t5x_gin
     from sparse_upcycle.config import load_config
 
-    config = load_config(args.config, overrides)  # bad configs fail here, before any re-exec
+    # bad configs fail here, before any re-exec
+    if t5x_gin.uses_gin(args):
+        config, _ = t5x_gin.load(args, overrides, "plan")
+    elif not args.config:
+        raise _config_error("plan: pass --config (or --gin_file)")
+    else:
+        config = load_config(args.config, overrides)
     if not _devices_ready(args.devices):
         return _reexec(args, overrides)
     import jax
@@ -428,7 +442,8 @@ def run(args, overrides: Sequence[str] = ()) -> int:
     cache = jax.config.values["jax_enable_compilation_cache"]
     jax.config.update("jax_enable_compilation_cache", False)
     try:
-        report = plan(config, args.devices, args.hbm, args.headroom, name=args.config)
+        name = args.config or ",".join(args.gin_file)
+        report = plan(config, args.devices, args.hbm, args.headroom, name=name)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -449,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
-    unknown = [a for a in extra if not a.startswith("--config.")]
+    args.gin_bindings = [a for a in extra if a.startswith("--gin.")]
+    unknown = [a for a in extra if not a.startswith(("--config.", "--gin."))]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
