@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_upcycle import permute, sharding
+from sparse_upcycle import block_loop, permute, sharding
 from sparse_upcycle.layers import Kernel, activation, fan_in_init, logical_param
 
 # Parameter names of each ecosystem's MLP: (gated input names, plain input name, output name).
@@ -71,19 +71,26 @@ class ExpertMlp(nnx.Module):
     def num_experts(self) -> int:
         return getattr(self, self.output_name).kernel.shape[0]
 
-    def _apply(self, x: jax.Array, matmul) -> jax.Array:
-        """The MLP, where ``matmul(a, kernel, bias_or_None)`` does the expert contraction (and
-        bias) for the caller's layout, casting parameters to ``a.dtype``."""
-
-        def proj(a, name):
+    def _weights(self) -> dict:
+        """name -> (kernel [E, ...], bias [E, ...] or None), gathered for the computation."""
+        out = {}
+        for name in (*self.input_names, self.output_name):
             layer = getattr(self, name)
             bias = layer.bias[...] if hasattr(layer, "bias") else None
-            return matmul(a, sharding.gathered(layer.kernel), bias)
+            out[name] = (sharding.gathered(layer.kernel), bias)
+        return out
 
-        h = activation(self.activations[0])(proj(x, self.input_names[0]))
+    def _mlp(self, x: jax.Array, weights: dict, matmul) -> jax.Array:
+        """The MLP on ``weights`` (``_weights()``'s layout, any leading expert shape), where
+        ``matmul(a, kernel, bias_or_None)`` does the expert contraction (and bias) for the
+        caller's layout, casting parameters to ``a.dtype``."""
+        h = activation(self.activations[0])(matmul(x, *weights[self.input_names[0]]))
         if self.gated:
-            h = h * activation(self.activations[1])(proj(x, self.input_names[1]))
-        return proj(h, self.output_name)
+            h = h * activation(self.activations[1])(matmul(x, *weights[self.input_names[1]]))
+        return matmul(h, *weights[self.output_name])
+
+    def _apply(self, x: jax.Array, matmul) -> jax.Array:
+        return self._mlp(x, self._weights(), matmul)
 
     def __call__(self, x_GECd: jax.Array) -> jax.Array:
         """Expert e applied to every buffer slot ``x[:, e]``: [G, E, C, d] -> [G, E, C, d].
@@ -114,18 +121,17 @@ class ExpertMlp(nnx.Module):
         return self._apply(x_GSEd, matmul)
 
     def grouped(
-        self, x_Nd: jax.Array, group_sizes_E: jax.Array, impl: str = "ragged_dot", block: int = 128
+        self, x_Nd: jax.Array, group_sizes_E: jax.Array, impl: str = "ragged_dot", block: int = 32
     ) -> jax.Array:
         """Rows sorted by expert, ``group_sizes_E[e]`` rows for expert e; rows past the total
         are not computed and come back zero.
 
         ``impl="ragged_dot"``: one ``jax.lax.ragged_dot`` grouped matmul per projection (fast
         on TPU/GPU; XLA:CPU lowers it to a dense masked matmul, E times the FLOPs).
-        ``impl="blocked"``: block-sparse in the manner of MegaBlocks (Gale et al. 2022, §5):
-        each expert's rows are padded to a multiple of ``block``, and a scan runs one
-        [block, d] x [d, f] matmul per block with that block's expert weights. The block count
-        is the static bound ceil((N + E·(block-1)) / block), so up to E·block rows beyond N are
-        computed (on zeros) and thrown away.
+        ``impl="blocked"`` (the CPU default): the first ceil(N/E) rows of each expert as one
+        batched matmul, and the rows past them in block-sparse blocks of ``block`` rows, each
+        block one expert's (MegaBlocks, Gale et al. 2022, §5), only the blocks in use computed
+        (``_capacity_and_overflow``).
         """
         if impl == "ragged_dot":
             n = x_Nd.shape[0]
@@ -139,41 +145,60 @@ class ExpertMlp(nnx.Module):
             return self._apply(x_Nd, ragged)
         if impl != "blocked":
             raise ValueError(f"grouped matmul impl must be ragged_dot or blocked, got {impl!r}")
+        return self._capacity_and_overflow(x_Nd, group_sizes_E, block)
+
+    def _capacity_and_overflow(self, x_Nd, group_sizes_E, block: int) -> jax.Array:
+        """``grouped(impl="blocked")``: the first C = ceil(N/E) rows of every expert as one
+        batched [E, C, d] matmul (the capacity path's layout: exactly N rows' FLOPs for any
+        loads), and the rows past C (an expert busier than average) in blocks of ``block``
+        rows, each block one expert's, run over the blocks in use only (``block_loop``).
+        Balanced loads overflow by a few blocks; all rows on one expert make N - C overflow
+        rows, so the cost stays below two N-row matmuls whatever the routing."""
         n, d = x_Nd.shape
         e = group_sizes_E.shape[0]
-        padded = -(-group_sizes_E // block) * block
-        padded_end = jnp.cumsum(padded)
-        raw_end = jnp.cumsum(group_sizes_E)
-        rows = -(-(n + e * (block - 1)) // block) * block  # static bound on padded rows
-        row_expert = jnp.searchsorted(raw_end, jnp.arange(n), side="right")  # E past the total
+        cap = -(-n // e)
+        end = jnp.cumsum(group_sizes_E)
+        start = end - group_sizes_E
+        r = jnp.arange(n)
+        row_expert = jnp.searchsorted(end, r, side="right")  # E past the routed total
+        routed = row_expert < e
         safe = jnp.minimum(row_expert, e - 1)
-        dest = (padded_end - padded)[safe] + jnp.arange(n) - (raw_end - group_sizes_E)[safe]
-        dest = jnp.where(row_expert < e, dest, rows)  # out of range: dropped below
-        source = permute.inverse_permutation(dest, rows)  # block row -> input row (n: padding)
-        x_blocks = permute.take_rows(x_Nd, source, dest).reshape(rows // block, block, d)
-        block_expert = jnp.searchsorted(padded_end, jnp.arange(rows // block) * block, "right")
+        pos = r - start[safe]
+        in_cap = routed & (pos < cap)
+        slot = jnp.where(in_cap, safe * cap + pos, e * cap)  # row -> slot (out of range: none)
+        slot_row = permute.inverse_permutation(slot, e * cap)
+        x_ECd = permute.take_rows(x_Nd, slot_row, slot).reshape(e, cap, d)
 
-        def one_block(_, xs):
-            # No lax.cond to skip unused blocks: under grad it costs more than the blocks.
-            x_bd, expert = xs
-            expert = jnp.minimum(expert, e - 1)
+        def batched(a, w, b):
+            y = jnp.einsum("end,edf->enf", a, w.astype(a.dtype))
+            return y if b is None else y + b[:, None, :].astype(a.dtype)
 
-            def pick(a, w, b):
-                y = a @ jax.lax.dynamic_index_in_dim(w, expert, keepdims=False).astype(a.dtype)
-                if b is None:
-                    return y
-                return y + jax.lax.dynamic_index_in_dim(b, expert, keepdims=False).astype(a.dtype)
+        weights = self._weights()
+        y_ECd = self._mlp(x_ECd, weights, batched)
+        y_Nd = permute.take_rows(y_ECd.reshape(e * cap, -1), slot, slot_row)
+        # Overflow: each expert's rows past C, padded to whole blocks, experts in order.
+        over = jnp.maximum(group_sizes_E - cap, 0)
+        padded = -(-over // block) * block
+        padded_end = jnp.cumsum(padded)
+        bound = -(-(n - cap + min(e, -(-n // cap)) * (block - 1)) // block) * block
+        dest = jnp.where(routed & ~in_cap, (padded_end - padded)[safe] + pos - cap, bound)
+        source = permute.inverse_permutation(dest, bound)
+        x_blocks = permute.take_rows(x_Nd, source, dest).reshape(bound // block, block, d)
+        block_expert = jnp.searchsorted(padded_end, jnp.arange(bound // block) * block, "right")
+        block_expert = jnp.minimum(block_expert, e - 1)
 
-            return None, self._apply(x_bd, pick)
+        def one(a, w, b):
+            y = a @ w.astype(a.dtype)
+            return y if b is None else y + b.astype(a.dtype)
 
-        # Without the checkpoint the forward saves each block's slice of every weight for the
-        # backward ([blocks, d, f] per matrix, more bytes than the weights themselves); the
-        # policy keeps the matmul outputs and re-reads the slices instead.
-        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-        _, y_blocks = jax.lax.scan(
-            jax.checkpoint(one_block, policy=policy), None, (x_blocks, block_expert)
+        y_blocks = block_loop.block_apply(
+            lambda x_bd, w: self._mlp(x_bd, w, one),
+            weights,
+            x_blocks,
+            block_expert,
+            padded_end[-1] // block,
         )
-        return permute.take_rows(y_blocks.reshape(rows, d), dest, source)
+        return y_Nd + permute.take_rows(y_blocks.reshape(bound, -1), dest, source)
 
 
 class RouterWeights(nnx.Module):

@@ -25,14 +25,24 @@ ROUTERS = {
 }
 
 
+@pytest.mark.parametrize(
+    "loads",
+    [
+        (7, 0, 9, 2),  # 18 rows routed, 2 past the total; experts 0 and 2 past C = 5
+        (0, 20, 0, 0),  # every row on one expert: 15 overflow rows
+        (5, 5, 5, 5),  # balanced: no overflow block at all
+    ],
+)
 @pytest.mark.parametrize("block", [1, 3, 64])
-def test_blocked_grouped_matmul_matches_ragged_dot(block):
-    """The CPU block-sparse path computes what ragged_dot computes, values and gradients,
-    including empty experts and rows past the total (padding assignments)."""
+def test_blocked_grouped_matmul_matches_ragged_dot(block, loads):
+    """The CPU path (C = ceil(N/E) rows per expert batched, the rest in blocks over the used
+    blocks only) computes what ragged_dot computes, values and gradients, including empty
+    experts, overflow and rows past the total (padding assignments)."""
     experts = moe.ExpertMlp(E, D, F, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(experts)
     x = jax.random.normal(jax.random.key(0), (20, D))
-    sizes = jnp.array([7, 0, 9, 2], jnp.int32)  # 18 rows routed, 2 past the total
+    sizes = jnp.array(loads, jnp.int32)
+    routed = sum(loads)
 
     def run(impl):
         def loss(state, x):
@@ -43,8 +53,10 @@ def test_blocked_grouped_matmul_matches_ragged_dot(block):
 
     (_, y_ref), g_ref = run("ragged_dot")
     (_, y_blk), g_blk = run("blocked")
-    assert float(jnp.abs(y_ref[18:]).max()) == 0.0
-    assert bool((jnp.abs(y_ref[:18]).max(axis=1) > 0).all())
+    if routed < 20:
+        assert float(jnp.abs(y_ref[routed:]).max()) == 0.0
+        assert float(jnp.abs(y_blk[routed:]).max()) == 0.0
+    assert bool((jnp.abs(y_ref[:routed]).max(axis=1) > 0).all())
     np.testing.assert_allclose(y_blk, y_ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
