@@ -77,29 +77,26 @@ class LazySafetensors(Mapping):
             raise CheckpointError(f"{directory}: no {SINGLE} or {INDEX}")
 
     def __getitem__(self, name: str) -> np.ndarray:
-        file = self._files[name]
-        try:
-            with safe_open(file, framework="numpy") as f:
-                return f.get_tensor(name)
-        except FileNotFoundError:
-            raise CheckpointError(
-                f"{file}: missing safetensors shard (listed in the index)"
-            ) from None
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot read {name!r} ({e})") from None
+        return self._with_file(name, lambda f: f.get_tensor(name), f"cannot read {name!r}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape from its file's header, without reading the tensor."""
+        return self._with_file(
+            name, lambda f: tuple(f.get_slice(name).get_shape()), f"cannot read {name!r}'s header"
+        )
+
+    def _with_file(self, name: str, read, what: str):
+        """``read(f)`` on the safetensors file holding ``name`` (CheckpointError naming it)."""
         file = self._files[name]
         try:
             with safe_open(file, framework="numpy") as f:
-                return tuple(f.get_slice(name).get_shape())
+                return read(f)
         except FileNotFoundError:
             raise CheckpointError(
                 f"{file}: missing safetensors shard (listed in the index)"
             ) from None
         except Exception as e:
-            raise CheckpointError(f"{file}: cannot read {name!r}'s header ({e})") from None
+            raise CheckpointError(f"{file}: {what} ({e})") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
