@@ -27,9 +27,10 @@ it: an HF model taken through our format and back has the same tensors, bit for 
 same ``config.json``. ``--dtype auto`` writes the dtype that config names (float32 without one).
 
 From our layout (``upcycle``/``train`` outputs) tensors are read, converted and written one at
-a time (a shard's worth is buffered). An HF directory as ``--src`` is read whole into memory
-first, as ``upcycle`` reads it (``checkpoints/hf.py``): bringing a 7B model in takes ~28 GB in
-float32. The output goes to a temporary directory renamed to ``--dst`` only when complete.
+a time, each streamed into its shard file (one tensor in memory). An HF directory as ``--src``
+is read whole into memory first (``checkpoints/hf.py``): bringing a 7B model in takes ~28 GB
+in float32; ``upcycle`` reads a dense HF decoder lazily instead. The output goes to a
+temporary directory renamed to ``--dst`` only when complete.
 """
 
 from __future__ import annotations

@@ -281,3 +281,65 @@ def subprocess_pid_that_exited() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_recipe_json_moe_layers_may_be_a_name_or_a_list():
+    """``MoeConfig.layers`` is ``"every_other"`` (a name) or explicit blocks ([1, 3]); a
+    recipe.json holding the list reads back as the tuple, and a value of neither kind is
+    refused naming the field."""
+    import json
+
+    from sparse_upcycle.checkpoints import layout
+    from sparse_upcycle.models import t5
+
+    want = t5.config("tiny", encoder_moe={"num_experts": 4, "layers": (1,)})
+    values = json.loads(json.dumps(layout.config_dict(want)))
+    assert values["encoder_moe"]["layers"] == [1]
+    assert layout.config_from_dict("t5", values) == want
+    values["encoder_moe"]["layers"] = 3
+    with pytest.raises(ValueError, match="model.encoder_moe.layers"):
+        layout.config_from_dict("t5", values)
+
+
+@pytest.mark.parametrize("reserve", [None, 64])  # 64 bytes: every header outgrows its room
+def test_streamed_safetensors_shards_read_back(tmp_path, monkeypatch, reserve):
+    """The streaming writer's shards are safetensors files that the library reads back bit for
+    bit (names, dtypes incl. bfloat16, shapes incl. 0-d and empty), split at ``max_bytes``."""
+    import json
+
+    import ml_dtypes
+    from safetensors import safe_open
+
+    from sparse_upcycle.checkpoints import hf
+
+    if reserve is not None:
+        monkeypatch.setattr(hf, "HEADER_RESERVE", reserve)
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a.weight": rng.normal(size=(64, 32)).astype(np.float32),
+        "b.weight": rng.normal(size=(16,)).astype(ml_dtypes.bfloat16),
+        "c.scalar": np.array(3, np.int64),
+        "d.empty": np.zeros((0, 4), np.float16),
+        "e.mask": rng.random((5, 3)) > 0.5,
+        "f.weight": rng.normal(size=(40, 40)).astype(np.float32),
+    }
+    writer = hf.ShardedSafetensorsWriter(str(tmp_path), max_bytes=6000)  # a | b..e | f
+    for name, value in tensors.items():
+        writer.add(name, value)
+    files = writer.close()
+    assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors"]  # fmt: skip
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+    seen = {}
+    for file in files:
+        with safe_open(str(tmp_path / file), framework="numpy") as f:
+            assert f.metadata() == {"format": "pt"}
+            for name in f.keys():
+                seen[name] = f.get_tensor(name)
+                assert index["weight_map"][name] == file
+    assert sorted(seen) == sorted(tensors)
+    for name, value in tensors.items():
+        assert seen[name].dtype == value.dtype and seen[name].shape == value.shape
+        assert seen[name].tobytes() == value.tobytes()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]

@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
+from typing import BinaryIO
 
 import numpy as np
 from safetensors import safe_open
@@ -217,39 +218,78 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+# numpy dtype name -> safetensors dtype code (the format's spec, huggingface/safetensors)
+SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+HEADER_RESERVE = 1 << 20  # bytes kept at a shard's start for its JSON header
+
+
 class ShardedSafetensorsWriter:
     """Tensors in order into safetensors shards of at most ``max_bytes`` (a larger tensor gets
-    a shard of its own), then renamed as ``save_pretrained`` names them, with the index."""
+    a shard of its own), then renamed as ``save_pretrained`` names them, with the index.
+
+    Streamed: each tensor's bytes go to the open shard file as it is added, after room kept
+    for the header (``HEADER_RESERVE``); closing a shard writes its header there, padded with
+    spaces as the format allows (a header that outgrew the room is written in front of a copy
+    of the data instead). Memory holds one tensor, not a shard."""
 
     def __init__(self, directory: str, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
-        self._buffer: dict[str, np.ndarray] = {}
-        self._buffered = 0
+        self._file: BinaryIO | None = None
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, name: str, array: np.ndarray) -> None:
-        if name in self._buffer or any(name in s for s in self._shards):
+        if name in self._entries or any(name in s for s in self._shards):
             raise ValueError(f"tensor {name!r} written twice")
-        array = np.ascontiguousarray(array)
-        if self._buffer and self._buffered + array.nbytes > self.max_bytes:
-            self._flush()
-        self._buffer[name] = array
-        self._buffered += array.nbytes
+        array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        code = SAFETENSORS_DTYPES.get(array.dtype.name)
+        if code is None:
+            raise ValueError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
+        if self._entries and self._offset + array.nbytes > self.max_bytes:
+            self._close_shard()
+        if self._file is None:
+            path = os.path.join(self.directory, f".shard-{len(self._shards)}.safetensors")
+            self._file = open(path, "wb")  # noqa: SIM115  (closed in _close_shard)
+            self._file.seek(8 + HEADER_RESERVE)
+        self._file.write(array.reshape(-1).view(np.uint8).data)
+        end = self._offset + array.nbytes
+        self._entries[name] = {
+            "dtype": code,
+            "shape": list(array.shape),
+            "data_offsets": [self._offset, end],
+        }
+        self._offset = end
         self.total_bytes += array.nbytes
 
-    def _flush(self) -> None:
-        from safetensors.numpy import save_file
-
-        path = os.path.join(self.directory, f".shard-{len(self._shards)}.safetensors")
-        save_file(self._buffer, path, metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffered = {}, 0
+    def _close_shard(self) -> None:
+        if self._file is None:  # a shard with no tensor at all (an empty model)
+            path = os.path.join(self.directory, f".shard-{len(self._shards)}.safetensors")
+            self._file = open(path, "wb")  # noqa: SIM115
+            self._file.seek(8 + HEADER_RESERVE)
+        header = {"__metadata__": {"format": "pt"}, **self._entries}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        f, self._file = self._file, None
+        if len(text) <= HEADER_RESERVE:
+            f.seek(0)
+            f.write(len(text.ljust(HEADER_RESERVE)).to_bytes(8, "little"))
+            f.write(text.ljust(HEADER_RESERVE))
+            f.close()
+        else:
+            f.close()
+            _prepend_header(f.name, text)
+        self._shards.append(list(self._entries))
+        self._entries, self._offset = {}, 0
 
     def close(self) -> list[str]:
         """Write the last shard and the index; returns the file names."""
-        if self._buffer or not self._shards:
-            self._flush()
+        if self._file is not None or not self._shards:
+            self._close_shard()
         n = len(self._shards)
         names = (
             ["model.safetensors"]
@@ -271,3 +311,18 @@ class ShardedSafetensorsWriter:
             ) as f:
                 f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return names
+
+
+def _prepend_header(path: str, text: bytes) -> None:
+    """Rewrite ``path`` (data after ``HEADER_RESERVE`` bytes of room) with ``text`` as its
+    header, copying the data in chunks."""
+    import shutil
+
+    padded = text.ljust(-(-len(text) // 8) * 8)
+    tmp = path + ".tmp"
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(len(padded).to_bytes(8, "little"))
+        dst.write(padded)
+        src.seek(8 + HEADER_RESERVE)
+        shutil.copyfileobj(src, dst, 64 << 20)
+    os.replace(tmp, path)

@@ -105,6 +105,8 @@ def _typed(cls, values: dict, where: str) -> dict:
         )
         if isinstance(default, tuple):
             expected = (list, tuple)
+        elif "tuple[" in str(f.type):  # e.g. MoeConfig.layers: "every_other" or [1, 3]
+            expected = (*expected, list, tuple)
         wrong_bool = isinstance(v, bool) and not isinstance(default, bool)
         if v is not None and expected and (not isinstance(v, expected) or wrong_bool):
             raise ValueError(
