@@ -410,3 +410,42 @@ def test_an_injected_full_disk_in_train_is_one_line(tmp_path, capsys, monkeypatc
     assert code == 2 and err[-1].startswith(f"sparse-upcycle: error: --workdir {workdir}"), err
     assert "No space left on device" in err[-1] and not any("RESOURCE" in e for e in err)
     assert os.listdir(os.path.join(workdir, "checkpoints")) == []
+
+
+def test_unretrieved_write_failures_of_background_tasks_are_not_logged():
+    """Orbax's other chunk writers fail too when the disk fills; asyncio logs their
+    unretrieved exceptions whenever they are collected (CI once saw six such tracebacks before
+    the error line). ``main`` filters exactly those; other unretrieved exceptions still show."""
+    import asyncio
+    import gc
+    import logging
+
+    cli.main(["inspect", "/nonexistent-path"])  # any command installs the filter
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        for exc in (
+            ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device"),
+            OSError(28, "No space left on device"),
+            RuntimeError("a real bug"),
+        ):
+            loop = asyncio.new_event_loop()
+
+            async def fail(exc=exc):
+                raise exc
+
+            task = loop.create_task(fail())
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+            del task
+            gc.collect()
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)
+    assert len(seen) == 1 and "exception was never retrieved" in seen[0], seen
+    assert "a real bug" in seen[0]
