@@ -68,9 +68,31 @@ def _build_parser() -> argparse.ArgumentParser:
         help="dense checkpoint (T5X, Orbax, .npz, HF dir); several sources go in the config's "
         "upcycle.sources instead",
     )
-    up.add_argument("--dst", required=True, help="output directory (Orbax + recipe.json)")
+    up.add_argument(
+        "--dst", required=True, help="output directory (Orbax + recipe.json, or an HF directory)"
+    )
     t5x_gin.add_arguments(up)
     up.add_argument("--format", default="auto", choices=FORMATS, help="source format")
+    up.add_argument(
+        "--output-format",
+        default="orbax",
+        choices=("orbax", "hf"),
+        help="orbax: our layout, for train/verify/export (default); hf: the Hugging Face MoE "
+        "directory export --format hf would write, in one pass (decoders)",
+    )
+    up.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="with --output-format hf: tensor dtype (default: the mergekit YAML's dtype, else "
+        "auto, the HF source's)",
+    )
+    up.add_argument(
+        "--moe-layout",
+        default="fused",
+        choices=("fused", "per_expert"),
+        help="with --output-format hf: transformers 5.x fused (default) or 4.x per-expert",
+    )
+    up.add_argument("--max-shard-size", default="5GB", help="with --output-format hf (default 5GB)")
     up.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     up.add_argument(
         "--refuse-non-finite",
@@ -283,8 +305,24 @@ def _run(args, overrides) -> int:
         print(f"plot: {report['files']['png']}")
         return 0
     if args.command == "upcycle":
+        from sparse_upcycle.config import ConfigError
         from sparse_upcycle.upcycle.verdict import Verdict
 
+        hf = None
+        if args.output_format == "hf":
+            hf = surgeon.HFOutput(
+                dtype=args.dtype or mergekit_dtype or "auto",
+                moe_layout=args.moe_layout,
+                max_shard_size=args.max_shard_size,
+            )
+        else:
+            given = [f"--{n}" for n in ("dtype",) if getattr(args, n) is not None] + [
+                f"--{n.replace('_', '-')}"
+                for n, default in (("moe_layout", "fused"), ("max_shard_size", "5GB"))
+                if getattr(args, n) != default
+            ]
+            if given:
+                raise ConfigError(f"upcycle: {given[0]} goes with --output-format hf")
         info = surgeon.upcycle(
             config,
             args.src,
@@ -293,6 +331,7 @@ def _run(args, overrides) -> int:
             args.overwrite,
             progress=sys.stderr.isatty(),
             refuse_non_finite=args.refuse_non_finite,
+            hf=hf,
         )
         verdict = Verdict(info["preserves_dense_function"], tuple(info["preservation"]))
         print(
@@ -300,7 +339,14 @@ def _run(args, overrides) -> int:
             f"{info['recipe']['method']}) from {_sources_line(info)}; "
             f"meant to preserve the dense function: {verdict}"
         )
-        if args.mergekit_yaml:  # mergekit writes an HF MoE: this is the step that does
+        if hf is not None:
+            out = info["hf"]
+            print(
+                f"{args.dst}: {out['architecture']} ({out['dtype']}, "
+                f"{len(out['files'])} file(s), {out['bytes'] / 1e9:.2f} GB); "
+                f"recipe in {surgeon.HF_RECIPE_FILE}"
+            )
+        elif args.mergekit_yaml:  # mergekit writes an HF MoE: this is the step that does
             dtype = f" --dtype {mergekit_dtype}" if mergekit_dtype else ""
             print(f"next: sparse-upcycle export --src {args.dst} --dst HF_DIR{dtype}")
         return 0

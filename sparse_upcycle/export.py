@@ -36,25 +36,21 @@ temporary directory renamed to ``--dst`` only when complete.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
 from sparse_upcycle import models
+from sparse_upcycle.checkpoints import hf_write
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.hf import HFCheckpoint, ShardedSafetensorsWriter, parse_size
+from sparse_upcycle.checkpoints.hf import HFCheckpoint, parse_size
 from sparse_upcycle.checkpoints.layout import (
     CHECKPOINT_DIR,
-    EXTRAS_FILE,
     HF_SOURCE_DIR,
-    is_side_file,
     read_hf_side,
     save_hf_source,
     write_recipe_json,
@@ -63,21 +59,8 @@ from sparse_upcycle.checkpoints.open import open_checkpoint
 from sparse_upcycle.checkpoints.orbax import StreamingWriter
 from sparse_upcycle.checkpoints.output import TempOutput
 from sparse_upcycle.checkpoints.reader import CheckpointReader
-from sparse_upcycle.checkpoints.tree import LazyTree
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.task import resolve_model
-
-DTYPES = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
-MOE_LAYOUTS = {"fused": "fused", "per_expert": "legacy"}
-# LlamaConfig keys MixtralConfig has no use for.
-_LLAMA_ONLY = ("mlp_bias", "attention_bias", "pretraining_tp")
-# The HF MoE classes whose per-expert layout transformers 4.x reads.
-_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-
 
 # --------------------------------------------------------------------------------------------
 # Sources.
@@ -201,80 +184,9 @@ def _check_tensors(source: Source) -> None:
             )
 
 
-def merge_hf_config(base: dict | None, ours: dict) -> dict:
-    """``ours`` (what our model config says) laid over the source's ``config.json``: the
-    source's other keys (token ids, transformers_version, …) are kept, and where both say the
-    same (``10000`` vs ``10000.0``) the source's spelling is kept."""
-    if base is None:
-        return dict(ours)
-    out = dict(base)
-    if base.get("model_type") != ours.get("model_type"):
-        for key in _LLAMA_ONLY:
-            out.pop(key, None)
-    labels = base.get("id2label")
-    for key, value in ours.items():
-        if key in ("id2label", "label2id", "num_labels") and isinstance(labels, dict):
-            if len(labels) == len(ours.get("id2label") or {}):
-                continue  # the source's label names, not our LABEL_i placeholders
-        if key == "rope_theta" and isinstance(out.get("rope_parameters"), dict):
-            if out["rope_parameters"].get("rope_theta") != value:
-                out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": value}
-            # also top level: transformers 4.x ignores rope_parameters and would fall back to
-            # its class default (MixtralConfig: 1e6, not Llama's 10000)
-            out["rope_theta"] = out["rope_parameters"]["rope_theta"]
-            continue
-        if key in out and out[key] == value:
-            continue
-        out[key] = value
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
-
-
-def _options(fn: Callable, **options) -> dict:
-    """The ``options`` that ``fn`` (a family's HF map function) takes: a map declares the
-    export options it has a use for (``moe_format``, ``dropless``, ``extras``) as parameters."""
-    accepted = inspect.signature(fn).parameters
-    return {name: value for name, value in options.items() if name in accepted}
-
-
-def _hf_tensors(source: Source, moe_layout: str, extras: dict) -> Iterator[tuple[str, np.ndarray]]:
-    params = LazyTree(source.keys, source.read)
-    to_hf = models.hf_map(source.family).iter_to_hf
-    options = _options(to_hf, moe_format=MOE_LAYOUTS[moe_layout], extras=extras)
-    return to_hf(params, source.config, **options)
-
-
-def _hf_config(source: Source, base: dict | None, dropless: bool) -> dict:
-    try:
-        module = models.hf_map(source.family)
-        ours = module.config_to_hf(
-            source.config, **_options(module.config_to_hf, dropless=dropless)
-        )
-    except ValueError as e:
-        raise ConfigError(f"cannot export {source.path} to Hugging Face: {e}") from None
-    if base is not None and base.get("model_type") == ours["model_type"]:
-        try:
-            unchanged = module.config_from_hf(base) == source.config
-        except (ValueError, KeyError, TypeError):
-            unchanged = False
-        if unchanged:  # the source's model as it was: its config.json as it was
-            return dict(base)
-    return merge_hf_config(base, ours)
-
-
-def _target_dtype(dtype: str, base: dict | None) -> np.dtype:
-    if dtype == "auto":
-        named = (base or {}).get("dtype") or (base or {}).get("torch_dtype") or "float32"
-        if named not in DTYPES:
-            raise ConfigError(f"the source config names dtype {named!r}; pass --dtype")
-        return DTYPES[named]
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def export(
@@ -296,8 +208,7 @@ def export(
     Nothing is written to ``dst`` unless everything succeeded; ``src`` is only read."""
     if fmt not in ("hf", "orbax"):
         raise ConfigError(f"--format must be hf or orbax, got {fmt!r}")
-    if moe_layout not in MOE_LAYOUTS:
-        raise ConfigError(f"--moe-layout must be one of {sorted(MOE_LAYOUTS)}, got {moe_layout!r}")
+    hf_write.check_moe_layout(moe_layout)
     try:
         max_bytes = parse_size(max_shard_size)
     except ValueError as e:
@@ -311,42 +222,27 @@ def export(
     base, extras = read_hf_side(source.hf_dir)
     hf_config, target_dtype = None, None
     if fmt == "hf":  # refuse before writing anything
-        hf_config = _hf_config(source, base, dropless)
-        target_dtype = _target_dtype(dtype, base)
+        hf_config = hf_write.hf_config(source.family, source.config, base, dropless, source.path)
+        target_dtype = hf_write.target_dtype(dtype, base)
     with output as tmp:
         if hf_config is not None and target_dtype is not None:
-            summary = _write_hf(
-                source, tmp, hf_config, target_dtype, moe_layout, max_bytes, extras, progress
+            summary = hf_write.write_hf(
+                tmp,
+                family=source.family,
+                config=source.config,
+                keys=source.keys,
+                read=source.read,
+                hf_config=hf_config,
+                dtype=target_dtype,
+                moe_layout=moe_layout,
+                max_bytes=max_bytes,
+                extras=extras,
+                side_dir=source.hf_dir,
+                progress=progress,
             )
         else:
             summary = _write_orbax(source, tmp, progress)
     return {"dst": dst, "format": fmt, "family": source.family, **summary}
-
-
-def _write_hf(source, out, hf_config, target_dtype, moe_layout, max_bytes, extras, progress):
-    dtype_key = (
-        "torch_dtype" if "torch_dtype" in hf_config and "dtype" not in hf_config else "dtype"
-    )
-    hf_config[dtype_key] = target_dtype.name
-    if moe_layout == "per_expert" and hf_config.get("model_type") in _MOE_MODEL_TYPES:
-        hf_config["torch_dtype"] = target_dtype.name  # the key transformers < 4.56 reads
-    writer = ShardedSafetensorsWriter(out, max_bytes)
-    stream = _hf_tensors(source, moe_layout, extras)
-    for name, value in tqdm(stream, desc="export", unit="tensor", disable=not progress):
-        writer.add(name, np.asarray(value).astype(target_dtype, copy=False))
-    files = writer.close()
-    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    if source.hf_dir is not None:  # tokenizer, generation config, … of the source
-        for name in sorted(os.listdir(source.hf_dir)):
-            if name not in ("config.json", EXTRAS_FILE) and is_side_file(source.hf_dir, name):
-                shutil.copy2(os.path.join(source.hf_dir, name), os.path.join(out, name))
-    return {
-        "architecture": (hf_config.get("architectures") or ["?"])[0],
-        "dtype": target_dtype.name,
-        "files": files,
-        "bytes": writer.total_bytes,
-    }
 
 
 def _write_orbax(source: Source, out: str, progress: bool) -> dict:

@@ -30,8 +30,18 @@ mergekit                               ours
                                        precision)
 ``architecture: mixtral`` (or unset)   accepted; ``export`` writes Mixtral for a Llama /
                                        Mistral base and Qwen2-MoE / Qwen3-MoE for a Qwen one
-``shared_experts``, other architectures,
-``noise_scale``, ``residual_scale``     refused, by name
+``architecture: qwen`` + one           Qwen2-MoE from Qwen2 models: ``model.moe``
+``shared_experts`` entry               ``shared_expert_gate = True`` and
+                                       ``upcycle.shared_source``: one shared expert per layer,
+                                       a copy of that entry's ``source_model`` MLP (full
+                                       width), its gate vector made as one more router row
+                                       (its prompts last in ``positive_prompts``)
+``architecture: qwen`` / ``qwen3``     accepted for a Qwen3 base (Qwen3-MoE)
+without ``shared_experts``
+``shared_experts`` with architecture   refused: mergekit picks its DeepSeek output there;
+unset or mixtral, or from a Llama /    Qwen2-MoE from Llama sources would need q/k/v biases
+Mistral base; DeepSeek; ``noise_scale``,  added
+``residual_scale``                     refused, by name
 =====================================  ====================================================
 
 Routing: Mixtral's (softmax over the experts, top-K, the K weights renormalised:
@@ -73,6 +83,7 @@ GATE_MODES = {
     "uniform_random": "uniform_random",
 }
 DTYPES = ("float32", "bfloat16", "float16")
+ARCHITECTURES = (None, "mixtral", "qwen", "qwen3")
 
 
 def read(path: str) -> dict:
@@ -116,16 +127,11 @@ def config_from_yaml(path: str) -> tuple[ml_collections.ConfigDict, str | None]:
         raise ConfigError(
             f"{where}: mergekit field {unknown[0]!r} is not supported (known: {TOP_FIELDS})"
         )
-    if data.get("shared_experts"):
-        raise ConfigError(
-            f"{where}: shared_experts (a shared expert copied from a source model) is not "
-            "supported yet; remove it, or use configs/qwen_moe_fine_grained.py"
-        )
     arch = data.get("architecture")
-    if arch not in (None, "mixtral"):
+    if arch not in ARCHITECTURES:
         raise ConfigError(
-            f"{where}: architecture {arch!r} is not supported; use mixtral or leave "
-            "it unset (export chooses the HF MoE class from the base model)"
+            f"{where}: architecture {arch!r} is not supported; use one of "
+            f"{tuple(a for a in ARCHITECTURES if a)} or leave it unset"
         )
     if "base_model" not in data:
         raise ConfigError(f"{where}: base_model is required")
@@ -133,6 +139,7 @@ def config_from_yaml(path: str) -> tuple[ml_collections.ConfigDict, str | None]:
     gate = data.get("gate_mode", "hidden")
     if gate not in GATE_MODES:
         raise ConfigError(f"{where}: gate_mode {gate!r} is not one of {tuple(GATE_MODES)}")
+    shared = _shared_expert(data, where, arch, _model_type(base, where), gate)
     dtype = data.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"{where}: dtype {dtype!r} is not one of {DTYPES}")
@@ -147,8 +154,8 @@ def config_from_yaml(path: str) -> tuple[ml_collections.ConfigDict, str | None]:
             f"{where}: {len(experts)} expert(s) for experts_per_token={k}; need at least {k}"
         )
     sources, assignment, positive, negative = [base], [], [], []
-    for i, e in enumerate(experts):
-        at = f"{where}: experts[{i}]"
+    for i, e in enumerate([*experts, *shared]):
+        at = f"{where}: experts[{i}]" if i < len(experts) else f"{where}: shared_experts[0]"
         if not isinstance(e, dict):
             raise ConfigError(f"{at} must be a mapping with source_model")
         bad = sorted(set(e) - set(EXPERT_FIELDS))
@@ -162,16 +169,17 @@ def config_from_yaml(path: str) -> tuple[ml_collections.ConfigDict, str | None]:
         src = _path(e["source_model"], f"{at}.source_model", base_dir)
         if src not in sources:
             sources.append(src)
-        assignment.append(sources.index(src))
+        if i < len(experts):
+            assignment.append(sources.index(src))
         positive.append(_strings(e.get("positive_prompts"), f"{at}.positive_prompts"))
         negative.append(_strings(e.get("negative_prompts"), f"{at}.negative_prompts"))
     prompted = GATE_MODES[gate] not in ("random", "uniform_random")
     if prompted:
         empty = [i for i, p in enumerate(positive) if not p]
         if empty:
+            which = f"experts[{empty[0]}]" if empty[0] < len(experts) else "shared_experts[0]"
             raise ConfigError(
-                f"{where}: experts[{empty[0]}] has no positive_prompts, which gate_mode={gate} "
-                "needs"
+                f"{where}: {which} has no positive_prompts, which gate_mode={gate} needs"
             )
     c = default_config()
     c.model = ml_collections.ConfigDict(
@@ -191,6 +199,7 @@ def config_from_yaml(path: str) -> tuple[ml_collections.ConfigDict, str | None]:
                 "router_init_std": 0.02,
                 "aux_loss_weight": 0.001,
                 "router_z_loss_weight": 0.0,
+                **({"shared_expert_gate": True} if shared else {}),
             },
         }
     )
@@ -208,6 +217,69 @@ def config_from_yaml(path: str) -> tuple[ml_collections.ConfigDict, str | None]:
             "router_init_std": 1.0 if gate == "random" else 0.02,
             "positive_prompts": [list(p) for p in positive] if prompted else [],
             "negative_prompts": ([list(n) for n in negative] if prompted and any(negative) else []),
+            "shared_source": sources.index(_path(shared[0]["source_model"], "", base_dir))
+            if shared
+            else -1,
         }
     )
     return c, dtype
+
+
+def _model_type(base: str, where: str) -> str | None:
+    """The ``model_type`` of the base model's ``config.json`` (None when it has none: the
+    surgeon then says what the base is)."""
+    import json
+
+    try:
+        with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _shared_expert(data: dict, where: str, arch, model_type, gate: str) -> list[dict]:
+    """``shared_experts`` checked against the output mergekit would choose: [] or the one
+    shared expert of its Qwen MoE output (``moe/qwen.py``: exactly one, from Qwen2 models
+    here, with prompts unless ``gate_mode: random``)."""
+    shared = data.get("shared_experts")
+    if shared is None:
+        shared = []
+    if not isinstance(shared, list):
+        raise ConfigError(f"{where}: shared_experts must be a list")
+    if not shared:
+        if arch in ("qwen", "qwen3") and model_type != "qwen3":
+            raise ConfigError(
+                f"{where}: architecture {arch} without shared_experts is mergekit's Qwen3 MoE, "
+                f"for Qwen3 models (the base is {model_type!r}); use mixtral"
+            )
+        return []
+    if arch not in ("qwen",):
+        why = (
+            "mergekit would choose its DeepSeek MoE output here"
+            if arch is None
+            else f"{arch} has no shared expert"
+        )
+        raise ConfigError(
+            f"{where}: shared_experts: {why}; set architecture: qwen (Qwen2-MoE, one shared expert)"
+        )
+    if len(shared) != 1:
+        raise ConfigError(
+            f"{where}: shared_experts has {len(shared)} entries; the Qwen MoE output takes "
+            "exactly one"
+        )
+    if model_type != "qwen2":
+        raise ConfigError(
+            f"{where}: shared_experts into Qwen2-MoE from a {model_type!r} base is not "
+            "supported (Llama/Mistral sources would need q/k/v biases added); use Qwen2 "
+            "models, or architecture: mixtral without shared_experts"
+        )
+    entry = shared[0]
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: shared_experts[0] must be a mapping with source_model")
+    if gate != "random" and not entry.get("positive_prompts"):
+        raise ConfigError(
+            f"{where}: shared_experts[0] has no positive_prompts, which gate_mode={gate} "
+            "needs (its gate is made like a router row)"
+        )
+    return [entry]

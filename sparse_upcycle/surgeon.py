@@ -22,13 +22,15 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_upcycle import models
+from sparse_upcycle.checkpoints import hf_write
 from sparse_upcycle.checkpoints.errors import CheckpointError
-from sparse_upcycle.checkpoints.hf import HFCheckpoint
+from sparse_upcycle.checkpoints.hf import HFCheckpoint, parse_size
 from sparse_upcycle.checkpoints.layout import (
     CHECKPOINT_DIR,
     UpcycledCheckpoint,
     checksums,
     config_from_dict,
+    read_hf_side,
     save_hf_source,
     write_recipe_json,
 )
@@ -42,7 +44,12 @@ from sparse_upcycle.sizes import format_bytes
 from sparse_upcycle.task import recipe_from, resolve_models
 from sparse_upcycle.upcycle import router_init
 from sparse_upcycle.upcycle.recipe import Recipe
-from sparse_upcycle.upcycle.rules import ROUTER_RE, tile_optimizer_state, upcycle_tree
+from sparse_upcycle.upcycle.rules import (
+    ROUTER_RE,
+    UpcycledTensors,
+    tile_optimizer_state,
+    upcycle_tree,
+)
 from sparse_upcycle.upcycle.sources import check_compatible
 from sparse_upcycle.upcycle.verdict import dense_function_verdict, identical_sources
 
@@ -59,12 +66,18 @@ def upcycle(
     overwrite: bool = False,
     progress: bool = True,
     refuse_non_finite: bool = False,
+    hf: HFOutput | None = None,
 ) -> dict:
     """Write the MoE checkpoint for ``config`` from the dense ``src`` (or the recipe's
     ``upcycle.sources``) to ``dst``; returns the recipe.json content. Nothing is written to
     ``dst`` unless everything succeeded. Source tensors holding NaN/inf are copied with one
     warning naming them, or, with ``refuse_non_finite``, stop the run at the first
-    (CheckpointError naming it)."""
+    (CheckpointError naming it).
+
+    With ``hf`` the output is a Hugging Face directory instead (what ``export --format hf``
+    would make of our output, in one pass: each MoE tensor is computed when the HF writer
+    asks for it, one MoE layer's experts in memory, and streamed into its shard), with the
+    recipe.json content as ``sparse_upcycle_recipe.json`` beside the weights."""
     paths = _source_paths(config, src)
     base_index = recipe_from(config).base_source if len(paths) > 1 else 0
     also = [(f"upcycle.sources[{i}]", p) for i, p in enumerate(paths) if i != base_index]
@@ -76,6 +89,11 @@ def upcycle(
     source = opened[base_index]
     family, dense_cfg, moe_cfg, recipe = resolve_models(config, source)
     target = models.target_shapes(family, moe_cfg)
+    if hf is not None and recipe.optimizer == "tile":
+        raise ConfigError(
+            "upcycle --output-format hf: a Hugging Face directory holds no optimizer "
+            "state; use --config.upcycle.optimizer=reset"
+        )
     slot_keys = []
     if recipe.optimizer == "tile":
         slot_keys = source.optimizer_state_keys()
@@ -94,6 +112,50 @@ def upcycle(
         ]
     verdict = dense_function_verdict(recipe, moe_cfg, identical_sources(listed))
     rows = _router_rows(recipe, family, dense_cfg, source, target)
+    hf_plan = None
+    if hf is not None:  # refuse before anything is read or written
+        hf_plan = _hf_plan(hf, family, moe_cfg, source)
+    if hf_plan is not None:
+        with output as tmp:
+            non_finite = []
+            reads = [_finite_read(o, non_finite, refuse=refuse_non_finite) for o in opened]
+            tensors = UpcycledTensors(
+                source.keys(),
+                reads[base_index],
+                target,
+                recipe,
+                reads if recipe.sources else (),
+                rows,
+            )
+            summary = hf_write.write_hf(
+                tmp,
+                family=family,
+                config=moe_cfg,
+                keys=tensors.keys(),
+                read=tensors.read,
+                progress=progress,
+                **hf_plan,
+            )
+            _warn_non_finite(", ".join(paths), non_finite)
+            info = write_recipe_json(
+                tmp,
+                recipe=recipe.to_dict(),
+                recipe_name=recipe.name,
+                family=family,
+                model=moe_cfg,
+                dense_model=dense_cfg,
+                source_path=paths[base_index],
+                source_format=source.format,
+                source_step=source.step,
+                step=0,
+                optimizer_slots=0,
+                preserves_dense_function=verdict.preserves,
+                preservation=list(verdict.reasons),
+                sources=listed,
+                source_sha256=listed[base_index]["sha256"] if listed else None,
+                name=HF_RECIPE_FILE,
+            )
+        return {**info, "hf": summary}
     with output as tmp:
         writer = StreamingWriter(os.path.join(tmp, CHECKPOINT_DIR))
         try:
@@ -133,10 +195,44 @@ def upcycle(
             preserves_dense_function=verdict.preserves,
             preservation=list(verdict.reasons),  # why not, when it does not
             sources=listed,
+            source_sha256=listed[base_index]["sha256"] if listed else None,
         )
         if isinstance(source, HFCheckpoint):  # config, tokenizer, … for `export --format hf`
             save_hf_source(source, tmp)
     return info
+
+
+@dataclasses.dataclass(frozen=True)
+class HFOutput:
+    """``upcycle --output-format hf``'s options, as ``export``'s of the same names."""
+
+    dtype: str = "auto"
+    moe_layout: str = "fused"
+    max_shard_size: str = "5GB"
+    dropless: bool = False
+
+
+HF_RECIPE_FILE = "sparse_upcycle_recipe.json"  # recipe.json would mark our own layout
+
+
+def _hf_plan(hf: HFOutput, family: str, moe_cfg, source: CheckpointReader) -> dict:
+    """``hf_write.write_hf``'s settings for the MoE model, checked (the HF class exists and
+    computes what ours does; dtype, layout, shard size valid) before anything is written."""
+    hf_write.check_moe_layout(hf.moe_layout)
+    try:
+        max_bytes = parse_size(hf.max_shard_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    side_dir = source.path if isinstance(source, HFCheckpoint) else None
+    base, extras = read_hf_side(side_dir)
+    return {
+        "hf_config": hf_write.hf_config(family, moe_cfg, base, hf.dropless, "the MoE model"),
+        "dtype": hf_write.target_dtype(hf.dtype, base),
+        "moe_layout": hf.moe_layout,
+        "max_bytes": max_bytes,
+        "extras": extras,
+        "side_dir": side_dir,
+    }
 
 
 def _router_rows(recipe, family, dense_cfg, source, target) -> dict | None:

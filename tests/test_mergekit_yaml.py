@@ -204,9 +204,20 @@ def test_uniform_random_is_torch_linear_default(llamas, work, capsys):
             "'merge_method' is not supported",
         ),
         (
-            "base_model: A\nexperts: [{source_model: A}, {source_model: A}]\n"
+            "base_model: A\ngate_mode: random\nexperts: [{source_model: A}, {source_model: A}]\n"
             "shared_experts: [{source_model: A}]\n",
-            "shared_experts",
+            "mergekit would choose its DeepSeek MoE output here; set architecture: qwen",
+        ),
+        (
+            "base_model: A\narchitecture: qwen\ngate_mode: random\n"
+            "experts: [{source_model: A}, {source_model: A}]\n"
+            "shared_experts: [{source_model: A}]\n",
+            "from a 'llama' base is not supported",
+        ),
+        (
+            "base_model: A\narchitecture: deepseek\ngate_mode: random\n"
+            "experts: [{source_model: A}, {source_model: A}]\n",
+            "architecture 'deepseek' is not supported",
         ),
         (
             "base_model: A\ngate_mode: random\n"
@@ -228,7 +239,7 @@ def test_uniform_random_is_torch_linear_default(llamas, work, capsys):
         (
             "base_model: A\narchitecture: qwen\ngate_mode: random\n"
             "experts: [{source_model: A}, {source_model: A}]\n",
-            "architecture 'qwen'",
+            "architecture qwen without shared_experts is mergekit's Qwen3 MoE",
         ),
         (
             "base_model: A\ngate_mode: random\n"
@@ -268,3 +279,128 @@ def test_prompted_router_init_needs_a_tokenizer_and_prompts(llamas, work, capsys
     yml = _yaml(work, "no_tok", _experts_yaml("cheap_embed", spec))
     rc, _, err = _run(capsys, "upcycle", "--mergekit-yaml", yml, "--dst", work / "y")
     assert rc == 2 and "no tokenizer.json" in err, err
+
+
+# --------------------------------------------------------------------------------------------
+# architecture: qwen with one shared expert -> Qwen2-MoE (mergekit moe/qwen.py's output).
+# --------------------------------------------------------------------------------------------
+
+
+def _qwen2(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def qwens(work):
+    out = {}
+    for name, seed in (("qa", 5), ("qb", 6), ("qc", 7)):
+        model = _qwen2(seed)
+        path = str(work / name)
+        model.save_pretrained(path)
+        _tokenizer(path)
+        out[name] = (model, path)
+    return out
+
+
+def _qwen_yaml(qwens, gate, shared_prompts=True):
+    a, b, c = (qwens[n][1] for n in ("qa", "qb", "qc"))
+    lines = [f"base_model: {a}", "architecture: qwen", f"gate_mode: {gate}", "dtype: bfloat16"]
+    lines.append("experts:")
+    for path, (pos, _) in ((a, PROMPTS["a"]), (b, PROMPTS["b"])):
+        lines += [f"  - source_model: {path}", "    positive_prompts:"]
+        lines += [f"      - {json.dumps(p)}" for p in pos]
+    lines += ["shared_experts:", f"  - source_model: {c}"]
+    if shared_prompts:
+        lines += ["    positive_prompts:", '      - "python code runs fast"']
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("gate", ["random", "cheap_embed"])
+def test_qwen_architecture_with_a_shared_expert_writes_qwen2_moe(qwens, work, capsys, gate):
+    """Experts a, b from their sources, the shared expert c's MLP as it is, attention (with
+    its biases), norms and embeddings from the base a; the shared gate a router row of its
+    own (cheap_embed: the unit sum of the shared prompt's token embeddings, from torch); the
+    config as mergekit's Qwen MoE writes it. transformers' Qwen2MoeForCausalLM loads and runs
+    it."""
+    yml = _yaml(work, f"qwen_{gate}", _qwen_yaml(qwens, gate))
+    out = str(work / f"qwen_moe_{gate}")
+    rc, printed, err = _run(
+        capsys, "upcycle", "--mergekit-yaml", yml, "--dst", out, "--output-format", "hf"
+    )
+    assert rc == 0, err
+    assert "Qwen2MoeForCausalLM (bfloat16" in printed, printed
+    assert "meant to preserve the dense function: False" in printed
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "qwen2_moe" and cfg["num_experts"] == 2
+    assert cfg["num_experts_per_tok"] == 2 and cfg["norm_topk_prob"] is True
+    assert cfg["moe_intermediate_size"] == cfg["shared_expert_intermediate_size"] == 48
+    model = transformers.Qwen2MoeForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    got = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    sd = {n: qwens[n][0].state_dict() for n in ("qa", "qb", "qc")}
+
+    def bf16(t):
+        return t.to(torch.bfloat16).float().numpy()
+
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}."
+        experts = got[p + "mlp.experts.gate_up_proj"]  # [E, 2f, d]
+        down = got[p + "mlp.experts.down_proj"]  # [E, d, f]
+        for e, name in enumerate(("qa", "qb")):
+            gate_w = bf16(sd[name][p + "mlp.gate_proj.weight"])
+            up_w = bf16(sd[name][p + "mlp.up_proj.weight"])
+            np.testing.assert_array_equal(experts[e], np.concatenate([gate_w, up_w]))
+            np.testing.assert_array_equal(down[e], bf16(sd[name][p + "mlp.down_proj.weight"]))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            np.testing.assert_array_equal(
+                got[p + f"mlp.shared_expert.{proj}.weight"],
+                bf16(sd["qc"][p + f"mlp.{proj}.weight"]),
+            )
+        for name in ("self_attn.q_proj.bias", "self_attn.k_proj.weight", "input_layernorm.weight"):
+            np.testing.assert_array_equal(got[p + name], bf16(sd["qa"][p + name]))
+        gate_row = got[p + "mlp.shared_expert_gate.weight"]
+        assert gate_row.shape == (1, 32) and np.abs(gate_row).max() > 0
+        if gate == "cheap_embed":
+            table = qwens["qa"][0].model.embed_tokens.weight.double().detach().numpy()
+            ids = _tokenizer_of(qwens).encode("python code runs fast").ids
+            want = _unit(table[ids].sum(0))
+            np.testing.assert_allclose(gate_row[0], want, atol=1e-2)  # bf16
+            router = got[p + "mlp.gate.weight"]
+            assert not np.allclose(router[0], gate_row[0], atol=1e-2)
+        else:
+            assert 0.5 < gate_row.std() < 1.5  # torch.randn's scale, as mergekit's
+    ids = torch.from_numpy(np.random.default_rng(2).integers(3, VOCAB, (2, 7)))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    with open(os.path.join(out, surgeon.HF_RECIPE_FILE)) as f:
+        recipe = json.load(f)["recipe"]
+    assert recipe["shared_source"] == 2 and recipe["expert_sources"] == [0, 1]
+
+
+def _tokenizer_of(qwens):
+    return Tokenizer.from_file(os.path.join(qwens["qa"][1], "tokenizer.json"))
+
+
+def test_qwen_shared_expert_refusals(qwens, work, capsys):
+    text = _qwen_yaml(qwens, "cheap_embed", shared_prompts=False)
+    rc, _, err = _run(
+        capsys, "upcycle", "--mergekit-yaml", _yaml(work, "qwen_np", text), "--dst", work / "q"
+    )
+    assert rc == 2 and "shared_experts[0] has no positive_prompts" in err, err
+    two = text.replace("shared_experts:\n", "shared_experts:\n  - source_model: x\n")
+    rc, _, err = _run(
+        capsys, "upcycle", "--mergekit-yaml", _yaml(work, "qwen_two", two), "--dst", work / "q"
+    )
+    assert rc == 2 and "shared_experts has 2 entries" in err, err
+    assert not (work / "q").exists()

@@ -228,6 +228,113 @@ def test_identical_sources_export_to_a_mixtral_that_computes_the_dense_llama(lla
 
 
 # --------------------------------------------------------------------------------------------
+# One pass, HF to HF: upcycle --output-format hf writes what upcycle + export write.
+# --------------------------------------------------------------------------------------------
+
+
+def _safetensors(directory):
+    from safetensors.numpy import load_file
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_one_pass_hf_output_equals_upcycle_then_export(mixed, work, capsys, layout):
+    """The mixed recipe (three sources, one an .npz, base b, averaged attention and norms,
+    random routers) in one pass: the same tensors, bit for bit, and the same config.json as
+    the two-step path, in shards of the size asked for; the recipe and every source's
+    checksums beside them."""
+    moe, paths = mixed
+    two_step = str(work / f"mixed_hf_{layout}")
+    export = ["export", "--src", moe, "--dst", two_step, "--moe-layout", layout]
+    assert _run(capsys, *export, "--dtype", "bfloat16", "--max-shard-size", "20KB")[0] == 0
+    one_pass = str(work / f"mixed_one_pass_{layout}")
+    rc, printed, err = _run(
+        capsys,
+        "upcycle",
+        "--config",
+        CONFIG,
+        "--dst",
+        one_pass,
+        "--output-format",
+        "hf",
+        "--dtype",
+        "bfloat16",
+        "--moe-layout",
+        layout,
+        "--max-shard-size",
+        "20KB",
+        "--config.model.overrides.dtype=float32",
+        "--config.model.moe.capacity_factor=None",
+        f"--config.upcycle.sources={json.dumps(paths)}",
+        "--config.upcycle.expert_sources=[0, 1, 2, 1]",
+        "--config.upcycle.num_experts=4",
+        "--config.upcycle.base_source=1",
+        "--config.upcycle.non_expert=attention=average,norm=average",
+        "--config.upcycle.source_weights=[1.0, 2.0, 1.0]",
+    )
+    assert rc == 0, err
+    assert "MixtralForCausalLM (bfloat16" in printed, printed
+    want, got = _safetensors(two_step), _safetensors(one_pass)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and got[name].tobytes() == value.tobytes(), name
+    for name in ("config.json", "model.safetensors.index.json"):
+        with open(os.path.join(two_step, name)) as a, open(os.path.join(one_pass, name)) as b:
+            assert json.load(a) == json.load(b), name
+    shards = [n for n in os.listdir(one_pass) if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    with open(os.path.join(one_pass, surgeon.HF_RECIPE_FILE)) as f:
+        recipe = json.load(f)
+    assert [s["path"] for s in recipe["sources"]] == [os.path.abspath(p) for p in paths]
+    assert all(s["sha256"] for s in recipe["sources"])
+    assert recipe["source"]["sha256"] == recipe["sources"][1]["sha256"]  # the base, hashed once
+
+
+def test_one_pass_identical_sources_compute_the_dense_llama(llamas, work, capsys):
+    out = str(work / "same_one_pass")
+    rc, _, err = _upcycle(
+        capsys,
+        out,
+        [llamas["a"][1], llamas["a_copy"][1]],
+        "--output-format",
+        "hf",
+        "--config.upcycle.num_experts=8",
+        "--config.upcycle.experts_per_source=4",
+    )
+    assert rc == 0, err
+    mixtral = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, VOCAB, (2, 10)))
+    with torch.no_grad():
+        want = llamas["a"][0](input_ids=ids).logits.double().numpy()
+        got = mixtral(input_ids=ids).logits.double().numpy()
+    assert np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want))) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dtype", "bfloat16"], "--dtype goes with --output-format hf"),
+        (["--max-shard-size", "1MB"], "--max-shard-size goes with --output-format hf"),
+        (
+            ["--output-format", "hf", "--config.upcycle.optimizer=tile"],
+            "holds no optimizer state",
+        ),
+        (["--output-format", "hf", "--max-shard-size", "lots"], "lots"),
+    ],
+)
+def test_one_pass_refusals_are_one_line(llamas, work, capsys, extra, message):
+    dst = str(work / "refused_one_pass")
+    rc, _, err = _upcycle(capsys, dst, None, *extra, src=llamas["a"][1])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not os.path.exists(dst)
+
+
+# --------------------------------------------------------------------------------------------
 # Refusals: one line, exit 2, nothing written, nothing read.
 # --------------------------------------------------------------------------------------------
 

@@ -151,8 +151,12 @@ def write_recipe_json(
     preserves_dense_function: bool | None = None,
     preservation: list[str] | None = None,
     sources: list[dict] | None = None,
+    source_sha256: dict | None = None,
+    name: str = RECIPE_FILE,
 ) -> dict:
-    """Write ``directory/recipe.json`` and return its content. The schema, in key order:
+    """Write ``directory/name`` (``recipe.json``) and return its content; ``source_sha256``
+    is the source's checksums when the caller has them (hashed here otherwise). The schema,
+    in key order:
     ``package_version``, ``recipe`` (``Recipe.to_dict()``, null for an ``export``),
     ``recipe_name``, ``family``, ``model`` (config of the tensors), ``dense_model`` (the dense
     config it was upcycled from), ``source`` (``path``, ``format``, ``step``, ``sha256`` of
@@ -173,7 +177,7 @@ def write_recipe_json(
         "path": os.path.abspath(source_path),
         "format": source_format,
         "step": source_step,
-        "sha256": checksums(source_path),
+        "sha256": checksums(source_path) if source_sha256 is None else source_sha256,
     }
     if sources is not None:  # several dense sources, each as ``source`` (the caller hashed)
         info["sources"] = sources
@@ -183,7 +187,7 @@ def write_recipe_json(
         info["preserves_dense_function"] = preserves_dense_function
     if preservation is not None:
         info["preservation"] = preservation
-    with open(os.path.join(directory, RECIPE_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, default=str)
     return info
 

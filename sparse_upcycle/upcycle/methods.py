@@ -164,10 +164,24 @@ class Copy(Method):
             layer=layer,
         )
 
+    def shared_experts(self, recipe):
+        return 1 if recipe.shared_source >= 0 else 0
+
+    def shared(self, mlp, names, recipe, layer, gated):
+        if recipe.shared_source < 0:
+            return super().shared(mlp, names, recipe, layer, gated)
+        return {name: np.asarray(mlp[name]) for name in names.all()}  # the source's MLP as is
+
     def preserves_dense_function(self, recipe):
-        if recipe.noise_std == 0.0:
-            return None
-        return f"copy with noise_std={recipe.noise_std:g} perturbs the experts"
+        reasons = []
+        if recipe.noise_std:
+            reasons.append(f"copy with noise_std={recipe.noise_std:g} perturbs the experts")
+        if recipe.shared_source >= 0:
+            reasons.append(
+                f"a shared expert (a copy of source {recipe.shared_source}'s MLP) is added to "
+                "the routed experts, behind a gate sigmoid(x·g) that is not 0"
+            )
+        return "; ".join(reasons) or None
 
 
 class VirtualGroup(Method):

@@ -65,6 +65,7 @@ class Recipe:
     base_source: int = 0
     non_expert: str = "base"
     source_weights: tuple[float, ...] = ()
+    shared_source: int = -1  # copy: one shared expert, a copy of this source's MLP (-1: none)
     # How the fresh router starts (``router_init.py``): random | uniform_random | cheap_embed |
     # hidden | hidden_last, and the prompts of each expert for the last three.
     router_init: str = "random"

@@ -15,7 +15,8 @@
 Prompts (``positive_prompts`` / ``negative_prompts``: one list of strings per expert) are
 tokenised with the base source's own ``tokenizer.json`` (the ``tokenizers`` library, with the
 special tokens its post-processor adds, e.g. Llama's ``<s>``: mergekit prefixes the BOS
-token); nothing is downloaded.
+token); nothing is downloaded. With a copied shared expert (``shared_source``) one more list
+comes last: its gate vector is made as one more router row (mergekit-moe's Qwen output).
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ def validate(recipe: Recipe) -> None:
                 f" (got router_init={recipe.router_init!r})"
             )
         return
-    e = recipe.total_experts
+    e = recipe.total_experts + (recipe.shared_source >= 0)  # the shared expert's come last
     if len(recipe.positive_prompts) != e:
+        also = " and the shared expert (last)" if recipe.shared_source >= 0 else ""
         raise ValueError(
             f"upcycle.router_init={recipe.router_init} needs positive_prompts for each of the "
-            f"{e} experts; got {len(recipe.positive_prompts)} list(s)"
+            f"{recipe.total_experts} experts{also}; got {len(recipe.positive_prompts)} list(s)"
         )
     empty = [i for i, p in enumerate(recipe.positive_prompts) if not p]
     if empty:

@@ -11,7 +11,8 @@ is produced by exactly one rule, tried in order:
 3. ``<prefix>/shared_expert/<name>/{kernel,bias}`` -> the method's shared experts
    (``Method.shared``) of the same dense MLP
 4. ``<prefix>/shared_expert_gate/kernel``     -> zeros (the gate starts at sigmoid(0) = 1/2,
-   which ``Method.shared`` compensates)
+   which ``Method.shared`` compensates); a shared expert copied from a source
+   (``shared_source``) gets one more router row instead, as mergekit-moe does
 5. ``<prefix>/router/selection_bias``         -> zeros (auxiliary-loss-free balancing starts
    unbiased)
 6. any other path                             -> copied from the dense checkpoint unchanged
@@ -110,12 +111,29 @@ def _router(shape, prefix, recipe: Recipe, rows: Mapping[str, np.ndarray]) -> np
     if recipe.router_init in router_init.PROMPTED:
         if prefix not in rows:
             raise ValueError(f"router_init={recipe.router_init}: no router rows for {prefix}")
-        return rows[prefix]
+        return rows[prefix][:, : shape[1]]  # with a shared_source, its row comes last
     layer = _layer_index(prefix)
     rng = np.random.default_rng([recipe.seed, layer, 0, 999])
     if recipe.router_init == "uniform_random":
         return router_init.uniform(tuple(shape), rng)
     return methods.get(recipe.method).router(tuple(shape), layer, recipe, rng)
+
+
+_GATE = "shared_expert_gate/kernel"
+
+
+def _shared_gate(shape, prefix, recipe: Recipe, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The gate vector g [d, 1] of a copied shared expert (``shared_source``), made as one
+    more router row, as mergekit-moe makes it: its prompts' row (the last of
+    ``router_init.router_rows``), or a draw of the random modes from a stream of its own."""
+    if recipe.router_init in router_init.PROMPTED:
+        if prefix not in rows:
+            raise ValueError(f"router_init={recipe.router_init}: no router rows for {prefix}")
+        return rows[prefix][:, -1:]
+    rng = np.random.default_rng([recipe.seed, _layer_index(prefix), 1, 999])
+    if recipe.router_init == "uniform_random":
+        return router_init.uniform(tuple(shape), rng)
+    return rng.normal(0.0, recipe.router_init_std, tuple(shape)).astype(np.float32)
 
 
 def plan(dense_paths, target_paths) -> list[tuple[str, str, str]]:
@@ -175,43 +193,64 @@ def upcycle_tree(
       router_rows: with a prompted ``recipe.router_init``, each MoE layer's router kernel
         (``router_init.router_rows``), by layer prefix.
     """
-    dense_paths = list(dense_paths)
-    multi = bool(recipe.sources)
-    if multi and len(reads) != len(recipe.sources):
-        raise ValueError(f"{len(recipe.sources)} sources in the recipe, {len(reads)} readers")
-    modes = sources.parse_non_expert(recipe.non_expert) if multi else {}
-    weights = sources.normalised_weights(recipe) if multi else ()
-    steps = plan(dense_paths, target)
-    if any(rule == "shared" for _, rule, _ in steps) and not recipe.method_impl.shared_experts(
-        recipe
+    tensors = UpcycledTensors(dense_paths, read, target, recipe, reads, router_rows)
+    for path in tensors.keys():
+        yield path, tensors.read(path)
+
+
+class UpcycledTensors:
+    """The MoE checkpoint as a reader: ``keys()`` in target order, ``read(path)`` computes one
+    tensor on demand (``upcycle_tree``'s arguments; everything is checked on construction,
+    before any tensor is read). The experts of the MoE layer last asked for are kept, so a
+    reader that takes a layer's expert tensors one after another (an HF export) builds them
+    once; asking for another layer's lets them go."""
+
+    def __init__(
+        self,
+        dense_paths,
+        read: Callable[[str], np.ndarray],
+        target: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+        recipe: Recipe,
+        reads: Sequence[Callable[[str], np.ndarray]] = (),
+        router_rows: Mapping[str, np.ndarray] | None = None,
     ):
-        recipe.method_impl.shared({}, methods.T5X_GATED, recipe, 0, False)  # its one-line refusal
-    cache: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for path, rule, source in steps:
-        shape, dtype = target[path]
+        self._dense = list(dense_paths)
+        self._read, self._target, self._recipe = read, target, recipe
+        self._reads, self._rows = reads, router_rows or {}
+        self._multi = bool(recipe.sources)
+        if self._multi and len(reads) != len(recipe.sources):
+            raise ValueError(f"{len(recipe.sources)} sources in the recipe, {len(reads)} readers")
+        self._modes = sources.parse_non_expert(recipe.non_expert) if self._multi else {}
+        self._weights = sources.normalised_weights(recipe) if self._multi else ()
+        steps = plan(self._dense, target)
+        if any(rule == "shared" for _, rule, _ in steps) and not recipe.method_impl.shared_experts(
+            recipe
+        ):
+            recipe.method_impl.shared({}, methods.T5X_GATED, recipe, 0, False)  # its refusal
+        self._steps = {path: (rule, source) for path, rule, source in steps}
+        self._cache: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._steps)
+
+    def read(self, path: str) -> np.ndarray:
+        rule, source = self._steps[path]
+        shape, dtype = self._target[path]
+        recipe = self._recipe
         if rule == "router":
-            value = _router(shape, source, recipe, router_rows or {})
+            value = _router(shape, source, recipe, self._rows)
+        elif rule == "zeros" and recipe.shared_source >= 0 and path.endswith(_GATE):
+            value = _shared_gate(shape, path[: -len(_GATE) - 1], recipe, self._rows)
         elif rule == "zeros":
             value = np.zeros(shape, np.float32)
         elif rule in ("expert", "shared"):
-            if (rule, source) not in cache:
-                cache.clear()
-                gated = f"{source}/shared_expert_gate/kernel" in target
-                if multi:  # sources.validate: a method without shared experts
-                    cache[rule, source] = _source_experts(dense_paths, reads, source, recipe)
-                else:
-                    cache[rule, source] = _experts(
-                        dense_paths, read, source, recipe, gated if rule == "shared" else None
-                    )
-            m = EXPERT_RE.match(path) or SHARED_RE.match(path)
-            assert m is not None  # plan() gave this path its rule by these patterns
-            value = cache[rule, source][m["name"] if m["leaf"] == "kernel" else f"{m['name']}_bias"]
-        elif multi and modes[sources.parameter_group(source)] == "average":
-            values = [np.asarray(r(source)) for r in reads]
+            value = self._layer_experts(rule, source, path)
+        elif self._multi and self._modes[sources.parameter_group(source)] == "average":
+            values = [np.asarray(r(source)) for r in self._reads]
             check_float(path, values[0].dtype, dtype)
-            value = sources.average(values, weights)
+            value = sources.average(values, self._weights)
         else:
-            value = read(source)
+            value = self._read(source)
         value = np.asarray(value)
         if tuple(value.shape) != tuple(shape):
             raise ValueError(
@@ -219,7 +258,32 @@ def upcycle_tree(
                 f"model config expects {tuple(shape)}"
             )
         check_float(path, value.dtype, dtype)
-        yield path, value.astype(dtype)
+        return value.astype(dtype, copy=False)
+
+    def _layer_experts(self, rule: str, prefix: str, path: str) -> np.ndarray:
+        if (rule, prefix) not in self._cache:
+            if any(cached != prefix for _, cached in self._cache):
+                self._cache.clear()  # another layer: one layer's experts in memory
+            gated = f"{prefix}/shared_expert_gate/kernel" in self._target
+            if self._multi and rule == "shared":  # sources.validate: copy's shared_source
+                s = self._recipe.shared_source
+                built = _experts(self._dense, self._reads[s], prefix, self._recipe, gated)
+            elif self._multi:
+                built = _source_experts(self._dense, self._reads, prefix, self._recipe)
+            else:
+                built = _experts(
+                    self._dense,
+                    self._read,
+                    prefix,
+                    self._recipe,
+                    gated if rule == "shared" else None,
+                )
+            self._cache[rule, prefix] = built
+        m = EXPERT_RE.match(path) or SHARED_RE.match(path)
+        assert m is not None  # plan() gave this path its rule by these patterns
+        return self._cache[rule, prefix][
+            m["name"] if m["leaf"] == "kernel" else f"{m['name']}_bias"
+        ]
 
 
 def check_float(path: str, got, want) -> None:

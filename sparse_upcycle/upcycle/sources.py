@@ -16,6 +16,11 @@ Branch-Train-MiX (Sukhbaatar et al. 2024, §2.2: "MiX") averages every non-exper
 (``non_expert="average"``); mergekit-moe takes them from its ``base_model``
 (``non_expert="base"``). The experts of a source are built by the recipe's method from that
 source's MLP (``copy``, or Drop-Upcycling's ``drop`` with randomness drawn per source).
+
+``shared_source`` s >= 0 (``copy`` only) adds one shared expert per MoE layer, a copy of
+source s's MLP, beside the routed ones: mergekit-moe's Qwen2-MoE output
+(``architecture: qwen`` with one ``shared_experts`` entry), whose shared expert sits behind
+Qwen2-MoE's gate sigmoid(x·g); ``g`` starts as one more router row (``rules``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ SETTINGS = (
     "base_source",
     "non_expert",
     "source_weights",
+    "shared_source",
 )
 GROUPS: tuple[str, ...] = ("embedding", "attention", "norm", "mlp", "other")
 MODES = ("base", "average")
@@ -109,6 +115,7 @@ def validate(recipe: Recipe) -> None:
             ("base_source", 0),
             ("experts_per_source", 1),
             ("non_expert", "base"),
+            ("shared_source", -1),
         )
         for name, default in defaults:
             if getattr(recipe, name) != default:
@@ -157,6 +164,14 @@ def validate(recipe: Recipe) -> None:
                 f"upcycle.source_weights must be finite numbers >= 0 with a positive sum, got {w}"
             )
     parse_non_expert(recipe.non_expert)
+    s = recipe.shared_source
+    if isinstance(s, bool) or not isinstance(s, int) or not -1 <= s < n:
+        raise ValueError(f"upcycle.shared_source must be -1 (none) or in 0..{n - 1}, got {s!r}")
+    if s >= 0 and recipe.method != "copy":
+        raise ValueError(
+            f"upcycle.shared_source (a shared expert copied from a source) needs method=copy, "
+            f"got {recipe.method!r}"
+        )
 
 
 def check_compatible(
