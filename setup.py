@@ -37,6 +37,7 @@ setup(
         # implementation our parity tests compare against.
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",  # the suite in two processes (README, .ci/run)
             "ruff>=0.15,<0.18",
             # pyright's PyPI wheel bundles the checker; [nodejs] brings node as a PyPI wheel too
             # (no download at run time). Pinned exactly: a new release can add diagnostics.

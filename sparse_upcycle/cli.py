@@ -394,35 +394,12 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"sparse-upcycle: warning: {message}\n"
 
 
-class _ReportedWriteFailures:
-    """A filter for the ``asyncio`` logger: drops "Task/Future exception was never retrieved"
-    records whose exception is a failed write (a full disk, TensorStore's RESOURCE_EXHAUSTED).
-    Orbax writes a checkpoint's chunks as background tasks; when the disk fills, one of them
-    raises into the save (which ``main`` reports as one line) and the others' exceptions are
-    left unretrieved, so asyncio logs each one, with its traceback, whenever the garbage
-    collector reaches it, which may be before the error line. Any other unretrieved
-    exception is still logged."""
-
-    MARKS = ("No space left on device", "RESOURCE_EXHAUSTED", "os_error_code='28'")
-
-    def filter(self, record) -> bool:
-        text = record.getMessage()
-        if "exception was never retrieved" not in text:
-            return True
-        exc = record.exc_info[1] if record.exc_info else None
-        return not any(m in text or m in str(exc or "") for m in self.MARKS)
-
-
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    from sparse_upcycle import host_memory
+    from sparse_upcycle import async_noise, host_memory
 
     host_memory.tune()  # before jax starts its threads: see host_memory.py
     warnings.formatwarning = _one_line_warning
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _ReportedWriteFailures) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_ReportedWriteFailures())
+    async_noise.quiet()  # Orbax/TensorStore's leftovers after a failed read or write
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -104,13 +104,19 @@ def upcycle(
             )
     _warn_schedule(config, recipe, source.step)
     _check_room(target, output.parent, dst)
-    listed = None
-    if recipe.sources:  # every source's checksums, once: for recipe.json and the verdict
-        listed = [
-            {"path": os.path.abspath(p), "format": o.format, "step": o.step, "sha256": checksums(p)}
-            for p, o in zip(paths, opened, strict=True)
-        ]
-    verdict = dense_function_verdict(recipe, moe_cfg, identical_sources(listed))
+    # every source's checksums, once, for recipe.json and the verdict: hashed on another
+    # thread while the output is built (hashlib and file I/O release the GIL)
+    hashing = _hash_sources(paths) if recipe.sources else None
+
+    def listed_and_verdict():
+        listed = None
+        if hashing is not None:
+            listed = [
+                {"path": os.path.abspath(p), "format": o.format, "step": o.step, "sha256": sha}
+                for p, o, sha in zip(paths, opened, hashing.result(), strict=True)
+            ]
+        return listed, dense_function_verdict(recipe, moe_cfg, identical_sources(listed))
+
     rows = _router_rows(recipe, family, dense_cfg, source, target)
     hf_plan = None
     if hf is not None:  # refuse before anything is read or written
@@ -137,6 +143,7 @@ def upcycle(
                 **hf_plan,
             )
             _warn_non_finite(", ".join(paths), non_finite)
+            listed, verdict = listed_and_verdict()
             info = write_recipe_json(
                 tmp,
                 recipe=recipe.to_dict(),
@@ -180,6 +187,7 @@ def upcycle(
         except BaseException:
             writer.abort()
             raise
+        listed, verdict = listed_and_verdict()
         info = write_recipe_json(
             tmp,
             recipe=recipe.to_dict(),
@@ -233,6 +241,25 @@ def _hf_plan(hf: HFOutput, family: str, moe_cfg, source: CheckpointReader) -> di
         "extras": extras,
         "side_dir": side_dir,
     }
+
+
+def _hash_sources(paths: list[str]):
+    """A future of ``[checksums(p) for p in paths]`` (each distinct path hashed once), computed
+    on a thread of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run():
+        done: dict[str, dict] = {}
+        for p in paths:
+            real = os.path.realpath(p)
+            if real not in done:
+                done[real] = checksums(p)
+        return [done[os.path.realpath(p)] for p in paths]
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    future = pool.submit(run)
+    pool.shutdown(wait=False)
+    return future
 
 
 def _router_rows(recipe, family, dense_cfg, source, target) -> dict | None:

@@ -343,3 +343,34 @@ def test_streamed_safetensors_shards_read_back(tmp_path, monkeypatch, reserve):
         assert seen[name].dtype == value.dtype and seen[name].shape == value.shape
         assert seen[name].tobytes() == value.tobytes()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_chunked_tensors_stream_part_by_part_and_a_short_one_is_refused(tmp_path):
+    """A ``Chunked`` tensor (an MoE layer's experts, one at a time; one array repeated for
+    copies) reads back as the assembled array; parts that do not add up are an error."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    from sparse_upcycle.checkpoints import hf
+    from sparse_upcycle.checkpoints.chunked import Chunked
+
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=(1, 6, 4)).astype(np.float32) for _ in range(3)]
+    repeated = rng.normal(size=(1, 2, 2)).astype(np.float32)
+    writer = hf.ShardedSafetensorsWriter(str(tmp_path), max_bytes=1 << 20)
+    writer.add("experts", Chunked((3, 6, 4), np.float32, lambda: iter(parts)))
+    writer.add(
+        "copies",
+        Chunked((4, 2, 2), np.float32, lambda: iter([repeated] * 4)).astype(ml_dtypes.bfloat16),
+    )
+    writer.close()
+    with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor("experts"), np.concatenate(parts))
+        copies = f.get_tensor("copies")
+    assert copies.dtype == ml_dtypes.bfloat16 and copies.shape == (4, 2, 2)
+    np.testing.assert_array_equal(copies, np.repeat(repeated, 4, 0).astype(ml_dtypes.bfloat16))
+    short = hf.ShardedSafetensorsWriter(str(tmp_path / "short"), max_bytes=1 << 20)
+    os.makedirs(tmp_path / "short")
+    with pytest.raises(ValueError, match="its parts hold 96 bytes, not 288"):
+        short.add("experts", Chunked((3, 6, 4), np.float32, lambda: iter(parts[:1])))
+    short.abort()

@@ -449,3 +449,34 @@ def test_unretrieved_write_failures_of_background_tasks_are_not_logged():
         logging.getLogger("asyncio").removeHandler(handler)
     assert len(seen) == 1 and "exception was never retrieved" in seen[0], seen
     assert "a real bug" in seen[0]
+
+
+def test_a_late_callback_into_a_closed_loop_is_dropped():
+    """TensorStore wakes Orbax's loop from its own threads; after a failure that loop may be
+    closed, and the late call raised 'Event loop is closed' on that thread (printed beside the
+    error line). The loops the command line makes drop such a call."""
+    import asyncio
+    import threading
+
+    from sparse_upcycle import async_noise
+
+    async_noise.quiet()
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
+    loop.close()
+    errors = []
+
+    def late():
+        try:
+            loop.call_soon_threadsafe(print, "never")
+        except RuntimeError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    thread.join()
+    assert errors == []
+    plain = asyncio.SelectorEventLoop()
+    plain.close()
+    with pytest.raises(RuntimeError, match="Event loop is closed"):
+        plain.call_soon_threadsafe(print, "never")

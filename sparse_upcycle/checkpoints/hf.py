@@ -19,6 +19,7 @@ import numpy as np
 from safetensors import safe_open
 
 from sparse_upcycle import models
+from sparse_upcycle.checkpoints.chunked import Chunked
 from sparse_upcycle.checkpoints.errors import CheckpointError
 from sparse_upcycle.checkpoints.paths import check_entries, contained, source_root
 from sparse_upcycle.checkpoints.reader import InMemoryReader
@@ -227,6 +228,52 @@ SAFETENSORS_DTYPES = {
 HEADER_RESERVE = 1 << 20  # bytes kept at a shard's start for its JSON header
 
 
+class _WriteBehind:
+    """File writes on a thread of their own, so that the next tensor is made while the last
+    is written (file writes release the GIL); at most ``depth`` buffers wait. A failed write
+    is raised, as it was, by the next ``write`` or by ``drain``."""
+
+    def __init__(self, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="safetensors-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    item[0].write(item[1])
+            except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def write(self, file: BinaryIO, data) -> None:
+        self._raise()
+        self._queue.put((file, data))
+
+    def drain(self) -> None:
+        """Wait for every write so far (then the file may be sought, closed or renamed)."""
+        self._queue.join()
+        self._raise()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 class ShardedSafetensorsWriter:
     """Tensors in order into safetensors shards of at most ``max_bytes`` (a larger tensor gets
     a shard of its own), then renamed as ``save_pretrained`` names them, with the index.
@@ -234,20 +281,23 @@ class ShardedSafetensorsWriter:
     Streamed: each tensor's bytes go to the open shard file as it is added, after room kept
     for the header (``HEADER_RESERVE``); closing a shard writes its header there, padded with
     spaces as the format allows (a header that outgrew the room is written in front of a copy
-    of the data instead). Memory holds one tensor, not a shard."""
+    of the data instead). The writes run on a thread of their own (``_WriteBehind``), so memory
+    holds the tensor being made and at most two being written, not a shard."""
 
     def __init__(self, directory: str, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
+        self._writes = _WriteBehind()
         self._file: BinaryIO | None = None
         self._entries: dict[str, dict] = {}
         self._offset = 0
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, array: np.ndarray | Chunked) -> None:
         if name in self._entries or any(name in s for s in self._shards):
             raise ValueError(f"tensor {name!r} written twice")
-        array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        if not isinstance(array, Chunked):
+            array = np.asarray(array, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
         code = SAFETENSORS_DTYPES.get(array.dtype.name)
         if code is None:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
@@ -257,7 +307,18 @@ class ShardedSafetensorsWriter:
             path = os.path.join(self.directory, f".shard-{len(self._shards)}.safetensors")
             self._file = open(path, "wb")  # noqa: SIM115  (closed in _close_shard)
             self._file.seek(8 + HEADER_RESERVE)
-        self._file.write(array.reshape(-1).view(np.uint8).data)
+        if isinstance(array, Chunked):
+            written = 0
+            for part in array.parts():
+                part = np.ascontiguousarray(part, dtype=array.dtype)
+                self._writes.write(self._file, part.reshape(-1).view(np.uint8).data)
+                written += part.nbytes
+            if written != array.nbytes:
+                raise ValueError(
+                    f"tensor {name!r}: its parts hold {written} bytes, not {array.nbytes}"
+                )
+        else:
+            self._writes.write(self._file, array.reshape(-1).view(np.uint8).data)
         end = self._offset + array.nbytes
         self._entries[name] = {
             "dtype": code,
@@ -268,6 +329,7 @@ class ShardedSafetensorsWriter:
         self.total_bytes += array.nbytes
 
     def _close_shard(self) -> None:
+        self._writes.drain()
         if self._file is None:  # a shard with no tensor at all (an empty model)
             path = os.path.join(self.directory, f".shard-{len(self._shards)}.safetensors")
             self._file = open(path, "wb")  # noqa: SIM115
@@ -286,10 +348,25 @@ class ShardedSafetensorsWriter:
         self._shards.append(list(self._entries))
         self._entries, self._offset = {}, 0
 
+    def abort(self) -> None:
+        """After a failure: let the pending writes go and close the open shard (the caller
+        removes the directory)."""
+        try:
+            self._writes.drain()
+        except BaseException:  # noqa: BLE001  (the failure being handled comes first)
+            pass
+        self._writes.stop()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def close(self) -> list[str]:
         """Write the last shard and the index; returns the file names."""
-        if self._file is not None or not self._shards:
-            self._close_shard()
+        try:
+            if self._file is not None or not self._shards:
+                self._close_shard()
+        finally:
+            self._writes.stop()
         n = len(self._shards)
         names = (
             ["model.safetensors"]

@@ -256,7 +256,7 @@ def lazy_from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict |
 def read_lazy(state_dict: Mapping[str, Any], name: str, transpose: bool) -> np.ndarray:
     """One tensor of ``lazy_from_hf``'s plan, as ``from_hf`` would give it (float32)."""
     w = _f32(state_dict[name])
-    return w.T.copy() if transpose else w
+    return w.T if transpose else w  # a view: an HF export transposes it back without a copy
 
 
 def to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fused") -> dict:
@@ -265,7 +265,7 @@ def to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fused") 
     (Mixtral, Qwen2-MoE, Qwen3-MoE), in transformers 5.x's fused layout
     (``moe_format="fused"``) or the per-expert on-disk layout (``"legacy"``)."""
     _check_shapes(params, abstract_params(config))
-    return dict(iter_to_hf(params, config, moe_format=moe_format))
+    return {k: np.asarray(v) for k, v in iter_to_hf(params, config, moe_format=moe_format)}
 
 
 def iter_to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fused"):

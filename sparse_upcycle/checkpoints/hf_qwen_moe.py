@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from sparse_upcycle.checkpoints.chunked import Chunked
 from sparse_upcycle.models.decoder import DEFAULT_MOE, DecoderConfig
 from sparse_upcycle.models.moe_config import MoeConfig
 
@@ -318,7 +319,7 @@ def _f32(a: Any) -> np.ndarray:
 
 
 def _t(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.T)
+    return np.ascontiguousarray(np.asarray(a, np.float32).T)
 
 
 def _t_last2(a: np.ndarray) -> np.ndarray:
@@ -336,12 +337,30 @@ def fused_experts_from_hf(gate_up: np.ndarray, down: np.ndarray) -> dict:
     }
 
 
-def fused_experts_to_hf(expert: Mapping) -> Iterator[tuple[str, np.ndarray]]:
-    """Our ``expert`` subtree -> (``gate_up_proj``, ``down_proj``) of the fused layout."""
-    wi_0, wi_1 = (_f32(expert[n]["kernel"]) for n in ("wi_0", "wi_1"))
-    yield "gate_up_proj", np.concatenate([_t_last2(wi_0), _t_last2(wi_1)], axis=1)
-    del wi_0, wi_1
-    yield "down_proj", _t_last2(_f32(expert["wo"]["kernel"]))
+def fused_experts_to_hf(expert: Mapping) -> Iterator[tuple[str, Chunked]]:
+    """Our ``expert`` subtree -> (``gate_up_proj``, ``down_proj``) of the fused layout, each
+    made one expert at a time (``Chunked``: the writer streams the parts). Experts that are
+    one array seen E times (copies: ``np.broadcast_to``) are transposed once."""
+    wi_0, wi_1, wo = (expert[n]["kernel"] for n in ("wi_0", "wi_1", "wo"))
+    e, d, f = np.shape(wi_0)
+
+    def gate_up(j):
+        return np.concatenate([_t(wi_0[j]), _t(wi_1[j])], axis=0)
+
+    yield "gate_up_proj", Chunked((e, 2 * f, d), np.float32, lambda: _per_expert(gate_up, wi_0))
+    yield "down_proj", Chunked((e, d, f), np.float32, lambda: _per_expert(lambda j: _t(wo[j]), wo))
+
+
+def _per_expert(make: Callable[[int], np.ndarray], like: Any) -> Iterator[np.ndarray]:
+    """``make(j)[None]`` for every expert j; where expert j's array is expert j-1's memory
+    (``like`` a stride-0 broadcast), the previous part again."""
+    like = np.asarray(like)
+    repeated = like.ndim and like.strides[0] == 0
+    part = None
+    for j in range(like.shape[0]):
+        if part is None or not repeated:
+            part = np.asarray(make(j), np.float32)[None]
+        yield part
 
 
 def mlp_from_hf(

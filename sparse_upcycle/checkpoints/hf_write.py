@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_upcycle import models
+from sparse_upcycle.checkpoints.chunked import Chunked
 from sparse_upcycle.checkpoints.hf import ShardedSafetensorsWriter
 from sparse_upcycle.checkpoints.layout import EXTRAS_FILE, is_side_file
 from sparse_upcycle.checkpoints.tree import LazyTree
@@ -138,9 +139,15 @@ def write_hf(
     options = _options(to_hf, moe_format=MOE_LAYOUTS[moe_layout], extras=extras)
     stream = to_hf(LazyTree(keys, read), config, **options)
     writer = ShardedSafetensorsWriter(out, max_bytes)
-    for name, value in tqdm(stream, desc="export", unit="tensor", disable=not progress):
-        writer.add(name, np.asarray(value).astype(dtype, copy=False))
-    files = writer.close()
+    try:
+        for name, value in tqdm(stream, desc="export", unit="tensor", disable=not progress):
+            if not isinstance(value, Chunked):
+                value = np.asarray(value)
+            writer.add(name, value.astype(dtype, copy=False))
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if side_dir is not None:  # tokenizer, generation config, … of the source

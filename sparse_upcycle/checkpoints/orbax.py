@@ -226,7 +226,9 @@ class StreamingWriter:
 
     def add(self, key: str, array: np.ndarray, item: str = "params") -> None:
         full = f"{item}/{key}"
-        self._buffer[full] = np.asarray(array)
+        # contiguous here: a broadcast (copied experts) or transposed view is copied once, in
+        # this thread, rather than element by element by the background save
+        self._buffer[full] = np.ascontiguousarray(array) if np.ndim(array) else np.asarray(array)
         self._buffered += self._buffer[full].nbytes
         if self._buffered >= self.flush_bytes:
             self.flush()

@@ -114,14 +114,20 @@ def copy_experts(
     noise_std: float = 0.0,
     seed: int = 0,
     layer: int = 0,
+    view: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Every expert a copy of the dense MLP (+ optional Gaussian noise on the kernels)."""
+    """Every expert a copy of the dense MLP (+ optional Gaussian noise on the kernels). With
+    ``view`` (and no noise) the stacks are read-only ``np.broadcast_to`` views of the dense
+    arrays: nothing is copied until a writer does."""
     _check(mlp, names)
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     out = {}
     for i, name in enumerate(names.all()):
         w = np.asarray(mlp[name])
+        if view and not noise_std:
+            out[name] = np.broadcast_to(w[None], (num_experts, *w.shape))
+            continue
         stacked = np.repeat(w[None], num_experts, axis=0)
         if noise_std > 0 and name in (*names.inputs, names.output):
             noise = _rng(seed, layer, 0, 100 + i).normal(0.0, noise_std, stacked.shape)

@@ -162,6 +162,7 @@ class Copy(Method):
             noise_std=recipe.noise_std,
             seed=recipe.seed,
             layer=layer,
+            view=True,  # read-only stacks; the writers copy
         )
 
     def shared_experts(self, recipe):

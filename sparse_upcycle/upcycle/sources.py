@@ -231,6 +231,8 @@ def stack_experts(
 ) -> dict[str, np.ndarray]:
     """Expert ``e`` of the MoE layer is the next unused expert of source ``assignment[e]``;
     ``per_source[s]`` holds that source's experts stacked ``{name: [n_s, ...]}``."""
+    if len(set(assignment)) == 1:  # one source's experts, in order: as they are (views)
+        return dict(per_source[assignment[0]])
     taken = dict.fromkeys(per_source, 0)
     rows = []
     for s in assignment:
