@@ -407,7 +407,7 @@ def mlp_from_hf(
 
 def mlp_to_hf(
     mlp: Mapping, config: DecoderConfig, prefix: str, *, moe_format: str = "fused"
-) -> Iterator[tuple[str, np.ndarray]]:
+) -> Iterator[tuple[str, np.ndarray | Chunked]]:
     """A Qwen-MoE sparse layer's HF tensors from our ``layers_{i}/mlp`` subtree, fused
     (``moe_format="fused"``) or per expert (``"legacy"``, the on-disk names). Qwen2-MoE
     without shared experts gets the empty one (f_s = 0) and a zero gate; shared experts that
