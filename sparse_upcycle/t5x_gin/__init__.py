@@ -2,9 +2,10 @@
 ``--gin_search_paths DIR[,DIR]``, for ``upcycle``, ``train`` and ``plan``.
 
 ``parser.py`` reads the files (gin-config's own parser, nothing of T5X imported);
-``mapping.py`` turns their bindings into our config fields, refusing by name what this code base
-cannot honour (its docstring has the table, binding by binding). Importing this package stays
-cheap (the command line's parser needs ``add_arguments`` only).
+``mapping.py`` turns their bindings into our config fields (the model and its MoE layers;
+``training.py`` the loss, optimizer, schedule and run), refusing by name what this code base
+cannot honour (``mapping.py``'s docstring has the table, binding by binding). Importing this
+package stays cheap (the command line's parser needs ``add_arguments`` only).
 """
 
 from __future__ import annotations
