@@ -45,6 +45,23 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _hf_output_arguments(p, when: str, dtype_default, dtype_default_help: str) -> None:
+    """The options of a Hugging Face output (``export``; ``upcycle --output-format hf``)."""
+    p.add_argument(
+        "--moe-layout",
+        default="fused",
+        choices=("fused", "per_expert"),
+        help=f"{when}MoE expert tensors: transformers 5.x fused (default) or 4.x per-expert",
+    )
+    p.add_argument(
+        "--dtype",
+        default=dtype_default,
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help=f"{when}tensor dtype (default: {dtype_default_help})",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help=f"{when}e.g. 5GB, 500MB (default 5GB)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparse-upcycle", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -80,19 +97,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="orbax: our layout, for train/verify/export (default); hf: the Hugging Face MoE "
         "directory export --format hf would write, in one pass (decoders)",
     )
-    up.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="with --output-format hf: tensor dtype (default: the mergekit YAML's dtype, else "
-        "auto, the HF source's)",
+    _hf_output_arguments(
+        up,
+        "with --output-format hf: ",
+        None,
+        "the mergekit YAML's dtype, else auto: the HF source's",
     )
-    up.add_argument(
-        "--moe-layout",
-        default="fused",
-        choices=("fused", "per_expert"),
-        help="with --output-format hf: transformers 5.x fused (default) or 4.x per-expert",
-    )
-    up.add_argument("--max-shard-size", default="5GB", help="with --output-format hf (default 5GB)")
     up.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     up.add_argument(
         "--refuse-non-finite",
@@ -157,19 +167,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="CONFIG.py[:arg] describing the model, for a source without one (a train "
         "checkpoint step directory, T5X, .npz)",
     )
-    exp.add_argument(
-        "--moe-layout",
-        default="fused",
-        choices=("fused", "per_expert"),
-        help="MoE expert tensors: transformers 5.x fused (default) or 4.x per-expert",
-    )
-    exp.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="tensor dtype (auto: the HF source's, else float32)",
-    )
-    exp.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
+    _hf_output_arguments(exp, "", "auto", "auto: the HF source's, else float32")
     exp.add_argument(
         "--dropless",
         action="store_true",

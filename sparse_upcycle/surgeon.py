@@ -27,6 +27,7 @@ from sparse_upcycle.checkpoints.errors import CheckpointError
 from sparse_upcycle.checkpoints.hf import HFCheckpoint, parse_size
 from sparse_upcycle.checkpoints.layout import (
     CHECKPOINT_DIR,
+    RECIPE_FILE,
     UpcycledCheckpoint,
     checksums,
     config_from_dict,
@@ -108,14 +109,33 @@ def upcycle(
     # thread while the output is built (hashlib and file I/O release the GIL)
     hashing = _hash_sources(paths) if recipe.sources else None
 
-    def listed_and_verdict():
+    def write_recipe(directory: str, step: int, slots: int, name: str = RECIPE_FILE) -> dict:
+        """recipe.json (or ``name``), once the output is written and the sources hashed."""
         listed = None
         if hashing is not None:
             listed = [
                 {"path": os.path.abspath(p), "format": o.format, "step": o.step, "sha256": sha}
                 for p, o, sha in zip(paths, opened, hashing.result(), strict=True)
             ]
-        return listed, dense_function_verdict(recipe, moe_cfg, identical_sources(listed))
+        verdict = dense_function_verdict(recipe, moe_cfg, identical_sources(listed))
+        return write_recipe_json(
+            directory,
+            recipe=recipe.to_dict(),
+            recipe_name=recipe.name,
+            family=family,
+            model=moe_cfg,
+            dense_model=dense_cfg,
+            source_path=paths[base_index],
+            source_format=source.format,
+            source_step=source.step,
+            step=step,
+            optimizer_slots=slots,
+            preserves_dense_function=verdict.preserves,
+            preservation=list(verdict.reasons),  # why not, when it does not
+            sources=listed,
+            source_sha256=listed[base_index]["sha256"] if listed else None,
+            name=name,
+        )
 
     rows = _router_rows(recipe, family, dense_cfg, source, target)
     hf_plan = None
@@ -143,25 +163,7 @@ def upcycle(
                 **hf_plan,
             )
             _warn_non_finite(", ".join(paths), non_finite)
-            listed, verdict = listed_and_verdict()
-            info = write_recipe_json(
-                tmp,
-                recipe=recipe.to_dict(),
-                recipe_name=recipe.name,
-                family=family,
-                model=moe_cfg,
-                dense_model=dense_cfg,
-                source_path=paths[base_index],
-                source_format=source.format,
-                source_step=source.step,
-                step=0,
-                optimizer_slots=0,
-                preserves_dense_function=verdict.preserves,
-                preservation=list(verdict.reasons),
-                sources=listed,
-                source_sha256=listed[base_index]["sha256"] if listed else None,
-                name=HF_RECIPE_FILE,
-            )
+            info = write_recipe(tmp, 0, 0, HF_RECIPE_FILE)
         return {**info, "hf": summary}
     with output as tmp:
         writer = StreamingWriter(os.path.join(tmp, CHECKPOINT_DIR))
@@ -187,24 +189,7 @@ def upcycle(
         except BaseException:
             writer.abort()
             raise
-        listed, verdict = listed_and_verdict()
-        info = write_recipe_json(
-            tmp,
-            recipe=recipe.to_dict(),
-            recipe_name=recipe.name,
-            family=family,
-            model=moe_cfg,
-            dense_model=dense_cfg,
-            source_path=paths[base_index],
-            source_format=source.format,
-            source_step=source.step,
-            step=step,
-            optimizer_slots=len(slot_keys),
-            preserves_dense_function=verdict.preserves,
-            preservation=list(verdict.reasons),  # why not, when it does not
-            sources=listed,
-            source_sha256=listed[base_index]["sha256"] if listed else None,
-        )
+        info = write_recipe(tmp, step, len(slot_keys))
         if isinstance(source, HFCheckpoint):  # config, tokenizer, … for `export --format hf`
             save_hf_source(source, tmp)
     return info

@@ -36,9 +36,9 @@ def _tokenizer(path):
     return tok
 
 
-def _llama(seed):
+def _llama(seed, config=transformers.LlamaConfig, model=transformers.LlamaForCausalLM):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
+    cfg = config(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -47,7 +47,7 @@ def _llama(seed):
         num_key_value_heads=2,
         tie_word_embeddings=False,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return model(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -287,17 +287,7 @@ def test_prompted_router_init_needs_a_tokenizer_and_prompts(llamas, work, capsys
 
 
 def _qwen2(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return transformers.Qwen2ForCausalLM(cfg).eval()
+    return _llama(seed, transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
 
 
 @pytest.fixture(scope="module")

@@ -110,25 +110,21 @@ def mixed(llamas, work):
     attention and norms averaged with weights 1:2:1, embeddings from the base."""
     dst = str(work / "mixed")
     paths = [llamas["a"][1], llamas["b"][1], llamas["c_npz"][1]]
-    rc = main(
-        [
-            "upcycle",
-            "--config",
-            CONFIG,
-            "--dst",
-            dst,
-            "--config.model.overrides.dtype=float32",
-            "--config.model.moe.capacity_factor=None",
-            f"--config.upcycle.sources={json.dumps(paths)}",
-            "--config.upcycle.expert_sources=[0, 1, 2, 1]",
-            "--config.upcycle.num_experts=4",
-            "--config.upcycle.base_source=1",
-            "--config.upcycle.non_expert=attention=average,norm=average",
-            "--config.upcycle.source_weights=[1.0, 2.0, 1.0]",
-        ]
-    )
-    assert rc == 0
+    assert main(["upcycle", "--config", CONFIG, "--dst", dst, *_mixed_recipe(paths)]) == 0
     return dst, paths
+
+
+def _mixed_recipe(paths):
+    return [
+        "--config.model.overrides.dtype=float32",
+        "--config.model.moe.capacity_factor=None",
+        f"--config.upcycle.sources={json.dumps(paths)}",
+        "--config.upcycle.expert_sources=[0, 1, 2, 1]",
+        "--config.upcycle.num_experts=4",
+        "--config.upcycle.base_source=1",
+        "--config.upcycle.non_expert=attention=average,norm=average",
+        "--config.upcycle.source_weights=[1.0, 2.0, 1.0]",
+    ]
 
 
 def test_each_expert_is_its_sources_mlp_and_the_rest_as_chosen(mixed, llamas):
@@ -268,14 +264,7 @@ def test_one_pass_hf_output_equals_upcycle_then_export(mixed, work, capsys, layo
         layout,
         "--max-shard-size",
         "20KB",
-        "--config.model.overrides.dtype=float32",
-        "--config.model.moe.capacity_factor=None",
-        f"--config.upcycle.sources={json.dumps(paths)}",
-        "--config.upcycle.expert_sources=[0, 1, 2, 1]",
-        "--config.upcycle.num_experts=4",
-        "--config.upcycle.base_source=1",
-        "--config.upcycle.non_expert=attention=average,norm=average",
-        "--config.upcycle.source_weights=[1.0, 2.0, 1.0]",
+        *_mixed_recipe(paths),
     )
     assert rc == 0, err
     assert "MixtralForCausalLM (bfloat16" in printed, printed
