@@ -29,7 +29,7 @@ setup(
         "tensorstore>=0.1.60,<0.2",
         "ml_dtypes>=0.5,<0.8",
         "PyYAML>=6,<7",  # mergekit-moe configs (upcycle --mergekit-yaml)
-        "gin-config>=0.5,<0.6",  # T5X gin files (--gin_file; its parser only)
+        "gin-config>=0.5,<0.6",  # imported as `gin`: T5X gin files (--gin_file; its parser)
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: it is the CPU build on the development machines (a

@@ -208,11 +208,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args, overrides) -> int:
-    from sparse_upcycle import surgeon
+    from sparse_upcycle import surgeon, verify
     from sparse_upcycle.config import load_config
 
     if args.command == "inspect":
-        print(surgeon.inspect(args.path, args.format))
+        print(verify.inspect(args.path, args.format))
         return 0
     if args.command == "plan":
         from sparse_upcycle import plan
@@ -348,7 +348,7 @@ def _run(args, overrides) -> int:
             dtype = f" --dtype {mergekit_dtype}" if mergekit_dtype else ""
             print(f"next: sparse-upcycle export --src {args.dst} --dst HF_DIR{dtype}")
         return 0
-    result = surgeon.verify(config, args.dense, args.moe, args.format, args.tol)
+    result = verify.verify(config, args.dense, args.moe, args.format, args.tol)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 

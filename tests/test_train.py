@@ -220,9 +220,10 @@ def test_online_upcycling_equals_offline_upcycling(dense_t5x, tmp_path, capsys):
 def test_dense_continue_starts_from_the_dense_function(dense_t5x, tmp_path):
     """Loading a dense checkpoint as is: with a zero learning rate the eval loss equals the
     loss of the dense model computed directly from the T5X tensors."""
+    from sparse_upcycle.checkpoints.open import open_checkpoint
     from sparse_upcycle.data import make_pipeline
     from sparse_upcycle.losses import cross_entropy_loss
-    from sparse_upcycle.surgeon import build_model, open_checkpoint
+    from sparse_upcycle.models import build_model
 
     config = _config(
         "t5-dense",

@@ -54,3 +54,20 @@ def open_checkpoint(path: str, fmt: str = "auto", *, config: Any = None) -> Chec
         return UpcycledCheckpoint(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     return _READERS[fmt](path) if config is None else _READERS[fmt](path, config=config)
+
+
+def open_dense(path: str, fmt: str) -> CheckpointReader:
+    """The dense checkpoint ``upcycle`` and ``verify`` start from (not one of our outputs)."""
+    source = open_checkpoint(path, fmt)
+    if source.is_upcycled:
+        raise CheckpointError(
+            f"{path}: an upcycle/export output, not a dense checkpoint; pass the dense "
+            "checkpoint it came from"
+        )
+    return source
+
+
+def load_upcycled(path: str) -> tuple[dict, dict]:
+    """(recipe.json dict, flat params) of a directory written by ``upcycle``."""
+    ckpt = UpcycledCheckpoint(path)
+    return ckpt.info or {}, {k: ckpt.read(k) for k in ckpt.keys()}

@@ -128,6 +128,14 @@ def target_shapes(name: str, config) -> dict[str, tuple[tuple[int, ...], np.dtyp
     return {p: (tuple(s.shape), np.dtype(s.dtype)) for p, s in flatten(abstract).items()}
 
 
+def in_float32(model_config):
+    """``model_config`` with float32 activations (a family config without ``dtype`` as is):
+    how ``upcycle`` (prompted routers) and ``verify`` run a model on the host."""
+    if any(f.name == "dtype" for f in dataclasses.fields(model_config)):
+        return dataclasses.replace(model_config, dtype="float32")
+    return model_config
+
+
 def build_model(name: str, config, flat_params: dict):
     """The family's model for ``config`` holding ``flat_params`` (flat ``/`` paths)."""
     model = get(name).Model(config, rngs=nnx.Rngs(0))
