@@ -15,6 +15,15 @@ scratch at equal extra training compute (Komatsuzaki et al. 2023, Figure 2).
    random weights. Each arm runs once per seed (``seeds``: the data order, the router and,
    for ``scratch``, all weights), and is evaluated on the held-out split at ``num_points``
    matched compute points (k / num_points of the budget, k = 1 … num_points).
+   ``btx`` is Branch-Train-MiX (Sukhbaatar et al. 2024): ``branches`` (name -> run-config
+   overrides, typically a data selection such as ``{"data": {"include_documents":
+   ["library/*"]}}``) are trained as dense copies of the checkpoint, ``branch_compute`` (0.5)
+   of the budget split evenly between them; the branches' last checkpoints become the
+   ``upcycle.sources`` of one MoE (``num_experts / len(branches)`` experts per branch, the
+   non-expert parameters averaged: ``non_expert = "average"``, both overridable in
+   ``overrides``), which is trained on the arm's data with the rest of the budget. Its
+   evaluations count the branches' FLOPs, so it is matched at the points past them; it is
+   also evaluated as mixed, before its first step (``eval_at`` 0).
 4. ``report.json``, ``report.md`` and ``report.png`` are written to the workdir.
 
 Resuming: each run lives in ``WORKDIR/<run>/`` and writes ``result.json`` when it finishes; a
@@ -25,6 +34,7 @@ checkpoint (the trainer's own resume).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import json
 import logging
@@ -49,7 +59,8 @@ class Preempted(RuntimeError):
     """A run stopped on SIGTERM after saving; rerunning the same command resumes it."""
 
 
-KINDS = ("dense", "upcycle", "scratch")
+KINDS = ("dense", "upcycle", "scratch", "btx")
+ARM_FIELDS = ("kind", "overrides", "branches", "branch_compute")
 __all__ = ["KINDS", "Preempted", "default_compare_config", "run_compare"]
 
 
@@ -115,10 +126,14 @@ def _step_flops(cfg) -> tuple[int, ModelSpec]:
 
 
 def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.ConfigDict:
-    check_names(arm, ("kind", "overrides"), f"arms.{name}")
+    check_names(arm, ARM_FIELDS, f"arms.{name}")
     kind = arm.get("kind", "")
     if kind not in KINDS:
         raise ConfigError(f"arms.{name}.kind must be one of {KINDS}, got {kind!r}")
+    if kind != "btx":
+        for field in ("branches", "branch_compute"):
+            if field in arm:
+                raise ConfigError(f"arms.{name}.{field} is for kind btx, not {kind}")
     cfg = copy.deepcopy(c.train)
     cfg.seed = seed
     cfg.data.seed = seed
@@ -175,6 +190,71 @@ def _run(cfg, workdir: str, label: str) -> dict:
     return result
 
 
+@dataclasses.dataclass
+class _Planned:
+    """One run of the plan: its config and FLOPs per step; for a ``btx`` arm also its branches
+    (name, config, step FLOPs), trained first, and the FLOPs they spend (``offset_flops``),
+    which its evaluations count."""
+
+    name: str
+    arm: ml_collections.ConfigDict
+    seed: int
+    cfg: ml_collections.ConfigDict
+    step_flops: int
+    branches: list = dataclasses.field(default_factory=list)
+    offset_flops: int = 0
+
+
+def _plan_btx(c, name, arm, seed, init_from, workdir, budget) -> _Planned:
+    """A ``btx`` arm's branches (dense runs on their data) and its MoE of their checkpoints."""
+    branches = arm.get("branches") or {}
+    if len(branches) < 2:
+        raise ConfigError(f"arms.{name}.branches must name at least two branches")
+    fraction = arm.get("branch_compute", 0.5)
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"arms.{name}.branch_compute must be in (0, 1), got {fraction!r}")
+    here = os.path.join(workdir, name, f"seed_{seed}")
+    planned, paths, spent = [], [], 0
+    for branch, overrides in branches.items():
+        cfg = _arm_config(c, name, {"kind": "dense"}, seed, init_from)
+        _merge(cfg, overrides or {}, label=f"arms.{name}.branches.{branch}")
+        flops, _ = _step_flops(cfg)
+        steps = max(1, round(fraction * budget / len(branches) / flops))
+        cfg.total_steps = steps
+        cfg.eval_at = [steps]
+        cfg.eval_every = 0
+        _schedule_length(cfg, steps)
+        planned.append((branch, cfg, flops))
+        paths.append(os.path.join(here, f"branch_{branch}", "checkpoints", str(steps)))
+        spent += steps * flops
+    cfg = _arm_config(c, name, {"kind": "btx"}, seed, init_from)
+    cfg.upcycle.sources = paths
+    cfg.upcycle.non_expert = "average"
+    _merge(cfg, arm.get("overrides") or {}, label=f"arms.{name}.overrides")
+    if not cfg.upcycle.get("expert_sources"):
+        experts = int(cfg.upcycle.get("num_experts", 0))
+        if experts % len(paths):
+            raise ConfigError(
+                f"arms.{name}: upcycle.num_experts {experts} is not a multiple of the "
+                f"{len(paths)} branches (or give upcycle.expert_sources)"
+            )
+        cfg.upcycle.experts_per_source = experts // len(paths)
+    cfg.init_from = paths[int(cfg.upcycle.get("base_source", 0))]
+    cfg.init_format = "auto"
+    flops, _ = _step_flops(cfg)
+    rest = budget - spent
+    cfg.total_steps = max(1, round(rest / flops))
+    points = {
+        max(1, round((k / c.num_points * budget - spent) / flops))
+        for k in range(1, c.num_points + 1)
+        if k / c.num_points * budget > spent
+    }
+    cfg.eval_at = sorted(points | {0, cfg.total_steps})  # 0: the MoE as mixed
+    cfg.eval_every = 0
+    _schedule_length(cfg, cfg.total_steps)
+    return _Planned(name, arm, seed, cfg, flops, planned, spent)
+
+
 def _schedule_length(cfg, steps: int) -> None:
     """Decaying schedules (cosine, linear) end at the run's own last step; a warmup longer than
     a tenth of a short run is cut to that tenth."""
@@ -229,9 +309,12 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- the plan (all arms are
     # checked before anything is trained)
-    runs = []
+    runs: list[_Planned] = []
     for name, arm in c.arms.items():
         for seed in c.seeds:
+            if arm.get("kind") == "btx":
+                runs.append(_plan_btx(c, name, arm, int(seed), init_from, workdir, budget))
+                continue
             cfg = _arm_config(c, name, arm, int(seed), init_from)
             step_flops, _ = _step_flops(cfg)
             steps = max(1, round(budget / step_flops))
@@ -242,7 +325,7 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
             cfg.eval_at = sorted(max(1, p) for p in points)
             cfg.eval_every = 0
             _schedule_length(cfg, steps)
-            runs.append((name, arm, int(seed), cfg, step_flops))
+            runs.append(_Planned(name, arm, int(seed), cfg, step_flops))
 
     if c.dense_checkpoint:
         pretrain = {"steps": int(c.pretrain.steps), "evals": [], "wall_seconds": None}
@@ -253,22 +336,36 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
         pretrain = _run(dense_cfg, os.path.join(workdir, "pretrain"), plan)
 
     results = []
-    for i, (name, arm, seed, cfg, step_flops) in enumerate(runs, 1):
+    for i, r in enumerate(runs, 1):
+        here = os.path.join(workdir, r.name, f"seed_{r.seed}")
+        wall, branch_steps = 0.0, {}
+        for branch, cfg, flops in r.branches:
+            label = (
+                f"[{i}/{len(runs)}] {r.name} seed {r.seed}, branch {branch}: "
+                f"{cfg.total_steps} dense steps of {flops / 1e9:.2f} GFLOPs"
+            )
+            log.info(label)
+            done = _run(cfg, os.path.join(here, f"branch_{branch}"), label)
+            wall += done["wall_seconds"]
+            branch_steps[branch] = done["steps"]
         label = (
-            f"[{i}/{len(runs)}] {name} seed {seed}: {cfg.total_steps} steps of "
-            f"{step_flops / 1e9:.2f} GFLOPs"
+            f"[{i}/{len(runs)}] {r.name} seed {r.seed}: {r.cfg.total_steps} steps of "
+            f"{r.step_flops / 1e9:.2f} GFLOPs"
         )
         log.info(label)
-        result = _run(cfg, os.path.join(workdir, f"{name}", f"seed_{seed}"), label)
+        result = _run(r.cfg, os.path.join(here, "moe") if r.branches else here, label)
         for row in result["evals"]:
-            row["extra_flops"] = row["step"] * step_flops
+            row["extra_flops"] = r.offset_flops + row["step"] * r.step_flops
             row["fraction"] = row["extra_flops"] / dense_cost
+        if r.branches:
+            result = {**result, "wall_seconds": wall + result["wall_seconds"]}
+            result["branches"] = {"steps": branch_steps, "flops": r.offset_flops}
         results.append(
             {
-                "arm": name,
-                "kind": arm.get("kind"),
-                "seed": seed,
-                "step_flops": step_flops,
+                "arm": r.name,
+                "kind": r.arm.get("kind"),
+                "seed": r.seed,
+                "step_flops": r.step_flops,
                 **result,
             }
         )
@@ -287,7 +384,18 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "budget_flops": budget,
         "seeds": [int(s) for s in c.seeds],
         "arms": {
-            name: {"kind": arm.get("kind"), "overrides": _plain(arm.get("overrides") or {})}
+            name: {
+                "kind": arm.get("kind"),
+                "overrides": _plain(arm.get("overrides") or {}),
+                **(
+                    {
+                        "branches": _plain(arm.get("branches")),
+                        "branch_compute": arm.get("branch_compute", 0.5),
+                    }
+                    if arm.get("kind") == "btx"
+                    else {}
+                ),
+            }
             for name, arm in c.arms.items()
         },
         "runs": results,

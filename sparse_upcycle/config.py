@@ -340,7 +340,7 @@ def compare_schema() -> dict:
     out["train"] = run
     out["pretrain"]["optimizer"] = run["optimizer"]
     out["upcycle"] = run["upcycle"]
-    out["arms"] = Each({"kind": "", "overrides": run})
+    out["arms"] = Each({"kind": "", "overrides": run, "branches": Each(run), "branch_compute": 0.5})
     return out
 
 

@@ -46,7 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict({"z_loss": 1e-4, "label_smoothing": 0.0})
     c.log_every = 10
     c.eval_every = 100  # <= 0: only at eval_at and at the end
-    c.eval_at = []  # extra steps to evaluate at (matched compute points of `compare`)
+    c.eval_at = []  # extra steps to evaluate at (matched compute points of `compare`; 0: the
+    # initial parameters, before the first step)
     c.eval_steps = 4
     c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async": True})
     c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # None: measure it

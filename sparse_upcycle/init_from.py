@@ -21,6 +21,7 @@ from sparse_upcycle.checkpoints.reader import CheckpointReader
 from sparse_upcycle.checkpoints.tree import flatten, unflatten
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.task import ModelSpec, model_class
+from sparse_upcycle.upcycle import router_init
 from sparse_upcycle.upcycle.rules import (
     ROUTER_RE,
     Recipe,
@@ -28,6 +29,7 @@ from sparse_upcycle.upcycle.rules import (
     tile_optimizer_state,
     upcycle_tree,
 )
+from sparse_upcycle.upcycle.sources import check_compatible
 
 
 def _device_put_host(value: np.ndarray, sharding_: NamedSharding) -> jax.Array:
@@ -86,8 +88,15 @@ def initial_params(
         return unflatten(out), slots
 
     recipe = spec.recipe or Recipe()
+    if recipe.router_init in router_init.PROMPTED:
+        raise ConfigError(
+            f"upcycle.router_init={recipe.router_init}: prompted routers are built by "
+            "`sparse-upcycle upcycle` (train from its output); online upcycling takes "
+            "router_init=random or uniform_random"
+        )
+    reads = [o.read for o in open_sources(config, recipe, source)] if recipe.sources else []
     try:
-        stream = upcycle_tree(source.keys(), source.read, target, recipe)
+        stream = upcycle_tree(source.keys(), source.read, target, recipe, reads)
         out = {path: _device_put_host(value, flat_sh[path]) for path, value in stream}
     except ValueError as e:
         raise CheckpointError(f"{config.init_from}: {e}") from None
@@ -100,6 +109,46 @@ def initial_params(
             )
         slots = dict(tile_optimizer_state(keys, source.read_optimizer_state, target, recipe))
     return unflatten(out), slots
+
+
+def open_sources(config, recipe: Recipe, base: CheckpointReader) -> list[CheckpointReader]:
+    """Online upcycling of several dense sources (``upcycle.sources``, Branch-Train-MiX):
+    every source, opened, in the recipe's order; ``init_from`` must name the base one
+    (``sources[base_source]``), already open as ``base``. Paths, shapes and model configs are
+    compared before any tensor is read."""
+    paths = list(recipe.sources)
+    named = paths[recipe.base_source]
+    if os.path.realpath(named) != os.path.realpath(config.init_from):
+        raise ConfigError(
+            f"with upcycle.sources, init_from must be the base source "
+            f"upcycle.sources[{recipe.base_source}] = {named!r}, got {config.init_from!r}"
+        )
+    fmt = config.get("init_format", "auto")
+    opened = [
+        base if i == recipe.base_source else open_checkpoint(p, fmt) for i, p in enumerate(paths)
+    ]
+    for i, o in enumerate(opened):
+        if o.is_upcycled:
+            raise CheckpointError(
+                f"upcycle.sources[{i}] = {paths[i]!r} is an upcycle output (an MoE), not a "
+                "dense source"
+            )
+    try:
+        check_compatible(
+            paths, [o.keys() for o in opened], [o.shape for o in opened], [o.config for o in opened]
+        )
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return opened
+
+
+def source_paths(config) -> list[tuple[str, str]]:
+    """``(field, path)`` of every checkpoint a run reads: ``init_from`` and, with several
+    dense sources, each of ``upcycle.sources`` (the workdir must overlap none of them)."""
+    init_from = config.get("init_from", "scratch")
+    out = [("init_from", init_from)] if init_from and init_from != "scratch" else []
+    listed = config.upcycle.get("sources") if "upcycle" in config else None
+    return out + [(f"upcycle.sources[{i}]", p) for i, p in enumerate(listed or ()) if p]
 
 
 def open_init_source(config) -> CheckpointReader | None:

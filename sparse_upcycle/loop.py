@@ -41,7 +41,12 @@ from sparse_upcycle import models, sharding
 from sparse_upcycle.checkpoints.output import check_workdir, workdir_writes
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
-from sparse_upcycle.init_from import initial_params, keep_hf_source, open_init_source
+from sparse_upcycle.init_from import (
+    initial_params,
+    keep_hf_source,
+    open_init_source,
+    source_paths,
+)
 from sparse_upcycle.metrics import MetricWriter, Progress
 from sparse_upcycle.optim_slots import load_adafactor_slots
 from sparse_upcycle.task import ModelSpec, moe_layer_names
@@ -116,9 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ConfigError, CheckpointError: bad configuration or initial checkpoint, a --workdir
         that is a file or overlaps ``init_from``.
     """
-    init_from = config.get("init_from", "scratch")
-    sources = [("init_from", init_from)] if init_from and init_from != "scratch" else []
-    check_workdir(workdir, sources)
+    check_workdir(workdir, source_paths(config))
     # ---------------------------------------------------------------- processes and mesh
     dist = config.get("distributed", ml_collections.ConfigDict())
     if dist.get("num_processes", 1) > 1 and not jax.distributed.is_initialized():
@@ -310,6 +313,14 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh) -> dict:
 
     with _Preemption() as preemption:
         try:
+            if start_step == 0 and 0 in eval_at:  # the initial parameters, as built
+                eval_metrics = evaluate(state["params"])
+                writer.write(0, eval_metrics, split="eval")
+                progress.write(
+                    f"eval step 0: loss {eval_metrics['loss']:.4f} "
+                    f"accuracy {eval_metrics['accuracy']:.4f}"
+                )
+                loop_start = time.perf_counter()
             for step in range(start_step, total):
                 batch = global_batch(next(train_data), mesh, process_count)
                 if train_step_jit is None:

@@ -92,14 +92,17 @@ def _verdict(name_a: str, a: dict, name_b: str, b: dict) -> dict:
 
 
 def verdicts(arms: dict) -> list[dict]:
-    """Each MoE arm against dense continuation; each upcycled arm against MoE from scratch."""
+    """Each MoE arm against dense continuation; each upcycled arm against MoE from scratch;
+    each Branch-Train-MiX arm against the single-source upcycled ones."""
     dense = [n for n, a in arms.items() if a["kind"] == "dense"]
     scratch = [n for n, a in arms.items() if a["kind"] == "scratch"]
+    upcycled = [n for n, a in arms.items() if a["kind"] == "upcycle"]
+    also = {"upcycle": scratch, "btx": upcycled}
     out = []
     for name, arm in arms.items():
         if arm["kind"] == "dense" or not arm["final"]:
             continue
-        for other in dense + (scratch if arm["kind"] == "upcycle" else []):
+        for other in dense + also.get(arm["kind"], []):
             if arms[other]["final"]:
                 out.append(_verdict(name, arm, other, arms[other]))
     return out
@@ -158,7 +161,9 @@ def plot(report: dict, path: str) -> None:
     for i, (name, arm) in enumerate(report["aggregate"].items()):
         color = f"C{i}"
         curve = list(arm["curve"])
-        if start is not None and arm["kind"] != "scratch":
+        # from the dense checkpoint at 0, except the arms that do not start from it there (a
+        # btx arm's MoE exists only once its branches have spent their share)
+        if start is not None and arm["kind"] not in ("scratch", "btx"):
             curve = [{**start, "fraction": 0.0, "loss_std": 0.0, "accuracy_std": 0.0}] + curve
         x = np.array([p["fraction"] for p in curve])
         for ax, key in zip(axes, ("loss", "accuracy"), strict=True):

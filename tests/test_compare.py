@@ -184,3 +184,97 @@ def test_a_second_compare_in_the_same_workdir_is_refused(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(compare_lib.ConfigError, match="another compare is running"):
             compare_lib.run_compare(load_config(CONFIG, schema="compare"), str(tmp_path / "w"))
+
+
+# --------------------------------------------------------------------------------------------
+# Branch-Train-MiX arms
+# --------------------------------------------------------------------------------------------
+
+BTX_CONFIG = os.path.join(HERE, "configs", "compare_btx_tiny.py")
+
+
+@pytest.fixture(scope="module")
+def btx(tmp_path_factory):
+    from test_data_text import _make_corpus
+
+    corpus = tmp_path_factory.mktemp("btx_corpus")
+    _make_corpus(corpus)
+    cache = tmp_path_factory.mktemp("btx_cache")
+    overrides = [
+        f"--config.train.data.corpus_dir={corpus}",
+        f"--config.train.data.cache_dir={cache}",
+    ]
+    workdir = str(tmp_path_factory.mktemp("btx_compare"))
+    config = load_config(BTX_CONFIG, overrides, schema="compare")
+    return workdir, compare_lib.run_compare(config, workdir), overrides
+
+
+def test_btx_branches_spend_their_share_and_the_moe_the_rest(btx):
+    workdir, report, _ = btx
+    budget, dense_flops = report["budget_flops"], report["dense"]["step_flops"]
+    (run,) = [r for r in report["runs"] if r["arm"] == "btx"]
+    here = os.path.join(workdir, "btx", "seed_0")
+    steps = run["branches"]["steps"]
+    assert set(steps) == {"zero", "rest"}
+    for branch, n in steps.items():  # each branch: a quarter of the budget in dense steps
+        assert abs(n * dense_flops - budget / 4) <= dense_flops / 2
+        with open(os.path.join(here, f"branch_{branch}", "config.json")) as f:
+            data = json.load(f)["data"]
+        assert data.get("include_documents" if branch == "zero" else "exclude_documents") == [
+            "part0/*"
+        ]
+    spent = sum(steps.values()) * dense_flops
+    assert run["branches"]["flops"] == spent
+    assert run["evals"][-1]["extra_flops"] == spent + run["steps"] * run["step_flops"]
+    assert abs(run["evals"][-1]["extra_flops"] - budget) <= run["step_flops"] / 2
+    # the MoE as mixed (at the branches' share, 2/4 of the budget), then the matched points
+    # past it: 3/4 and 4/4
+    assert [round(e["extra_flops"] / budget * 4) for e in run["evals"]] == [2, 3, 4]
+    assert run["evals"][0]["step"] == 0 and run["evals"][0]["extra_flops"] == spent
+    # the MoE starts from the branches' last checkpoints, two experts each, the rest averaged
+    with open(os.path.join(here, "moe", "config.json")) as f:
+        moe = json.load(f)
+    sources = [os.path.join(here, f"branch_{b}", "checkpoints", str(steps[b])) for b in steps]
+    assert moe["upcycle"]["sources"] == sources and all(os.path.isdir(p) for p in sources)
+    assert moe["init_from"] == sources[0]
+    assert moe["upcycle"]["experts_per_source"] == 2
+    assert moe["upcycle"]["non_expert"] == "average"
+    assert "include_documents" not in moe["data"] and "exclude_documents" not in moe["data"]
+    texts = [v["text"] for v in report["verdicts"]]
+    assert any(t.startswith("btx ") and " dense:" in t for t in texts)
+    assert any(t.startswith("btx ") and " upcycled:" in t for t in texts)
+
+
+def test_btx_resumes_without_recomputing(btx, monkeypatch):
+    workdir, report, overrides = btx
+    from sparse_upcycle import loop
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(loop, "train_and_evaluate", forbidden)
+    again = compare_lib.run_compare(load_config(BTX_CONFIG, overrides, schema="compare"), workdir)
+    assert again["aggregate"]["btx"] == report["aggregate"]["btx"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.arms.btx.branch_compute=1.0", r"arms\.btx\.branch_compute must be in \(0, 1\)"),
+        ("--config.arms.btx.branches={'only': {}}", r"arms\.btx\.branches must name at least two"),
+        ("--config.upcycle.num_experts=3", r"upcycle\.num_experts 3 is not a multiple of the 2"),
+        ("--config.arms.dense.branch_compute=0.5", r"arms\.dense\.branch_compute is for kind btx"),
+        (
+            "--config.arms.btx.branches.zero.data.include_documentz=[]",
+            "include_documentz",
+        ),
+    ],
+)
+def test_btx_bad_config_is_one_line(btx, tmp_path, capsys, override, message):
+    _, _, overrides = btx
+    workdir = str(tmp_path / "w")
+    argv = ["compare", "--config", BTX_CONFIG, "--workdir", workdir, *overrides, override]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and __import__("re").search(message, err[0]), err

@@ -12,6 +12,7 @@ from sparse_upcycle.data import fashion_mnist, text
 ROOT = os.path.dirname(os.path.dirname(__file__))
 VIT = os.path.join(ROOT, "configs", "compare_vit_fmnist.py")
 T5 = os.path.join(ROOT, "configs", "compare_t5_text.py")
+BTX = os.path.join(ROOT, "configs", "compare_btx_text.py")
 HAVE_TEXT = os.path.isdir(text.CORPUS_DIR)
 HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 
@@ -31,6 +32,26 @@ def test_configs_load_with_three_seeds_and_the_three_arms(path, size):
         assert m.encoder_moe.router == "expert_choice" and m.decoder_moe.router == "top_k"
         assert c.train.data.name == "text"
         assert m.overrides.vocab_size == c.train.data.vocab_size + c.train.data.extra_ids
+
+
+@pytest.mark.parametrize("size", ["tiny", None])
+def test_btx_config_has_two_domains_that_cover_the_corpus(size):
+    c = load_config(f"{BTX}:{size}" if size else BTX, schema="compare")
+    assert len(c.seeds) >= 3 and c.extra_compute > 0
+    assert {a.kind for a in c.arms.values()} == {"dense", "upcycle", "btx"}
+    branches = c.arms.btx.branches
+    assert sorted(str(b.data.to_dict()) for b in branches.values()) == [
+        "{'exclude_documents': ['library/*']}",
+        "{'include_documents': ['library/*']}",
+    ]
+    assert c.upcycle.num_experts % len(branches) == 0
+    assert c.train.model.family == "decoder" and c.train.data.name == "text"
+    if HAVE_TEXT:  # two halves of one corpus, no document in both
+        from sparse_upcycle.data.text import list_documents
+
+        docs = list_documents(text.CORPUS_DIR)
+        library = [d for d in docs if d.startswith("library/")]
+        assert 0 < len(library) < len(docs)
 
 
 def test_unknown_size_is_a_config_error():

@@ -226,6 +226,51 @@ def test_packed_lm(corpus, cache):
     assert (expected == text.EOS_ID).sum() == len(docs)
 
 
+@pytest.mark.parametrize(
+    "include, exclude, keep",
+    [
+        (["part0/*"], None, lambda d: d.startswith("part0/")),
+        (None, ["part0/*"], lambda d: not d.startswith("part0/")),
+        (["part1/*", "part2/*"], ["*/doc00*"], lambda d: d[:5] != "part0" and "/doc00" not in d),
+    ],
+)
+def test_document_selection(corpus, cache, include, exclude, keep):
+    """A selection is its documents' own encodings (each + EOS) in path order, in every split,
+    with the whole corpus's vocabulary."""
+    entry = text.prepare_corpus(corpus, PIECES, cache)
+    sp = spm.SentencePieceProcessor(model_file=str(entry / "spm.model"))
+    for split in text.SPLITS:
+        docs = [d for d in text.list_documents(corpus) if text.split_of(d) == split and keep(d)]
+        if not docs:  # the small corpus has 3 validation and 3 test documents
+            with pytest.raises(ValueError, match=f"no {split} document matches"):
+                text.select_documents(entry, split, include, exclude)
+            continue
+        expected = np.concatenate([sp.encode((corpus / d).read_text()) + [1] for d in docs])
+        stream, kept = text.select_documents(entry, split, include, exclude)
+        assert kept == docs
+        np.testing.assert_array_equal(stream, expected)
+    data, model = _configs(
+        corpus, cache, seq_len=16, include_documents=include, exclude_documents=exclude
+    )
+    batch = next(text.make_text_pipeline(data, "decoder", model, "train"))
+    train = [d for d in text.list_documents(corpus) if text.split_of(d) == "train" and keep(d)]
+    expected = np.concatenate([sp.encode((corpus / d).read_text()) + [1] for d in train])
+    windows = {tuple(expected[i * 16 : i * 16 + 16]) for i in range(len(expected) // 16)}
+    assert all(tuple(row) in windows for row in batch["tokens"])  # shuffled windows
+
+
+def test_document_selection_refusals(corpus, cache):
+    entry = text.prepare_corpus(corpus, PIECES, cache)
+    with pytest.raises(
+        ValueError, match=r"no train document matches include_documents=\['nope/\*'\]"
+    ):
+        text.select_documents(entry, "train", ["nope/*"])
+    with pytest.raises(ValueError, match="data.exclude_documents must be a list of path patterns"):
+        text.select_documents(entry, "train", None, "part0/*")
+    with pytest.raises(ValueError, match="no validation document matches"):
+        text.select_documents(entry, "validation", None, ["*"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Pipeline state and sharding
 # ------------------------------------------------------------------------------------------------
@@ -269,7 +314,12 @@ def test_cache_is_reused_and_vocabulary_deterministic(corpus, tmp_path, monkeypa
         entry = text.prepare_corpus(corpus, PIECES, tmp_path / "a")
     assert "training a SentencePiece vocabulary of 150 pieces" in caplog.text
     files = sorted(p.name for p in entry.iterdir())
-    assert files == ["spm.model", "spm.vocab", "test.npy", "train.npy", "validation.npy"]
+    splits = ("test", "train", "validation")
+    assert files == [
+        "spm.model",
+        "spm.vocab",
+        *sorted(f"{s}.{x}" for s in splits for x in ("docs.json", "npy")),
+    ]
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # no temp leftovers
     mtimes = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
 

@@ -421,3 +421,54 @@ def test_parameter_groups_and_modes():
         "mlp": "average",
         "other": "base",
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Online: `train` with upcycle.sources builds, in memory, what `upcycle` writes.
+# --------------------------------------------------------------------------------------------
+
+
+def _online_params(paths, init_from, *extra):
+    from sparse_upcycle import sharding
+    from sparse_upcycle.checkpoints.tree import flatten
+    from sparse_upcycle.config import load_config
+    from sparse_upcycle.init_from import initial_params, open_init_source
+    from sparse_upcycle.training import build_training
+
+    mesh = ["--config.mesh.expert=1", "--config.mesh.model=1", "--config.model.remat=none"]
+    config = load_config(
+        CONFIG, [*_mixed_recipe(paths), f"--config.init_from={init_from}", *mesh, *extra]
+    )
+    source = open_init_source(config)
+    t = build_training(config, source, sharding.mesh_from_config(config.mesh))
+    params, _ = initial_params(config, t.spec, source, t.abstract_params, t.param_sh)
+    return {k: np.asarray(v) for k, v in flatten(params).items()}
+
+
+def test_online_upcycling_of_several_sources_equals_the_upcycle_output(mixed):
+    dst, paths = mixed
+    _, written = surgeon.load_upcycled(dst)
+    online = _online_params(paths, paths[1])
+    assert set(online) == set(written)
+    for key, value in written.items():
+        np.testing.assert_array_equal(online[key], value, err_msg=key)
+
+
+def test_online_sources_refusals_are_one_line(mixed, work):
+    from sparse_upcycle.checkpoints.errors import CheckpointError
+    from sparse_upcycle.config import ConfigError
+
+    dst, paths = mixed
+    with pytest.raises(
+        ConfigError, match=r"init_from must be the base source upcycle\.sources\[1\]"
+    ):
+        _online_params(paths, paths[0])
+    with pytest.raises(ConfigError, match="prompted routers are built by `sparse-upcycle upcycle`"):
+        _online_params(
+            paths,
+            paths[1],
+            "--config.upcycle.router_init=cheap_embed",
+            '--config.upcycle.positive_prompts=[["a"], ["b"], ["c"], ["d"]]',
+        )
+    with pytest.raises(CheckpointError, match="is an upcycle output"):
+        _online_params([dst, paths[1], paths[2]], paths[1])

@@ -217,22 +217,14 @@ def test_online_upcycling_equals_offline_upcycling(dense_t5x, tmp_path, capsys):
     assert _losses(tmp_path / "on") == _losses(tmp_path / "off")
 
 
-def test_dense_continue_starts_from_the_dense_function(dense_t5x, tmp_path):
-    """Loading a dense checkpoint as is: with a zero learning rate the eval loss equals the
-    loss of the dense model computed directly from the T5X tensors."""
+def _direct_dense_loss(config, dense_t5x) -> float:
+    """The loss of the dense T5X checkpoint on the first validation batch, computed from its
+    tensors directly (no trainer)."""
     from sparse_upcycle.checkpoints.open import open_checkpoint
     from sparse_upcycle.data import make_pipeline
     from sparse_upcycle.losses import cross_entropy_loss
     from sparse_upcycle.models import build_model
 
-    config = _config(
-        "t5-dense",
-        f"--config.init_from={dense_t5x}",
-        "--config.total_steps=1",
-        "--config.optimizer.learning_rate=0.0",
-        "--config.eval_every=1",
-    )
-    result = train_and_evaluate(config, str(tmp_path))
     source = open_checkpoint(dense_t5x)
     model = build_model("t5", t5.config("tiny"), {k: source.read(k) for k in source.keys()})
     batch = next(make_pipeline(config.data, "t5", t5.config("tiny"), "validation"))
@@ -244,7 +236,41 @@ def test_dense_continue_starts_from_the_dense_function(dense_t5x, tmp_path):
     total, z, weights = cross_entropy_loss(
         logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     )
-    np.testing.assert_allclose(result["eval"]["loss"], float(total / weights), rtol=1e-5)
+    return float(total / weights)
+
+
+def test_dense_continue_starts_from_the_dense_function(dense_t5x, tmp_path):
+    """Loading a dense checkpoint as is: with a zero learning rate the eval loss equals the
+    loss of the dense model computed directly from the T5X tensors."""
+    config = _config(
+        "t5-dense",
+        f"--config.init_from={dense_t5x}",
+        "--config.total_steps=1",
+        "--config.optimizer.learning_rate=0.0",
+        "--config.eval_every=1",
+    )
+    result = train_and_evaluate(config, str(tmp_path))
+    np.testing.assert_allclose(
+        result["eval"]["loss"], _direct_dense_loss(config, dense_t5x), rtol=1e-5
+    )
+
+
+def test_eval_at_zero_evaluates_the_initial_parameters(dense_t5x, tmp_path):
+    """``eval_at`` 0 evaluates before the first step: with a real learning rate, the step-0
+    row is the dense checkpoint's loss and the step-2 row has moved away from it."""
+    config = _config(
+        "t5-dense",
+        f"--config.init_from={dense_t5x}",
+        "--config.total_steps=2",
+        "--config.eval_at=[0]",
+        "--config.eval_every=0",
+    )
+    train_and_evaluate(config, str(tmp_path))
+    evals = _losses(tmp_path, split="eval")
+    assert sorted(evals) == [0, 2]
+    want = _direct_dense_loss(config, dense_t5x)
+    np.testing.assert_allclose(evals[0], want, rtol=1e-5)
+    assert abs(evals[2] - want) > 1e-3
 
 
 def test_tiled_optimizer_slots_reach_the_optax_state(dense_t5x, tmp_path, caplog):

@@ -25,6 +25,13 @@ Every ``*.txt`` file under ``corpus_dir`` is one document.
   target is each span's sentinel followed by the span. Both end with EOS and are padded with 0.
   Unlike T5 (which splits documents), chunks run across document boundaries (EOS between).
   T5's ``noise_density == 0.5`` length hack is left out, so the input is always ``seq_len``.
+* **Document selection** (``include_documents`` / ``exclude_documents``: lists of
+  ``fnmatch`` patterns on the relative path, e.g. ``["library/*"]``): every split keeps only
+  the documents that match an included pattern (all, when none is given) and no excluded one,
+  concatenated in path order; the vocabulary stays the whole corpus's, so models trained on
+  different selections share token ids (Branch-Train-MiX's domain branches). The cache holds
+  each split's per-document token counts (``{split}.docs.json``) to cut a selection out of
+  its stream.
 * **Packed LM**: example ``i`` is the window ``w = stream[i·S : i·S + S + 1]``; tokens
   ``w[:-1]``, targets ``w[1:]``, all weights 1.
 
@@ -38,8 +45,10 @@ evaluation sees the same batches.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import io
+import json
 import logging
 import os
 import pathlib
@@ -68,6 +77,8 @@ DATA_FIELDS = frozenset(
         "mean_noise_span_length",
         "corpus_dir",
         "cache_dir",
+        "include_documents",
+        "exclude_documents",
     }
 )
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -149,6 +160,17 @@ def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
         raise
 
 
+def _save_text(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def prepare_corpus(
     corpus_dir: str | os.PathLike, vocab_size: int, cache_dir: str | os.PathLike
 ) -> pathlib.Path:
@@ -191,7 +213,8 @@ def prepare_corpus(
     sp = None
     for split, rels in by_split.items():
         path = entry / f"{split}.npy"
-        if path.exists():
+        index = entry / f"{split}.docs.json"
+        if path.exists() and index.exists():
             continue
         if sp is None:
             sp = load_vocab(entry)
@@ -199,6 +222,8 @@ def prepare_corpus(
         encoded = sp.encode([texts[rel] for rel in rels])
         stream = np.array([t for ids in encoded for t in [*ids, EOS_ID]], np.int32)
         _save_npy(path, stream)
+        counts = [[rel, len(ids) + 1] for rel, ids in zip(rels, encoded, strict=True)]
+        _save_text(index, json.dumps(counts))
         seconds = time.perf_counter() - start
         log.info(f"tokenised {split}: {len(rels)} documents, {stream.size} tokens, {seconds:.1f} s")
     return entry
@@ -213,6 +238,45 @@ def load_vocab(entry: pathlib.Path):
 
 def load_stream(entry: pathlib.Path, split: str) -> np.ndarray:
     return np.load(entry / f"{split}.npy", mmap_mode="r")
+
+
+def _patterns(value, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"data.{name} must be a list of path patterns, got {value!r}")
+    return tuple(value)
+
+
+def select_documents(
+    entry: pathlib.Path, split: str, include=None, exclude=None
+) -> tuple[np.ndarray, list[str]]:
+    """(the stream of ``split`` cut down to the selected documents, their paths): documents
+    matching one of ``include`` (every document when empty) and none of ``exclude``, in path
+    order, each with its EOS. ValueError when a pattern list is malformed or nothing is left."""
+    include = _patterns(include, "include_documents")
+    exclude = _patterns(exclude, "exclude_documents")
+    stream = load_stream(entry, split)
+    if not include and not exclude:
+        return stream, []
+    with open(entry / f"{split}.docs.json", encoding="utf-8") as f:
+        counts = json.load(f)
+    pieces, kept, offset = [], [], 0
+    for rel, n in counts:
+        chosen = not include or any(fnmatch.fnmatchcase(rel, p) for p in include)
+        if chosen and not any(fnmatch.fnmatchcase(rel, p) for p in exclude):
+            pieces.append(stream[offset : offset + n])
+            kept.append(rel)
+        offset += n
+    if offset != len(stream):
+        raise ValueError(f"{entry}/{split}.docs.json does not describe {split}.npy; remove {entry}")
+    if not kept:
+        raise ValueError(
+            f"no {split} document matches include_documents={list(include)} and "
+            f"exclude_documents={list(exclude)} (paths are relative to the corpus, e.g. "
+            f"{counts[0][0] if counts else 'library/os.rst.txt'!r})"
+        )
+    return np.concatenate(pieces), kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +437,8 @@ def make_text_pipeline(
     ``data_config`` fields (defaults): vocab_size (8000 SentencePiece pieces), extra_ids (100,
     T5 only), seq_len (512), target_len (computed), noise_density (0.15),
     mean_noise_span_length (3.0), corpus_dir (``CORPUS_DIR``), cache_dir (env
-    ``SPARSE_UPCYCLE_CACHE`` or ~/.cache/sparse_upcycle), seed (0), batch_size.
+    ``SPARSE_UPCYCLE_CACHE`` or ~/.cache/sparse_upcycle), include_documents and
+    exclude_documents (none: every document; see the module docstring), seed (0), batch_size.
     """
     get = data_config.get
     task = models.get(family).TASK
@@ -394,7 +459,9 @@ def make_text_pipeline(
     entry = prepare_corpus(
         get("corpus_dir", None) or CORPUS_DIR, pieces, get("cache_dir", None) or default_cache_dir()
     )
-    stream = load_stream(entry, split)
+    stream, _ = select_documents(
+        entry, split, get("include_documents", None), get("exclude_documents", None)
+    )
     seed, seq_len = int(get("seed", 0)), int(get("seq_len", 512))
     shuffle_seed = seed if split == "train" else None
     transform = None
