@@ -279,8 +279,8 @@ def iter_to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fus
         prefix, layer = _LAYER.format(i=i), params[f"layers_{i}"]
         table = _layer_table(config, i in sparse)
         for suffix, path, transpose in table:
-            w = _f32(_get(layer, path))
-            yield prefix + suffix, (w.T.copy() if transpose else w)
+            w = _get(layer, path)
+            yield prefix + suffix, (qwen_moe.f32_t(w) if transpose else _f32(w))
         if i not in sparse:
             continue
         mlp = layer["mlp"]
@@ -289,7 +289,7 @@ def iter_to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fus
             continue
         if config.moe.num_shared_experts:
             raise ValueError(qwen_moe.shared_problem(config, "Mixtral"))
-        router = _f32(mlp["router"]["w"]["kernel"]).T.copy()
+        router = qwen_moe.f32_t(mlp["router"]["w"]["kernel"])
         if moe_format == "fused":
             yield prefix + "mlp.gate.weight", router
             for name, value in qwen_moe.fused_experts_to_hf(mlp["expert"]):
@@ -298,12 +298,12 @@ def iter_to_hf(params: Mapping, config: DecoderConfig, *, moe_format: str = "fus
             moe = prefix + "block_sparse_moe."
             yield moe + "gate.weight", router
             for hf, ours in (("w1", "wi_0"), ("w3", "wi_1"), ("w2", "wo")):
-                w = _f32(mlp["expert"][ours]["kernel"])
-                for j in range(w.shape[0]):
-                    yield f"{moe}experts.{j}.{hf}.weight", w[j].T.copy()
+                w = mlp["expert"][ours]["kernel"]
+                for j in range(np.shape(w)[0]):
+                    yield f"{moe}experts.{j}.{hf}.weight", qwen_moe.f32_t(w[j])
     yield "model.norm.weight", _f32(params["final_norm"]["scale"])
     if not config.tie_word_embeddings:
-        yield "lm_head.weight", _f32(params["logits_dense"]["kernel"]).T.copy()
+        yield "lm_head.weight", qwen_moe.f32_t(params["logits_dense"]["kernel"])
 
 
 def _check_shapes(params: Mapping, expected: Mapping, path: str = "") -> None:

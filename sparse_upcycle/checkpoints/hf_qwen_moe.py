@@ -318,7 +318,10 @@ def _f32(a: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
 
 
-def _t(a: np.ndarray) -> np.ndarray:
+def f32_t(a: Any) -> np.ndarray:
+    """``a`` transposed, as a contiguous float32 array: no copy where ``a`` is itself the
+    transposed view of such an array (what an HF reader's lazy tensors are), one transposing
+    copy otherwise."""
     return np.ascontiguousarray(np.asarray(a, np.float32).T)
 
 
@@ -345,10 +348,11 @@ def fused_experts_to_hf(expert: Mapping) -> Iterator[tuple[str, Chunked]]:
     e, d, f = np.shape(wi_0)
 
     def gate_up(j):
-        return np.concatenate([_t(wi_0[j]), _t(wi_1[j])], axis=0)
+        return np.concatenate([f32_t(wi_0[j]), f32_t(wi_1[j])], axis=0)
 
     yield "gate_up_proj", Chunked((e, 2 * f, d), np.float32, lambda: _per_expert(gate_up, wi_0))
-    yield "down_proj", Chunked((e, d, f), np.float32, lambda: _per_expert(lambda j: _t(wo[j]), wo))
+    down = lambda: _per_expert(lambda j: f32_t(wo[j]), wo)  # noqa: E731
+    yield "down_proj", Chunked((e, d, f), np.float32, down)
 
 
 def _per_expert(make: Callable[[int], np.ndarray], like: Any) -> Iterator[np.ndarray]:
@@ -373,7 +377,7 @@ def mlp_from_hf(
     ``prefix`` = ``model.layers.{i}.``); ``take`` reads (and marks as used) a float32 tensor,
     ``has`` says whether the state dict holds a name. Fused or per-expert layout."""
     m, p = config.moe, prefix + "mlp."
-    mlp: dict = {"router": {"w": {"kernel": _t(take(p + "gate.weight"))}}}
+    mlp: dict = {"router": {"w": {"kernel": f32_t(take(p + "gate.weight"))}}}
     if has(p + "experts.gate_up_proj"):
         mlp["expert"] = fused_experts_from_hf(
             take(p + "experts.gate_up_proj"), take(p + "experts.down_proj")
@@ -382,17 +386,17 @@ def mlp_from_hf(
         mlp["expert"] = {
             ours: {
                 "kernel": np.stack(
-                    [_t(take(f"{p}experts.{j}.{hf}.weight")) for j in range(m.num_experts)]
+                    [f32_t(take(f"{p}experts.{j}.{hf}.weight")) for j in range(m.num_experts)]
                 )
             }
             for hf, ours in _SHARED
         }
     if m.num_shared_experts:
         mlp["shared_expert"] = {
-            ours: {"kernel": _t(take(f"{p}shared_expert.{hf}.weight"))} for hf, ours in _SHARED
+            ours: {"kernel": f32_t(take(f"{p}shared_expert.{hf}.weight"))} for hf, ours in _SHARED
         }
         if m.shared_expert_gate:
-            mlp["shared_expert_gate"] = {"kernel": _t(take(p + "shared_expert_gate.weight"))}
+            mlp["shared_expert_gate"] = {"kernel": f32_t(take(p + "shared_expert_gate.weight"))}
     elif config.model_type == "qwen2":  # Qwen2-MoE of f_s = 0: the empty shared expert
         for hf, _ in _SHARED:
             name = f"{p}shared_expert.{hf}.weight"
@@ -414,22 +418,22 @@ def mlp_to_hf(
     the target cannot hold raise ValueError (``target_problems`` says so first)."""
     m, p = config.moe, prefix + "mlp."
     d = config.hidden_size
-    yield p + "gate.weight", _t(_f32(mlp["router"]["w"]["kernel"]))
+    yield p + "gate.weight", f32_t(mlp["router"]["w"]["kernel"])
     if moe_format == "fused":
         for name, value in fused_experts_to_hf(mlp["expert"]):
             yield p + "experts." + name, value
     else:
         for hf, ours in _SHARED:
-            w = _f32(mlp["expert"][ours]["kernel"])
-            for j in range(w.shape[0]):
-                yield f"{p}experts.{j}.{hf}.weight", _t(w[j])
+            w = mlp["expert"][ours]["kernel"]
+            for j in range(np.shape(w)[0]):
+                yield f"{p}experts.{j}.{hf}.weight", f32_t(w[j])
     qwen2 = config.model_type == "qwen2"
     if m.num_shared_experts:
         if not qwen2 or not m.shared_expert_gate:
             raise ValueError("; ".join(target_problems(config, config.model_type)))
         for hf, ours in _SHARED:
-            yield f"{p}shared_expert.{hf}.weight", _t(_f32(mlp["shared_expert"][ours]["kernel"]))
-        yield p + "shared_expert_gate.weight", _t(_f32(mlp["shared_expert_gate"]["kernel"]))
+            yield f"{p}shared_expert.{hf}.weight", f32_t(mlp["shared_expert"][ours]["kernel"])
+        yield p + "shared_expert_gate.weight", f32_t(mlp["shared_expert_gate"]["kernel"])
     elif qwen2:
         for hf, _ in _SHARED:
             shape = (d, 0) if hf == "down_proj" else (0, d)

@@ -10,8 +10,21 @@ memory-mapped token shards at ``data.path``, written from text by
 
 import importlib
 
-from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
-from sparse_upcycle.data.synthetic import SyntheticSource, make_synthetic_pipeline
+# Re-exported, but imported on first use (grain and jax are heavy; the CLI parser imports a
+# module of this package, ``text_to_shards``, and must stay quick).
+_LAZY = {
+    "DataUnavailable": "sparse_upcycle.data.pipeline",
+    "GrainPipeline": "sparse_upcycle.data.pipeline",
+    "SyntheticSource": "sparse_upcycle.data.synthetic",
+    "make_synthetic_pipeline": "sparse_upcycle.data.synthetic",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # name -> (module, builder); modules are imported when their data set is asked for. Each module
 # declares the ``data`` fields its builder reads (``DATA_FIELDS``); ``make_pipeline`` refuses

@@ -43,8 +43,6 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from sparse_upcycle.data import text, token_shards
-
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB as uint16
 _BATCH_DOCS, _BATCH_CHARS = 512, 8 << 20  # documents per encode_batch call (Rust threads)
@@ -58,6 +56,8 @@ _SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json.gz")
 
 def _list_files(src: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
     """``(split, path)`` of every document file, sorted within each split."""
+    from sparse_upcycle.data import text  # here: the CLI parser imports this module
+
     by_split = (src / "train").is_dir()
     roots = [(s, src / s) for s in text.SPLITS if (src / s).is_dir()] if by_split else [("", src)]
     out = []
@@ -167,6 +167,8 @@ def _load_tokenizer(path: str):
 
 
 def _check_paths(src: str, out: str, overwrite: bool) -> None:
+    from sparse_upcycle.data import token_shards  # here: the CLI parser imports this module
+
     if not os.path.isdir(src):
         raise ValueError(f"--src {src} is not a directory")
     real_src, real_out = os.path.realpath(src), os.path.realpath(out)
@@ -201,6 +203,8 @@ def tokenize_directory(
     """Tokenise every document under ``src_dir`` into shards at ``out_dir`` (see the module
     docstring); returns the manifest. Bad input is a ``ValueError`` naming it, raised before
     anything exists at ``out_dir``."""
+    from sparse_upcycle.data import text, token_shards  # here: the CLI parser imports this module
+
     src, tok_path = os.fspath(src_dir), os.fspath(tokenizer_json)
     out = os.path.normpath(os.fspath(out_dir))
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
