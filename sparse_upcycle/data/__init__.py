@@ -9,6 +9,11 @@ memory-mapped token shards at ``data.path``, written from text by
 ``sparse-upcycle tokenize``)."""
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers; at run time __getattr__ below imports them
+    from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
+    from sparse_upcycle.data.synthetic import SyntheticSource, make_synthetic_pipeline
 
 # Re-exported, but imported on first use (grain and jax are heavy; the CLI parser imports a
 # module of this package, ``text_to_shards``, and must stay quick).
