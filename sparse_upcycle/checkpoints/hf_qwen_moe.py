@@ -342,29 +342,29 @@ def fused_experts_from_hf(gate_up: np.ndarray, down: np.ndarray) -> dict:
 
 def fused_experts_to_hf(expert: Mapping) -> Iterator[tuple[str, Chunked]]:
     """Our ``expert`` subtree -> (``gate_up_proj``, ``down_proj``) of the fused layout, each
-    made one expert at a time (``Chunked``: the writer streams the parts). Experts that are
-    one array seen E times (copies: ``np.broadcast_to``) are transposed once."""
+    made one expert at a time (``Chunked``: the writer streams the parts; expert j's
+    ``gate_up_proj`` rows are its gate rows then its up rows, written as two parts, never
+    concatenated). Experts that are one array seen E times (copies: ``np.broadcast_to``) are
+    transposed once."""
     wi_0, wi_1, wo = (expert[n]["kernel"] for n in ("wi_0", "wi_1", "wo"))
     e, d, f = np.shape(wi_0)
-
-    def gate_up(j):
-        return np.concatenate([f32_t(wi_0[j]), f32_t(wi_1[j])], axis=0)
-
-    yield "gate_up_proj", Chunked((e, 2 * f, d), np.float32, lambda: _per_expert(gate_up, wi_0))
-    down = lambda: _per_expert(lambda j: f32_t(wo[j]), wo)  # noqa: E731
+    gate_up = lambda: _per_expert(lambda j: (f32_t(wi_0[j]), f32_t(wi_1[j])), wi_0, wi_1)  # noqa: E731
+    yield "gate_up_proj", Chunked((e, 2 * f, d), np.float32, gate_up)
+    down = lambda: _per_expert(lambda j: (f32_t(wo[j]),), wo)  # noqa: E731
     yield "down_proj", Chunked((e, d, f), np.float32, down)
 
 
-def _per_expert(make: Callable[[int], np.ndarray], like: Any) -> Iterator[np.ndarray]:
-    """``make(j)[None]`` for every expert j; where expert j's array is expert j-1's memory
-    (``like`` a stride-0 broadcast), the previous part again."""
-    like = np.asarray(like)
-    repeated = like.ndim and like.strides[0] == 0
-    part = None
-    for j in range(like.shape[0]):
-        if part is None or not repeated:
-            part = np.asarray(make(j), np.float32)[None]
-        yield part
+def _per_expert(make: Callable[[int], tuple], *likes: Any) -> Iterator[np.ndarray]:
+    """The parts ``make(j)`` of every expert j, in order; where every one of ``likes`` (the
+    arrays the parts are made from) is a stride-0 broadcast over the experts, so that expert
+    j is expert j-1's memory, the previous parts again."""
+    arrays = [np.asarray(a) for a in likes]
+    repeated = all(a.ndim and a.strides[0] == 0 for a in arrays)
+    parts: list[np.ndarray] = []
+    for j in range(arrays[0].shape[0]):
+        if not parts or not repeated:
+            parts = [np.asarray(p, np.float32) for p in make(j)]
+        yield from parts
 
 
 def mlp_from_hf(
