@@ -15,7 +15,11 @@ Arms, each run as its own process, interleaved over ``--repeats`` rounds (median
 (``sparse-upcycle upcycle --mergekit-yaml CONFIG --dst OUT --output-format hf``) and, as a
 reference, ``ours_two_step`` (``upcycle`` to our layout, then ``export``). Wall time is the
 process's; peak RSS is the kernel's ``ru_maxrss`` of that process (``os.wait4``). The sources
-are read once before the first round so that every arm finds them in the page cache. With
+are read once before the first round so that every arm finds them in the page cache. Each run
+starts after an untimed ``sync`` (no other run's output left to write back; the order of the
+arms alternates between rounds), and ``seconds_to_disk`` adds the ``sync`` after it (its
+output on the disk, not only in the page cache); ``time_per_round`` is the ratio of each
+round's two back-to-back runs. With
 ``--check`` (needs transformers and torch: the test extra), each output's logits on one batch
 are compared with the dense Llama's (``--copies 1``: identical experts compute the dense
 function, so the largest difference relative to the largest logit must be <= 1e-4).
@@ -241,17 +245,25 @@ def main() -> None:
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     outputs = {}
     for r in range(args.repeats):
-        for arm, stages in arms.items():
+        order = list(arms) if r % 2 == 0 else list(arms)[::-1]  # no arm always goes first
+        for arm in order:
+            stages = arms[arm]
             out = os.path.join(work, f"out_{arm}")
             for leftover in (out, out + ".orbax"):
                 shutil.rmtree(leftover, ignore_errors=True)
+            os.sync()  # untimed: every run starts with nothing of another run left to write back
             measured = []
             for k, stage in enumerate(stages):
                 argv = [a.replace("{out}", out) for a in stage]
                 measured.append(_timed(argv, os.path.join(work, f"{arm}.{r}.{k}.log")))
+            start = time.perf_counter()
+            os.sync()  # what the run left in the page cache, written to the disk
+            synced = time.perf_counter() - start
+            seconds = sum(m["seconds"] for m in measured)
             runs[arm].append(
                 {
-                    "seconds": round(sum(m["seconds"] for m in measured), 2),
+                    "seconds": round(seconds, 2),
+                    "seconds_to_disk": round(seconds + synced, 2),
                     "peak_rss_gb": max(m["peak_rss_gb"] for m in measured),
                     "stages": measured,
                     "output_gb": round(_dir_bytes(out) / 1e9, 3),
@@ -264,7 +276,7 @@ def main() -> None:
         return statistics.median(run[key] for run in runs[arm])
 
     summary = {
-        arm: {"seconds": median(arm, "seconds"), "peak_rss_gb": median(arm, "peak_rss_gb")}
+        arm: {key: median(arm, key) for key in ("seconds", "seconds_to_disk", "peak_rss_gb")}
         for arm in arms
     }
     result = {
@@ -288,6 +300,12 @@ def main() -> None:
         result["ours_over_mergekit"] = {
             arm: {
                 "time": round(s["seconds"] / base["seconds"], 3),
+                "time_to_disk": round(s["seconds_to_disk"] / base["seconds_to_disk"], 3),
+                # the same ratio round by round (each round runs both, back to back)
+                "time_per_round": [
+                    round(a["seconds"] / b["seconds"], 3)
+                    for a, b in zip(runs[arm], runs["mergekit"], strict=True)
+                ],
                 "peak_rss": round(s["peak_rss_gb"] / base["peak_rss_gb"], 3),
             }
             for arm, s in summary.items()
