@@ -139,6 +139,42 @@ def test_drop_upcycling_reinitialises_a_shared_unit_set(ratio):
         assert abs(dropped.mean() - 2.0) < 0.3 and abs(dropped.std() - 3.0) < 0.3
 
 
+def test_drop_upcycling_per_matrix_draws_a_set_for_each_matrix():
+    """``units="per_matrix"`` (the authors' released script): each kernel of an expert loses
+    its own ⌊r·f⌋ units, so the three sets differ; ``shared`` is what it was (its first
+    matrix's set is the per-matrix default's draw for no kernel)."""
+    rng = np.random.default_rng(5)
+    mlp = {
+        "wi_0": rng.normal(size=(32, 96)),
+        "wi_1": rng.normal(size=(32, 96)),
+        "wo": rng.normal(size=(96, 32)),
+    }
+    per = methods.drop_upcycle_experts(mlp, 2, 0.5, seed=3, layer=0, units="per_matrix")
+    shared = methods.drop_upcycle_experts(mlp, 2, 0.5, seed=3, layer=0)
+    for e in range(2):
+        changed = [
+            np.flatnonzero((per["wi_0"][e] != mlp["wi_0"]).any(0)),
+            np.flatnonzero((per["wi_1"][e] != mlp["wi_1"]).any(0)),
+            np.flatnonzero((per["wo"][e] != mlp["wo"]).any(1)),
+        ]
+        assert [len(c) for c in changed] == [48, 48, 48]
+        assert len({tuple(c) for c in changed}) == 3
+        same = np.flatnonzero((shared["wo"][e] != mlp["wo"]).any(1))
+        assert not any(np.array_equal(same, c) for c in changed)
+    plain = {  # a plain MLP with biases: an input bias follows its own kernel's set
+        "Dense_0": rng.normal(size=(32, 96)),
+        "Dense_0_bias": rng.normal(size=(96,)),
+        "Dense_1": rng.normal(size=(96, 32)),
+        "Dense_1_bias": rng.normal(size=(32,)),
+    }
+    out = methods.drop_upcycle_experts(plain, 2, 0.5, methods.BIG_VISION, units="per_matrix")
+    for e in range(2):
+        kernel = np.flatnonzero((out["Dense_0"][e] != plain["Dense_0"]).any(0))
+        np.testing.assert_array_equal(np.flatnonzero(out["Dense_0_bias"][e] == 0.0), kernel)
+    with pytest.raises(ValueError, match="upcycle.drop_units must be one of"):
+        Recipe(method="drop", drop_units="layer")
+
+
 # --------------------------------------------------------------------------------------------
 # The registry: methods as data
 # --------------------------------------------------------------------------------------------

@@ -22,8 +22,15 @@ names with a leading expert axis.
   exact only for homogeneous activations; ``scaling="exact"`` puts all of a on the output
   kernel, exact for any activation.
 * ``drop_upcycle_experts`` — Nakamura et al. 2025 (Drop-Upcycling, §3): per expert, a random
-  set of ⌊r·f⌋ hidden units (one set shared by the input columns and output rows) is
-  re-initialised from N(mean, std) of the original matrix; the rest is copied.
+  set of ⌊r·f⌋ hidden units (one set shared by the input columns and output rows, as the
+  paper's method section describes it: ``units="shared"``) is re-initialised from
+  N(mean, std) of the original matrix; the rest is copied. The authors' released conversion
+  script (github.com/Taishi-N324/Drop-Upcycling, ``conversions/drop_upcycling.py``) draws the
+  indices anew for each of gate, up and down (``torch.randperm`` inside its per-matrix
+  function), so a unit may be re-drawn in one matrix and kept in another: ``units=
+  "per_matrix"``. (It also permutes each expert's hidden units first, which changes no
+  function, and takes mean and std over the units it replaces, a random half of the matrix
+  at r = 0.5, where ours takes the whole matrix.)
 * ``fine_grained_shared_experts`` — fine-grained routed experts plus shared experts from one
   dense MLP, as Qwen reported for Qwen1.5-MoE-A2.7B (from Qwen-1.8B; Qwen Team 2024) in the
   shape of DeepSeek-MoE (Dai et al. 2024, §3: fine-grained segmentation + shared isolation).
@@ -58,6 +65,7 @@ from sparse_upcycle.routing import ORDERINGS
 
 SCALINGS = ("paper", "exact", "none")
 DROP_STATS = ("matrix", "none")
+DROP_UNITS = ("shared", "per_matrix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,14 +217,17 @@ def drop_upcycle_experts(
     seed: int = 0,
     layer: int = 0,
     stats: str = "matrix",
+    units: str = "shared",
 ) -> dict[str, np.ndarray]:
     """Copy, then re-initialise ⌊ratio·f⌋ hidden units per expert (Drop-Upcycling).
 
     ``stats="matrix"`` draws from N(mean, std) of each original matrix (the paper's choice);
-    ``"none"`` from N(0, std). Biases of dropped units are re-initialised to zero."""
+    ``"none"`` from N(0, std). ``units``: one index set per expert for all its matrices
+    (``"shared"``) or one per matrix (``"per_matrix"``; module docstring). Biases of dropped
+    units are re-initialised to zero."""
     _check(mlp, names)
     out = copy_experts(mlp, num_experts, names)
-    reinitialise_units(out, mlp, ratio, names, seed=seed, layer=layer, stats=stats)
+    reinitialise_units(out, mlp, ratio, names, seed=seed, layer=layer, stats=stats, units=units)
     return out
 
 
@@ -229,29 +240,42 @@ def reinitialise_units(
     seed: int = 0,
     layer: int = 0,
     stats: str = "matrix",
+    units: str = "shared",
 ) -> None:
     """Drop-Upcycling's step, in place on stacked ``experts`` of width f_e: per expert, a
-    random set of ⌊ratio·f_e⌋ hidden units (one set for the input columns and output rows) is
-    drawn from N(mean, std) of the dense matrix it came from (``mlp``; ``stats="none"``:
-    N(0, std)); their input biases become zero."""
+    random set of ⌊ratio·f_e⌋ hidden units (``units="shared"``: one set for the input columns
+    and output rows; ``"per_matrix"``: a set of its own for each kernel, an input bias
+    following its kernel's) is drawn from N(mean, std) of the dense matrix it came from
+    (``mlp``; ``stats="none"``: N(0, std)); their input biases become zero."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"drop ratio r must be in [0, 1], got {ratio}")
     if stats not in DROP_STATS:
         raise ValueError(f"stats must be one of {DROP_STATS}, got {stats!r}")
+    if units not in DROP_UNITS:
+        raise ValueError(f"drop units must be one of {DROP_UNITS}, got {units!r}")
     num_experts, f_e = experts[names.output].shape[:2]
     n_drop = int(np.floor(ratio * f_e))
+    kernels = (*names.inputs, names.output)
+
+    def draw_units(e: int, purpose: int) -> np.ndarray:
+        return np.sort(_rng(seed, layer, e, purpose).choice(f_e, size=n_drop, replace=False))
+
     for e in range(num_experts):
-        units = np.sort(_rng(seed, layer, e, 0).choice(f_e, size=n_drop, replace=False))
-        for i, name in enumerate((*names.inputs, names.output)):
+        shared = draw_units(e, 0)  # drawn in both modes: "shared" is what it always was
+        chosen = {
+            name: shared if units == "shared" else draw_units(e, 10 + i)
+            for i, name in enumerate(kernels)
+        }
+        for i, name in enumerate(kernels):
             w = np.asarray(mlp[name], np.float64)
             mean = w.mean() if stats == "matrix" else 0.0
             draw = _rng(seed, layer, e, 1 + i)
             if name == names.output:
-                experts[name][e, units, :] = draw.normal(mean, w.std(), (n_drop, w.shape[1]))
+                experts[name][e, chosen[name], :] = draw.normal(mean, w.std(), (n_drop, w.shape[1]))
             else:
-                experts[name][e, :, units] = draw.normal(mean, w.std(), (n_drop, w.shape[0]))
-        for name in names.input_biases:
-            experts[name][e, units] = 0.0
+                experts[name][e, :, chosen[name]] = draw.normal(mean, w.std(), (n_drop, w.shape[0]))
+        for bias, kernel in zip(names.input_biases, names.inputs, strict=False):
+            experts[bias][e, chosen[kernel]] = 0.0
 
 
 def fine_grained_shared_scale(

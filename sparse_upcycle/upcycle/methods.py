@@ -17,6 +17,7 @@ from sparse_upcycle.routing import ORDERINGS
 from sparse_upcycle.upcycle.experts import (
     BIG_VISION,
     DROP_STATS,
+    DROP_UNITS,
     SCALINGS,
     T5X_GATED,
     T5X_PLAIN,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BIG_VISION",
     "DROP_STATS",
+    "DROP_UNITS",
     "METHODS",
     "SCALINGS",
     "T5X_GATED",
@@ -253,14 +255,13 @@ class Drop(Method):
     (``drop_upcycle_experts``)."""
 
     name = "drop"
-    settings = ("num_experts", "drop_ratio", "drop_stats")
+    settings = ("num_experts", "drop_ratio", "drop_stats", "drop_units")
 
     def validate(self, recipe):
         super().validate(recipe)
         if not 0.0 <= recipe.drop_ratio <= 1.0:
             raise ValueError(f"drop_ratio r must be in [0, 1], got {recipe.drop_ratio}")
-        if recipe.drop_stats not in DROP_STATS:
-            raise ValueError(f"stats must be one of {DROP_STATS}, got {recipe.drop_stats!r}")
+        _check_drop_draws(recipe)
 
     def experts(self, mlp, names, recipe, layer):
         return drop_upcycle_experts(
@@ -271,6 +272,16 @@ class Drop(Method):
             seed=recipe.seed,
             layer=layer,
             stats=recipe.drop_stats,
+            units=recipe.drop_units,
+        )
+
+
+def _check_drop_draws(recipe) -> None:
+    if recipe.drop_stats not in DROP_STATS:
+        raise ValueError(f"stats must be one of {DROP_STATS}, got {recipe.drop_stats!r}")
+    if recipe.drop_units not in DROP_UNITS:
+        raise ValueError(
+            f"upcycle.drop_units must be one of {DROP_UNITS}, got {recipe.drop_units!r}"
         )
 
 
@@ -289,6 +300,7 @@ class FineGrainedShared(Method):
         "scaling",
         "reinit_ratio",
         "drop_stats",
+        "drop_units",
     )
 
     def validate(self, recipe):
@@ -313,8 +325,7 @@ class FineGrainedShared(Method):
             raise ValueError(f"scaling must be one of {SCALINGS}, got {recipe.scaling!r}")
         if not 0.0 <= recipe.reinit_ratio <= 1.0:
             raise ValueError(f"reinit_ratio must be in [0, 1], got {recipe.reinit_ratio}")
-        if recipe.drop_stats not in DROP_STATS:
-            raise ValueError(f"stats must be one of {DROP_STATS}, got {recipe.drop_stats!r}")
+        _check_drop_draws(recipe)
 
     def granularity(self, recipe):
         return recipe.granularity
@@ -349,6 +360,7 @@ class FineGrainedShared(Method):
                 seed=recipe.seed,
                 layer=layer,
                 stats=recipe.drop_stats,
+                units=recipe.drop_units,
             )
         return routed, shared
 

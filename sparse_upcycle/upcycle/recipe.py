@@ -55,6 +55,7 @@ class Recipe:
     reinit_ratio: float = 0.0  # fine_grained_shared: r of the routed experts
     drop_ratio: float = 0.5  # drop: r
     drop_stats: str = "matrix"
+    drop_units: str = "shared"  # drop: one re-drawn index set per expert, or one per matrix
     optimizer: str = "reset"
     step: str = "reset"
     # Several dense sources (``sources.py``): paths, each expert's source, the base source and
