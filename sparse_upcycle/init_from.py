@@ -29,7 +29,7 @@ from sparse_upcycle.upcycle.rules import (
     tile_optimizer_state,
     upcycle_tree,
 )
-from sparse_upcycle.upcycle.sources import check_compatible
+from sparse_upcycle.upcycle.sources import check_readers
 
 
 def _device_put_host(value: np.ndarray, sharding_: NamedSharding) -> jax.Array:
@@ -134,9 +134,7 @@ def open_sources(config, recipe: Recipe, base: CheckpointReader) -> list[Checkpo
                 "dense source"
             )
     try:
-        check_compatible(
-            paths, [o.keys() for o in opened], [o.shape for o in opened], [o.config for o in opened]
-        )
+        check_readers(paths, opened)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return opened

@@ -52,7 +52,7 @@ from sparse_upcycle.upcycle.rules import (
     tile_optimizer_state,
     upcycle_tree,
 )
-from sparse_upcycle.upcycle.sources import check_compatible
+from sparse_upcycle.upcycle.sources import check_readers
 from sparse_upcycle.upcycle.verdict import dense_function_verdict, identical_sources
 
 # --------------------------------------------------------------------------------------------
@@ -311,12 +311,7 @@ def _check_sources(paths: list[str], opened: list[CheckpointReader]) -> None:
     if len(opened) < 2:
         return
     try:
-        check_compatible(
-            paths,
-            [o.keys() for o in opened],
-            [o.shape for o in opened],
-            [o.config for o in opened],
-        )
+        check_readers(paths, opened)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 

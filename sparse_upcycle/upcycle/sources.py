@@ -174,6 +174,13 @@ def validate(recipe: Recipe) -> None:
         )
 
 
+def check_readers(names: Sequence[str], readers: Sequence) -> None:
+    """``check_compatible`` of opened checkpoint readers (their keys, shapes and configs)."""
+    check_compatible(
+        names, [r.keys() for r in readers], [r.shape for r in readers], [r.config for r in readers]
+    )
+
+
 def check_compatible(
     names: Sequence[str],
     keys: Sequence[Sequence[str]],
