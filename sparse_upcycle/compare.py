@@ -24,7 +24,16 @@ scratch at equal extra training compute (Komatsuzaki et al. 2023, Figure 2).
    ``overrides``), which is trained on the arm's data with the rest of the budget. Its
    evaluations count the branches' FLOPs, so it is matched at the points past them; it is
    also evaluated as mixed, before its first step (``eval_at`` 0).
-4. ``report.json``, ``report.md`` and ``report.png`` are written to the workdir.
+4. ``protocol``: ``restart`` (default) gives every arm ``train.optimizer``, a fresh state and
+   its schedule decayed to its own last step; ``continue`` is the paper's (Komatsuzaki et al.
+   2023, §3.1: every model continues the dense model's schedule, T5's rsqrt decay): the arms
+   take ``pretrain.optimizer`` with ``step_offset`` = the dense steps already taken (a btx
+   MoE: those plus its branches'), no new warmup or decay; dense continuation carries the
+   dense run's optimizer state (``init_opt_state = "carry"``), upcycled arms start from
+   ``upcycle.optimizer`` (``reset``, the paper's language setting, by default); ``scratch``
+   runs ``pretrain.optimizer`` from step 0. The pre-training schedule must still be running
+   (``rsqrt`` or ``constant``).
+5. ``report.json``, ``report.md`` and ``report.png`` are written to the workdir.
 
 Resuming: each run lives in ``WORKDIR/<run>/`` and writes ``result.json`` when it finishes; a
 finished run is read back, not recomputed, and an unfinished one resumes from its latest
@@ -60,6 +69,7 @@ class Preempted(RuntimeError):
 
 
 KINDS = ("dense", "upcycle", "scratch", "btx")
+PROTOCOLS = ("restart", "continue")
 ARM_FIELDS = ("kind", "overrides", "branches", "branch_compute")
 __all__ = ["KINDS", "Preempted", "default_compare_config", "run_compare"]
 
@@ -137,6 +147,11 @@ def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.
     cfg = copy.deepcopy(c.train)
     cfg.seed = seed
     cfg.data.seed = seed
+    if c.protocol == "continue":  # the pre-training schedule goes on (the module docstring)
+        cfg.optimizer = copy.deepcopy(c.pretrain.optimizer)
+        cfg.optimizer.step_offset = 0 if kind == "scratch" else int(c.pretrain.steps)
+        if kind == "dense":
+            cfg.init_opt_state = "carry"
     if kind == "dense":
         cfg.init_from = init_from
     else:
@@ -241,6 +256,8 @@ def _plan_btx(c, name, arm, seed, init_from, workdir, budget) -> _Planned:
         cfg.upcycle.experts_per_source = experts // len(paths)
     cfg.init_from = paths[int(cfg.upcycle.get("base_source", 0))]
     cfg.init_format = "auto"
+    if c.protocol == "continue":  # after the dense steps and its branches' (run side by side)
+        cfg.optimizer.step_offset = int(c.pretrain.steps) + max(p[1].total_steps for p in planned)
     flops, _ = _step_flops(cfg)
     rest = budget - spent
     cfg.total_steps = max(1, round(rest / flops))
@@ -259,7 +276,7 @@ def _schedule_length(cfg, steps: int) -> None:
     """Decaying schedules (cosine, linear) end at the run's own last step; a warmup longer than
     a tenth of a short run is cut to that tenth."""
     if cfg.optimizer.get("schedule") in ("cosine", "linear"):
-        cfg.optimizer.decay_steps = steps
+        cfg.optimizer.decay_steps = steps + int(cfg.optimizer.get("step_offset") or 0)
         cfg.optimizer.warmup_steps = min(int(cfg.optimizer.get("warmup_steps", 0)), steps // 10)
 
 
@@ -270,6 +287,14 @@ def run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError("seeds is empty")
     if not c.extra_compute > 0 or int(c.num_points) < 1:
         raise ConfigError("extra_compute must be > 0 and num_points >= 1")
+    if c.protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {c.protocol!r}")
+    if c.protocol == "continue" and c.pretrain.optimizer.get("schedule") in ("cosine", "linear"):
+        raise ConfigError(
+            f"protocol=continue goes on with the pre-training schedule, and "
+            f"pretrain.optimizer.schedule={c.pretrain.optimizer.schedule} has ended at "
+            "pre-training's last step; use rsqrt or constant"
+        )
     dense = c.get("dense_checkpoint")
     check_workdir(workdir, [("dense_checkpoint", dense)] if dense else [])
     os.makedirs(workdir, exist_ok=True)
@@ -298,6 +323,7 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
     dense_cfg.init_from = "scratch"
     dense_cfg.total_steps = int(c.pretrain.steps)
     dense_cfg.optimizer = copy.deepcopy(c.pretrain.optimizer)
+    dense_cfg.eval_every = int(c.pretrain.get("eval_every", 0))
     _schedule_length(dense_cfg, dense_cfg.total_steps)
     dense_flops, dense_spec = _step_flops(dense_cfg)
     if c.dense_checkpoint:
@@ -381,6 +407,7 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
             "family": dense_spec.family,
         },
         "extra_compute": float(c.extra_compute),
+        "protocol": c.protocol,
         "budget_flops": budget,
         "seeds": [int(s) for s in c.seeds],
         "arms": {

@@ -30,6 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.init_from = "scratch"  # "scratch" | a dense checkpoint | an `upcycle` output directory
     c.init_format = "auto"
+    # "reset" | "carry": a dense continuation takes init_from's optimizer state (a `train`
+    # checkpoint of this model and optimizer; init_from.check_carry)
+    c.init_opt_state = "reset"
     c.seed = 0
     c.total_steps = 100
     # fsdp > 1 (or shard_params_over_data) splits params and optimizer state (sharding.py)
@@ -59,7 +62,13 @@ def default_compare_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.train = default_config()  # shared by all runs: model (dense), data, loss, eval, mesh
     c.train.eval_every = 0
-    c.pretrain = ml_collections.ConfigDict({"steps": 1000, "optimizer": c.train.optimizer})
+    # eval_every > 0: the pre-training curve (report.png's third panel); 0: its end only
+    c.pretrain = ml_collections.ConfigDict(
+        {"steps": 1000, "optimizer": c.train.optimizer, "eval_every": 0}
+    )
+    # "restart": every arm its own schedule (train.optimizer, decayed over the arm's length);
+    # "continue": the paper's, every arm goes on with the pre-training schedule (compare.py)
+    c.protocol = "restart"
     c.dense_checkpoint = ""  # reuse this dense checkpoint instead of pre-training
     c.dense_checkpoint_format = "auto"
     c.upcycle = ml_collections.ConfigDict({"method": "copy", "num_experts": 8})

@@ -9,6 +9,7 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -18,7 +19,7 @@ from sparse_upcycle.checkpoints.layout import HF_SOURCE_DIR, save_hf_source
 from sparse_upcycle.checkpoints.open import open_checkpoint
 from sparse_upcycle.checkpoints.paths import check_entries, source_root
 from sparse_upcycle.checkpoints.reader import CheckpointReader
-from sparse_upcycle.checkpoints.tree import flatten, unflatten
+from sparse_upcycle.checkpoints.tree import flatten, path_str, unflatten
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.task import ModelSpec, model_class
 from sparse_upcycle.upcycle import router_init
@@ -109,6 +110,90 @@ def initial_params(
             )
         slots = dict(tile_optimizer_state(keys, source.read_optimizer_state, target, recipe))
     return unflatten(out), slots
+
+
+OPT_STATE_INITS = ("reset", "carry")
+
+
+def _opt_leaves(abstract_opt) -> list[tuple[str, jax.ShapeDtypeStruct]]:
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_opt)
+    return [(path_str(p), leaf) for p, leaf in leaves]
+
+
+def check_carry(config, spec: ModelSpec, source: CheckpointReader | None, abstract_opt) -> None:
+    """``init_opt_state``: ``reset`` (a fresh optimizer state, the default) or ``carry``: a
+    dense continuation takes ``init_from``'s whole optimizer state (a checkpoint ``train``
+    wrote for this model with this optimizer), so it goes on as the dense run would have:
+    AdamW's moments and step count, Adafactor's factored moments and decay counter. The
+    learning-rate schedule continues through ``optimizer.step_offset``. Checked from the
+    checkpoint's metadata, before anything is read or written."""
+    how = config.get("init_opt_state", "reset")
+    if how not in OPT_STATE_INITS:
+        raise ConfigError(f"init_opt_state must be one of {OPT_STATE_INITS}, got {how!r}")
+    if how == "reset":
+        return
+    if source is None:
+        raise ConfigError("init_opt_state=carry needs an init_from checkpoint, not scratch")
+    if spec.recipe is not None or source.is_upcycled:
+        raise ConfigError(
+            "init_opt_state=carry is for a dense continuation; an upcycled model's optimizer "
+            "state is upcycle.optimizer (reset | tile)"
+        )
+    held = source.training_state()
+    if not held:
+        raise CheckpointError(
+            f"{config.init_from}: holds no training optimizer state (init_opt_state=carry "
+            "takes a checkpoint `train` wrote); use init_opt_state=reset"
+        )
+    want = dict(_opt_leaves(abstract_opt))
+    missing, extra = sorted(set(want) - set(held)), sorted(set(held) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"{config.init_from}: its optimizer state does not match this run's optimizer "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); carry needs the optimizer the "
+            "checkpoint was trained with (optimizer.name and its fields)"
+        )
+    for key, leaf in want.items():
+        if tuple(held[key][0]) != tuple(leaf.shape):
+            raise CheckpointError(
+                f"{config.init_from}: optimizer state {key!r} has shape {held[key][0]}, this "
+                f"run's has {tuple(leaf.shape)}"
+            )
+
+
+def _schedule_counts(abstract_opt) -> set[str]:
+    """Paths of the step counters optax's learning-rate schedules read
+    (``ScaleByScheduleState.count``)."""
+    found: set[str] = set()
+
+    def visit(path, node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            found.add(f"{path_str(path)}/count" if path else "count")
+        return node
+
+    jax.tree_util.tree_map_with_path(
+        visit, abstract_opt, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+    )
+    return found
+
+
+def carried_opt_state(source: CheckpointReader, abstract_opt, shardings):
+    """The optimizer state of ``source`` (``check_carry`` passed) as this run's sharded state,
+    in the dtypes of ``abstract_opt``. The moments and their counters (AdamW's bias
+    correction, Adafactor's decay) are carried; the schedule's counter restarts at this run's
+    step 0, so that ``optimizer.step_offset`` alone says where the schedule goes on (carried,
+    it would count the dense steps twice)."""
+    named = _opt_leaves(abstract_opt)
+    values = source.read_training_state([k for k, _ in named])
+    for key in _schedule_counts(abstract_opt):
+        values[key] = np.zeros_like(values[key])
+    treedef = jax.tree_util.tree_structure(abstract_opt)
+    flat_sh = jax.tree_util.tree_leaves(shardings)
+    leaves = [
+        _device_put_host(np.asarray(values[k]).astype(leaf.dtype), sh)
+        for (k, leaf), sh in zip(named, flat_sh, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def open_sources(config, recipe: Recipe, base: CheckpointReader) -> list[CheckpointReader]:

@@ -42,6 +42,8 @@ from sparse_upcycle.checkpoints.output import check_workdir, workdir_writes
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.init_from import (
+    carried_opt_state,
+    check_carry,
     initial_params,
     keep_hf_source,
     open_init_source,
@@ -145,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source = open_init_source(config)
     t = build_training(config, source, mesh)
     spec = t.spec
+    check_carry(config, spec, source, t.abstract_opt)
 
     # ---------------------------------------------------------------- data
     def pipeline(split):
@@ -216,7 +219,11 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh) -> dict:
         log.info("resumed from %s at step %d", manager.directory, latest)
     else:
         params, slots = initial_params(config, spec, source, abstract_params, param_sh)
-        opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
+        if config.get("init_opt_state", "reset") == "carry":
+            opt_state = carried_opt_state(source, abstract_opt, state_sh["opt_state"])
+            log.info("optimizer state carried from %s", config.init_from)
+        else:
+            opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
         if slots:
             opt_state, report = load_adafactor_slots(
                 opt_state, params, slots, step=_dense_step(source)

@@ -117,6 +117,11 @@ def markdown(report: dict) -> str:
         f"({d['family']}). Extra budget per arm: {report['extra_compute']:g} × that "
         f"({report['budget_flops']:.3g} FLOPs). Seeds: {report['seeds']}.",
     ]
+    if report.get("protocol") == "continue":
+        lines.append(
+            "Protocol: continue (every arm goes on with the pre-training schedule; dense "
+            "continuation carries the optimizer state)."
+        )
     if d["evals"]:
         last = d["evals"][-1]
         lines.append(
@@ -156,8 +161,10 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    start = report["dense"]["evals"][-1] if report["dense"]["evals"] else None
+    pretraining = report["dense"]["evals"]
+    curve_panel = len(pretraining) >= 2  # pre-training evaluated along the way
+    fig, axes = plt.subplots(1, 3 if curve_panel else 2, figsize=(16 if curve_panel else 11, 4.2))
+    start = pretraining[-1] if pretraining else None
     for i, (name, arm) in enumerate(report["aggregate"].items()):
         color = f"C{i}"
         curve = list(arm["curve"])
@@ -166,16 +173,23 @@ def plot(report: dict, path: str) -> None:
         if start is not None and arm["kind"] not in ("scratch", "btx"):
             curve = [{**start, "fraction": 0.0, "loss_std": 0.0, "accuracy_std": 0.0}] + curve
         x = np.array([p["fraction"] for p in curve])
-        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        for ax, key in zip(axes[:2], ("loss", "accuracy"), strict=True):
             y = np.array([p[key] for p in curve])
             sd = np.array([p[f"{key}_std"] for p in curve])
             ax.plot(x, y, marker="o", ms=3, color=color, label=f"{name} ({arm['kind']})")
             ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.2, linewidth=0)
-    for ax, key in zip(axes, ("validation loss", "validation accuracy"), strict=True):
+    for ax, key in zip(axes[:2], ("validation loss", "validation accuracy"), strict=True):
         ax.set_xlabel("extra compute (fraction of dense pre-training FLOPs)")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
+    if curve_panel:
+        ax = axes[2]
+        ax.plot([e["step"] for e in pretraining], [e["loss"] for e in pretraining], "k.-")
+        ax.set_xlabel("dense pre-training step")
+        ax.set_ylabel("validation loss")
+        ax.set_title("the dense checkpoint's pre-training", fontsize=9)
+        ax.grid(alpha=0.3)
     n = len(report["seeds"])
     fig.suptitle(f"{report['dense']['family']}: mean over {n} seeds, band = ±1 std", fontsize=10)
     fig.tight_layout()

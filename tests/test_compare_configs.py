@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 VIT = os.path.join(ROOT, "configs", "compare_vit_fmnist.py")
 T5 = os.path.join(ROOT, "configs", "compare_t5_text.py")
 BTX = os.path.join(ROOT, "configs", "compare_btx_text.py")
+PAPER = os.path.join(ROOT, "configs", "compare_paper_text.py")
 HAVE_TEXT = os.path.isdir(text.CORPUS_DIR)
 HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 
@@ -52,6 +53,20 @@ def test_btx_config_has_two_domains_that_cover_the_corpus(size):
         docs = list_documents(text.CORPUS_DIR)
         library = [d for d in docs if d.startswith("library/")]
         assert 0 < len(library) < len(docs)
+
+
+@pytest.mark.parametrize("size", ["tiny", None])
+def test_paper_protocol_config_continues_a_running_schedule(size):
+    c = load_config(f"{PAPER}:{size}" if size else PAPER, schema="compare")
+    assert c.protocol == "continue" and len(c.seeds) >= 3
+    o = c.pretrain.optimizer
+    assert o.schedule == "rsqrt" and o.warmup_steps <= c.pretrain.steps // 4
+    assert 0 < c.pretrain.eval_every < c.pretrain.steps  # the pre-training curve is drawn
+    arms = {n: a.to_dict() for n, a in c.arms.items()}
+    assert arms["dense"]["kind"] == "dense"
+    assert arms["top1"]["overrides"]["model"]["moe"]["k"] == 1
+    assert arms["experts32"]["overrides"]["upcycle"]["num_experts"] == 32
+    assert c.train.model.moe.k == 2 and c.upcycle.num_experts == 8
 
 
 def test_unknown_size_is_a_config_error():

@@ -90,6 +90,7 @@ class OrbaxCheckpoint(CheckpointReader):
             tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
             tree = getattr(tree, "tree", tree)
             flat = _flatten_metadata(tree)
+            self._opt_tree = tree.get("opt_state") if hasattr(tree, "get") else None
         except Exception as e:
             _drop_closed_loop_noise()
             raise CheckpointError(
@@ -107,8 +108,11 @@ class OrbaxCheckpoint(CheckpointReader):
             for k, m in flat.items()
             if k.startswith("opt_state/")
         }
+        # A training checkpoint's optax state (``train`` writes it whole), not per-parameter
+        # slots: kept apart, for ``init_opt_state=carry``.
+        self._train_state: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         if any(k.rpartition("/")[2] not in SLOT_NAMES for k in self._slots):
-            self._slots = {}  # an optax state (a training checkpoint), not per-parameter slots
+            self._train_state, self._slots = self._slots, {}
         self._all_keys = [k for k, m in flat.items() if not k.startswith("opt_state/")]
         self._cache: dict[str, np.ndarray] = {}
         self._cached_group: str | None = None
@@ -171,6 +175,43 @@ class OrbaxCheckpoint(CheckpointReader):
 
     def read_optimizer_state(self, key: str) -> np.ndarray:
         return self._restore("opt_state/" + key)
+
+    def training_state(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """``{path: (shape, dtype)}`` of the optax state a ``train`` checkpoint holds (paths as
+        ``jax.tree_util`` names them: ``0/mu/layers_0/…/kernel``, ``0/count``); empty for any
+        other checkpoint."""
+        return dict(self._train_state)
+
+    def read_training_state(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """Those leaves of the optax state, in one restore (of the whole state: its lists and
+        tuples are kept as the checkpoint's metadata has them)."""
+        unknown = sorted(set(keys) - set(self._train_state))
+        if unknown:
+            raise CheckpointError(f"{self.path}: no optimizer state {unknown[0]!r}")
+
+        def is_leaf(x):
+            return hasattr(x, "shape")
+
+        item = {"opt_state": jax.tree.map(lambda m: 0, self._opt_tree, is_leaf=is_leaf)}
+        args = {
+            "opt_state": jax.tree.map(
+                lambda m: ocp.RestoreArgs(restore_type=np.ndarray), self._opt_tree, is_leaf=is_leaf
+            )
+        }
+        try:
+            with _quiet_absl():
+                tree = self._checkpointer.restore(
+                    self._tree_dir,
+                    args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+                )
+        except Exception as e:
+            _drop_closed_loop_noise()
+            raise CheckpointError(
+                f"{self.path}: cannot restore its optimizer state: corrupt or truncated data "
+                f"({_reason(e)})"
+            ) from None
+        flat = _flatten_metadata(tree["opt_state"])
+        return {k: np.asarray(flat[k]) for k in keys}
 
 
 def _flatten_metadata(tree) -> dict:

@@ -82,6 +82,14 @@ class CheckpointReader:
     def read_optimizer_state(self, key: str) -> np.ndarray:
         raise CheckpointError(f"{self.path}: no optimizer state {key!r}")
 
+    def training_state(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{path: (shape, dtype)}`` of a training run's whole optimizer state (a ``train``
+        checkpoint's optax state); none here."""
+        return {}
+
+    def read_training_state(self, keys: list[str]) -> dict[str, np.ndarray]:
+        raise CheckpointError(f"{self.path}: holds no training optimizer state")
+
 
 class InMemoryReader(CheckpointReader):
     """A reader over a flat ``{path: array}`` dict held in memory (``self._flat``), for
