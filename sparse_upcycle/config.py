@@ -26,6 +26,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -53,6 +54,15 @@ def load_config(
         raise ConfigError(f"config file {path!r} not found")
     if schema not in SCHEMAS:
         raise ValueError(f"schema must be one of {sorted(SCHEMAS)}, got {schema!r}")
+    if path.endswith(".json") and not arg:  # a run's config as compare records it
+        try:
+            with open(path) as f:
+                loaded = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not a JSON config ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a JSON config is an object of sections")
+        return _checked(path, ml_collections.ConfigDict(loaded), overrides, schema)
     module_spec = importlib.util.spec_from_file_location("_sparse_upcycle_config", path)
     if module_spec is None or module_spec.loader is None:  # a name without a ``.py`` suffix
         raise ConfigError(f"{path}: cannot load (not a Python source file)")
@@ -76,6 +86,10 @@ def load_config(
         raise ConfigError(f"{path}: {called} failed ({type(e).__name__}: {e})") from None
     if type(config) is dict:  # a plain dict of sections is taken as the ConfigDict it spells
         config = ml_collections.ConfigDict(config)
+    return _checked(path, config, overrides, schema)
+
+
+def _checked(path: str, config, overrides: Sequence[str], schema: str):
     known = SCHEMAS[schema]()
     try:
         check(config, known, "config")
