@@ -52,6 +52,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_at = []  # extra steps to evaluate at (matched compute points of `compare`; 0: the
     # initial parameters, before the first step)
     c.eval_steps = 4
+    # few-shot linear probes on pre-logit features at every evaluation (fewshot.py); off
+    # while dataset is ""
+    c.fewshot = ml_collections.ConfigDict(
+        {
+            "dataset": "",
+            "shots": [1, 5, 10, 25],
+            "seeds": 3,
+            "l2_grid": [4.0**k for k in range(-3, 8)],
+        }
+    )
     c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async": True})
     c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # None: measure it
     return c

@@ -36,8 +36,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparse_upcycle import fewshot, models, sharding
 from sparse_upcycle import flops as flops_lib
-from sparse_upcycle import models, sharding
 from sparse_upcycle.checkpoints.output import check_workdir, workdir_writes
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
@@ -148,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t = build_training(config, source, mesh)
     spec = t.spec
     check_carry(config, spec, source, t.abstract_opt)
+    probe = fewshot.make_probe(config, t)  # None unless config.fewshot names a dataset
 
     # ---------------------------------------------------------------- data
     def pipeline(split):
@@ -174,10 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
     with workdir_writes(workdir):
-        return _run(config, workdir, t, source, train_data, pipeline, mesh)
+        return _run(config, workdir, t, source, train_data, pipeline, mesh, probe)
 
 
-def _run(config, workdir, t, source, train_data, pipeline, mesh) -> dict:
+def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None) -> dict:
     """The loop of ``train_and_evaluate`` once its model, data and workdir are ready."""
     process_index, process_count = jax.process_index(), jax.process_count()
     spec, state_sh, replicated = t.spec, t.state_sh, t.replicated
@@ -257,7 +258,11 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh) -> dict:
             k: sum(float(o[k]) for o in fetched) for k in ("loss_sum", "correct_sum", "weight_sum")
         }
         w = max(sums["weight_sum"], 1.0)
-        return {"loss": sums["loss_sum"] / w, "accuracy": sums["correct_sum"] / w}
+        out = {"loss": sums["loss_sum"] / w, "accuracy": sums["correct_sum"] / w}
+        if probe is not None:
+            with jax.set_mesh(mesh):
+                out.update(probe(params))
+        return out
 
     # ---------------------------------------------------------------- loop
     total = int(config.total_steps)

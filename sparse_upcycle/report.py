@@ -22,6 +22,13 @@ def _mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def _probe_keys(rows) -> list[str]:
+    """The few-shot accuracies every row has (``fewshot/<dataset>_<k>shot``), in shot order."""
+    common = set.intersection(*(set(r) for r in rows)) if rows else set()
+    keys = [k for k in common if k.startswith("fewshot/") and not k.endswith("_std")]
+    return sorted(keys, key=lambda k: (k.rpartition("_")[0], int(k.rpartition("_")[2][:-4])))
+
+
 def aggregate(report: dict) -> dict:
     """Per arm: the curve (mean/std over seeds at each matched compute point) and the final
     point."""
@@ -39,18 +46,19 @@ def aggregate(report: dict) -> dict:
             rows = by_step[step]
             loss, loss_sd = _mean_std([r["loss"] for r in rows])
             acc, acc_sd = _mean_std([r["accuracy"] for r in rows])
-            curve.append(
-                {
-                    "step": step,
-                    "fraction": rows[0]["fraction"],
-                    "extra_flops": rows[0]["extra_flops"],
-                    "loss": loss,
-                    "loss_std": loss_sd,
-                    "accuracy": acc,
-                    "accuracy_std": acc_sd,
-                    "seeds": len(rows),
-                }
-            )
+            point = {
+                "step": step,
+                "fraction": rows[0]["fraction"],
+                "extra_flops": rows[0]["extra_flops"],
+                "loss": loss,
+                "loss_std": loss_sd,
+                "accuracy": acc,
+                "accuracy_std": acc_sd,
+                "seeds": len(rows),
+            }
+            for key in _probe_keys(rows):  # few-shot probes (fewshot.py), when evaluated
+                point[key], point[f"{key}_std"] = _mean_std([r[key] for r in rows])
+            curve.append(point)
         walls = [r["wall_seconds"] for r in arm["runs"] if r.get("wall_seconds") is not None]
         out[name] = {
             "kind": arm["kind"],
@@ -144,6 +152,28 @@ def markdown(report: dict) -> str:
             f"({f['fraction']:.3f}) | {wall} | {f['loss']:.4f} ± {f['loss_std']:.4f} | "
             f"{f['accuracy']:.4f} ± {f['accuracy_std']:.4f} |"
         )
+    probes = _probe_keys([a["final"] for a in report["aggregate"].values() if a["final"]])
+    if probes:
+        lines += [
+            "",
+            "Few-shot linear probes on the pre-logit features (test accuracy, mean ± std over "
+            "seeds; `fewshot.py`), at each matched compute point:",
+            "",
+            "| arm | extra compute | "
+            + " | ".join(k.removeprefix("fewshot/") for k in probes)
+            + " |",
+            "|---|---|" + "---|" * len(probes),
+        ]
+        start = report["dense"]["evals"][-1] if report["dense"]["evals"] else {}
+        if all(k in start for k in probes):
+            cells = " | ".join(f"{start[k]:.4f}" for k in probes)
+            lines.append(f"| dense checkpoint | 0 | {cells} |")
+        for name, arm in report["aggregate"].items():
+            for p in arm["curve"]:
+                if not all(k in p for k in probes):
+                    continue
+                cells = " | ".join(f"{p[k]:.4f} ± {p[f'{k}_std']:.4f}" for k in probes)
+                lines.append(f"| {name} | {p['fraction']:.3f} | {cells} |")
     lines += ["", "At the end of the budget:", ""]
     lines += [f"- {v['text']}" for v in report["verdicts"]]
     lines += [

@@ -150,6 +150,21 @@ def bias_updates(spec: ModelSpec, abstract_params) -> tuple[BiasUpdate, ...]:
     return tuple(out)
 
 
+def make_features_fn(spec: ModelSpec, graphdef, abstract_state) -> Callable | None:
+    """``features_fn(params, images) -> [B, D]`` (the family's ``features``: pre-logits), or
+    None for a family without one."""
+    features = getattr(models.get(spec.family), "features", None)
+    if features is None:
+        return None
+
+    def features_fn(params, images):
+        state = jax.tree.map(lambda x: x, abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return features(nnx.merge(graphdef, state), images)
+
+    return features_fn
+
+
 def make_loss_fn(spec: ModelSpec, graphdef, abstract_state, loss_cfg) -> Callable:
     """``loss_fn(params, batch, rng, train) -> (loss, metrics)`` over pure-dict params."""
     aux_w, router_z_w = _aux_weights(spec)

@@ -32,6 +32,7 @@ from sparse_upcycle.task import (
     BiasUpdate,
     ModelSpec,
     bias_updates,
+    make_features_fn,
     make_loss_fn,
     model_class,
     resolve_model,
@@ -54,6 +55,7 @@ class Training:
     tx: optax.GradientTransformation
     schedule: Callable
     bias_updates: tuple[BiasUpdate, ...] = ()
+    features_fn: Callable | None = None  # (params, images) -> pre-logits; image families
 
     def init_state(self, seed: int) -> dict:
         """A random train state (the model's own initialisers), placed with ``state_sh``."""
@@ -113,6 +115,7 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
         tx,
         schedule,
         biases,
+        make_features_fn(spec, graphdef, abstract_state),
     )
 
 

@@ -136,7 +136,11 @@ def _continue_config(*overrides):
 
 def test_compare_continue_gives_every_arm_the_pretraining_schedule(tmp_path):
     workdir = str(tmp_path / "cmp")
-    report = compare_lib.run_compare(_continue_config(), workdir)
+    c = _continue_config()
+    c.train.fewshot.dataset = "digits"  # and the few-shot probes ride along (fewshot.py)
+    c.train.fewshot.shots = [1, 5]
+    c.train.fewshot.seeds = 2
+    report = compare_lib.run_compare(c, workdir)
     assert report["protocol"] == "continue"
     pre = report["dense"]
     assert [e["step"] for e in pre["evals"]] == [4, 8]  # the pre-training curve
@@ -154,6 +158,12 @@ def test_compare_continue_gives_every_arm_the_pretraining_schedule(tmp_path):
     assert rows[5]["learning_rate"] == pytest.approx(lr / 12**0.5, rel=1e-5)
     png = open(os.path.join(workdir, "report.png"), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for arm in report["aggregate"].values():
+        for point in arm["curve"]:
+            assert 0 <= point["fewshot/digits_5shot"] <= 1 and "fewshot/digits_1shot_std" in point
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert "| arm | extra compute | digits_1shot | digits_5shot |" in text
+    assert "| dense checkpoint | 0 |" in text
 
 
 def test_compare_continue_refuses_an_ended_schedule(tmp_path, capsys):

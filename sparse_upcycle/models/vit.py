@@ -416,8 +416,15 @@ class ViT(nnx.Module):
         return x.reshape(b, gh * gw, ph * pw * ch)
 
     def __call__(
-        self, images: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+        self,
+        images: jax.Array,
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+        pre_logits: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits [B, num_classes] float32, router metrics); ``pre_logits``: the pooled
+        representation the head reads, [B, width], instead of the logits."""
         c = self.config
         if images.ndim != 4 or tuple(images.shape[1:]) != (*c.image_size, c.num_channels):
             raise ValueError(
@@ -439,7 +446,7 @@ class ViT(nnx.Module):
         x, metrics = self.Transformer(x, train=train, key=key)
         x = x[:, 0] if c.pool_type == "tok" else jnp.mean(x.astype(jnp.float32), axis=1)
         x = x.astype(dt)
-        if c.num_classes:
+        if c.num_classes and not pre_logits:
             x = self.head(x)
         return x.astype(jnp.float32), average_metrics(metrics)
 
@@ -477,6 +484,11 @@ def forward(model: ViT, batch: dict, train: bool, rng):
     """(logits, targets, weights, router metrics) of an image batch (``image``, ``label``)."""
     logits, aux = model(batch["image"], train=train, rng=rng)
     return logits, batch["label"], jnp.ones(batch["label"].shape, jnp.float32), aux
+
+
+def features(model: ViT, images: jax.Array) -> jax.Array:
+    """Pre-logit features [B, width] (the few-shot probe's input, ``fewshot.py``)."""
+    return model(images, train=False, pre_logits=True)[0]
 
 
 def example_inputs(cfg: ViTConfig, seed: int = 0) -> tuple:
