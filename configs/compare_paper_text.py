@@ -23,9 +23,9 @@ Arms, every one with ``extra_compute`` × the dense pre-training FLOPs:
 * ``dense``: dense continuation.
 * ``upcycled``: Mixtral's routing (top-2 of 8, softmax over the two picked logits, dropless,
   load-balancing loss 0.01, router z-loss 0.001) in every other layer, experts copied.
-* ``top1``: as ``upcycled`` with one expert per token (the MoE's step FLOPs equal the dense
+* ``upcycled_top1``: as ``upcycled`` with one expert per token (the MoE's step FLOPs equal the dense
   model's, so it takes as many steps as ``dense``).
-* ``experts16``, ``experts32``: as ``upcycled`` with 16 and 32 experts (the paper found 32
+* ``upcycled_e16``, ``upcycled_e32``: as ``upcycled`` with 16 and 32 experts (the paper found 32
   best).
 
 Sizes (2-core CPU): ``:tiny`` d=64, 2 layers, seq 64, 300 pre-training steps; the default
@@ -74,9 +74,9 @@ def get_config(arg=None):
         {
             "dense": {"kind": "dense", "overrides": {}},
             "upcycled": upcycled(),
-            "top1": upcycled(k=1),
-            "experts16": upcycled(experts=16),
-            "experts32": upcycled(experts=32),
+            "upcycled_top1": upcycled(k=1),
+            "upcycled_e16": upcycled(experts=16),
+            "upcycled_e32": upcycled(experts=32),
         }
     )
     return c

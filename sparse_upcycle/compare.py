@@ -57,7 +57,7 @@ from sparse_upcycle import loop
 from sparse_upcycle.checkpoints.output import check_workdir
 from sparse_upcycle.config import ConfigError, check, check_names, run_schema
 from sparse_upcycle.data import make_pipeline
-from sparse_upcycle.defaults import default_compare_config
+from sparse_upcycle.defaults import default_compare_config, default_config
 from sparse_upcycle.report import write_report
 from sparse_upcycle.task import ModelSpec, resolve_model
 
@@ -174,6 +174,12 @@ def _run(cfg, workdir: str, label: str) -> dict:
     if os.path.exists(config_path):
         with open(config_path) as f:
             before = json.load(f)
+        # a field added to the run config after this run started, at its default, changes
+        # nothing the run did
+        defaults = default_config().to_dict()
+        for key in set(settings) - set(before):
+            if key in defaults and _same(settings[key], defaults[key]):
+                settings.pop(key)
         if before != json.loads(json.dumps(settings, default=str)):
             changed = sorted(
                 k
@@ -204,6 +210,10 @@ def _run(cfg, workdir: str, label: str) -> dict:
     }
     _write_json(done_path, result)
     return result
+
+
+def _same(a, b) -> bool:
+    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
 @dataclasses.dataclass

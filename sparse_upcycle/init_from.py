@@ -103,6 +103,8 @@ def initial_params(
         raise CheckpointError(f"{config.init_from}: {e}") from None
     if spec.recipe is not None and spec.recipe.optimizer == "tile":
         keys = source.optimizer_state_keys()
+        if not keys and source.training_state():
+            return unflatten(out), {}  # a train checkpoint's optax state: tiled_opt_state
         if not keys:
             raise CheckpointError(
                 f"{config.init_from}: upcycle.optimizer=tile needs the dense optimizer state "
@@ -175,6 +177,77 @@ def _schedule_counts(abstract_opt) -> set[str]:
         visit, abstract_opt, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
     )
     return found
+
+
+def tiles_training_state(spec: ModelSpec, source: CheckpointReader | None) -> bool:
+    """Whether this run's optimizer state is the dense run's, tiled into experts
+    (``upcycle.optimizer=tile`` on a checkpoint ``train`` wrote: ``tiled_opt_state``)."""
+    return (
+        source is not None
+        and spec.recipe is not None
+        and spec.recipe.optimizer == "tile"
+        and not source.optimizer_state_keys()
+        and bool(source.training_state())
+    )
+
+
+def tiled_opt_state(config, source: CheckpointReader, abstract_opt, shardings):
+    """``upcycle.optimizer=tile`` from a dense ``train`` checkpoint: the MoE's optimizer state
+    with every leaf the dense run has (same path and shape) carried, every expert leaf
+    (``…/expert/<name>/…`` of shape ``[E, *s]``) the dense leaf ``…/<name>/…`` of shape ``s``
+    repeated over the experts (each expert starts as the dense MLP, so the dense moments fit
+    each; Komatsuzaki et al. 2023, §3: the vision models keep the optimizer state), and the
+    router's leaves (new parameters) at zero, as a fresh AdamW or Adafactor state has them.
+    The moment counters are carried, the schedule's counter restarts (``carried_opt_state``).
+    A leaf with no counterpart in the dense state is refused by name."""
+    named = _opt_leaves(abstract_opt)
+    plan = _tile_plan(config, source, named)
+    values = source.read_training_state(sorted({p[0] for p in plan.values() if p}))
+    schedule = _schedule_counts(abstract_opt)
+    treedef = jax.tree_util.tree_structure(abstract_opt)
+    flat_sh = jax.tree_util.tree_leaves(shardings)
+    leaves = []
+    for (key, leaf), sh in zip(named, flat_sh, strict=True):
+        how = plan[key]
+        if how is None or key in schedule:
+            value = np.zeros(leaf.shape, leaf.dtype)
+        else:
+            value = np.asarray(values[how[0]])
+            if how[1]:
+                value = np.broadcast_to(value[None], leaf.shape)
+        leaves.append(_device_put_host(np.asarray(value, leaf.dtype), sh))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def check_tile(config, spec: ModelSpec, source: CheckpointReader | None, abstract_opt) -> None:
+    """Refuse, from the metadata and before anything is written, a ``tiled_opt_state`` that
+    would find no dense counterpart for some leaf."""
+    if tiles_training_state(spec, source):
+        assert source is not None
+        _tile_plan(config, source, _opt_leaves(abstract_opt))
+
+
+def _tile_plan(config, source: CheckpointReader, named) -> dict[str, tuple[str, bool] | None]:
+    """Per MoE optimizer-state leaf: (the dense leaf it comes from, repeated over experts?),
+    or None for a router leaf (zeros)."""
+    held = source.training_state()
+    plan: dict[str, tuple[str, bool] | None] = {}
+    for key, leaf in named:
+        shape = tuple(leaf.shape)
+        dense_key = key.replace("/expert/", "/", 1)
+        if key in held and tuple(held[key][0]) == shape:
+            plan[key] = (key, False)
+        elif "/expert/" in key and dense_key in held and tuple(held[dense_key][0]) == shape[1:]:
+            plan[key] = (dense_key, True)
+        elif "/router/" in key:
+            plan[key] = None
+        else:
+            raise CheckpointError(
+                f"{config.init_from}: optimizer state {key!r} has no counterpart in the dense "
+                "run's state; upcycle.optimizer=tile needs the optimizer the dense model was "
+                "trained with (or use upcycle.optimizer=reset)"
+            )
+    return plan
 
 
 def carried_opt_state(source: CheckpointReader, abstract_opt, shardings):

@@ -44,10 +44,13 @@ from sparse_upcycle.data import make_pipeline
 from sparse_upcycle.init_from import (
     carried_opt_state,
     check_carry,
+    check_tile,
     initial_params,
     keep_hf_source,
     open_init_source,
     source_paths,
+    tiled_opt_state,
+    tiles_training_state,
 )
 from sparse_upcycle.metrics import MetricWriter, Progress
 from sparse_upcycle.optim_slots import load_adafactor_slots
@@ -148,6 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t = build_training(config, source, mesh)
     spec = t.spec
     check_carry(config, spec, source, t.abstract_opt)
+    check_tile(config, spec, source, t.abstract_opt)
     probe = fewshot.make_probe(config, t)  # None unless config.fewshot names a dataset
 
     # ---------------------------------------------------------------- data
@@ -223,6 +227,9 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None) -> 
         if config.get("init_opt_state", "reset") == "carry":
             opt_state = carried_opt_state(source, abstract_opt, state_sh["opt_state"])
             log.info("optimizer state carried from %s", config.init_from)
+        elif tiles_training_state(spec, source):
+            opt_state = tiled_opt_state(config, source, abstract_opt, state_sh["opt_state"])
+            log.info("optimizer state tiled into experts from %s", config.init_from)
         else:
             opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
         if slots:

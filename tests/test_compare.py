@@ -96,6 +96,31 @@ def test_a_finished_run_is_not_recomputed(finished, monkeypatch):
     assert [os.path.relpath(w, workdir) for w in calls] == [os.path.join("upcycled", "seed_1")]
 
 
+def test_a_run_from_before_a_new_default_field_is_read_back(finished, monkeypatch):
+    """A run config field added after a run started (at its default) does not make that run
+    "a different config"; a changed value still does."""
+    workdir, _ = finished
+    import sparse_upcycle.loop as train_lib
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
+    report = compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)
+    path = os.path.join(workdir, "dense", "seed_0", "config.json")
+    stored = json.load(open(path))
+    old = {k: v for k, v in stored.items() if k not in ("fewshot", "init_opt_state")}
+    with open(path, "w") as f:
+        json.dump(old, f)
+    try:
+        again = compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)
+        assert again["aggregate"] == report["aggregate"]
+        with open(path, "w") as f:
+            json.dump({**old, "eval_steps": 99}, f)
+        with pytest.raises(compare_lib.ConfigError, match="holds a run of a different config"):
+            compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)
+    finally:
+        with open(path, "w") as f:
+            json.dump(stored, f)
+
+
 def _arm(kind, acc, sd, seeds=3):
     final = {"accuracy": acc, "accuracy_std": sd, "loss": 1 - acc, "seeds": seeds}
     return {"kind": kind, "final": final}

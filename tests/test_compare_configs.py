@@ -64,8 +64,8 @@ def test_paper_protocol_config_continues_a_running_schedule(size):
     assert 0 < c.pretrain.eval_every < c.pretrain.steps  # the pre-training curve is drawn
     arms = {n: a.to_dict() for n, a in c.arms.items()}
     assert arms["dense"]["kind"] == "dense"
-    assert arms["top1"]["overrides"]["model"]["moe"]["k"] == 1
-    assert arms["experts32"]["overrides"]["upcycle"]["num_experts"] == 32
+    assert arms["upcycled_top1"]["overrides"]["model"]["moe"]["k"] == 1
+    assert arms["upcycled_e32"]["overrides"]["upcycle"]["num_experts"] == 32
     assert c.train.model.moe.k == 2 and c.upcycle.num_experts == 8
 
 

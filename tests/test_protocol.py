@@ -171,3 +171,61 @@ def test_compare_continue_refuses_an_ended_schedule(tmp_path, capsys):
     c.pretrain.optimizer.schedule = "cosine"
     with pytest.raises(compare_lib.ConfigError, match="has ended at pre-training's last step"):
         compare_lib.run_compare(c, str(tmp_path / "cmp"))
+
+
+PLAIN_MOE = [  # the tiny decoder's MoE without its shared expert (method copy builds none)
+    "--config.model.moe.num_shared_experts=0",
+    "--config.model.moe.shared_expert_gate=False",
+]
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the raw Orbax read below
+def test_tile_repeats_the_dense_runs_moments_over_the_experts(straight, tmp_path):
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from sparse_upcycle import sharding
+    from sparse_upcycle.checkpoints.tree import path_str
+    from sparse_upcycle.init_from import open_init_source, tiled_opt_state
+    from sparse_upcycle.training import build_training
+
+    ckpt = f"{straight}/checkpoints/3"
+    over = [*OPTIMIZER, f"--config.init_from={ckpt}", "--config.upcycle.optimizer=tile"]
+    cfg = load_config(f"{TRAIN}:decoder", [*over, *PLAIN_MOE])
+    source = open_init_source(cfg)
+    t = build_training(cfg, source, sharding.mesh_from_config(cfg.mesh))
+    state = tiled_opt_state(cfg, source, t.abstract_opt, t.state_sh["opt_state"])
+    got = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
+    # the dense run's state, read whole by Orbax itself
+    raw = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt, "state"))["opt_state"]
+    dense = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(raw)}
+    experts = routers = 0
+    for key, value in got.items():
+        if "/router/" in key:
+            assert not value.any(), key
+            routers += 1
+        elif "/expert/" in key:
+            want = dense[key.replace("/expert/", "/", 1)]
+            assert value.shape == (4, *want.shape)
+            for e in range(4):
+                np.testing.assert_array_equal(value[e], want)
+            experts += 1
+        elif key == "2/count":  # optax.adamw = chain(scale_by_adam, weight decay, schedule)
+            assert value == 0  # the schedule's counter: step_offset alone places the schedule
+        else:
+            np.testing.assert_array_equal(value, dense[key])
+    assert experts > 0 and routers > 0
+    assert got["0/count"] == dense["0/count"] == 3  # Adam's bias correction goes on
+    # and a run starts from it
+    cfg = load_config(f"{TRAIN}:decoder", [*over, *PLAIN_MOE, "--config.total_steps=2"])
+    assert train_and_evaluate(cfg, str(tmp_path / "moe"))["status"] == "done"
+
+
+def test_tile_from_another_optimizer_is_refused(straight, tmp_path, capsys):
+    args = ["train", "--config", f"{TRAIN}:decoder", "--workdir", str(tmp_path / "w")]
+    args += [f"--config.init_from={straight}/checkpoints/3", "--config.upcycle.optimizer=tile"]
+    assert main([*args, *PLAIN_MOE]) == 2  # the tiny config trains with Adafactor
+    err = capsys.readouterr().err.strip()
+    assert "has no counterpart in the dense run's state" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
