@@ -194,6 +194,7 @@ def test_tile_repeats_the_dense_runs_moments_over_the_experts(straight, tmp_path
     over = [*OPTIMIZER, f"--config.init_from={ckpt}", "--config.upcycle.optimizer=tile"]
     cfg = load_config(f"{TRAIN}:decoder", [*over, *PLAIN_MOE])
     source = open_init_source(cfg)
+    assert source is not None
     t = build_training(cfg, source, sharding.mesh_from_config(cfg.mesh))
     state = tiled_opt_state(cfg, source, t.abstract_opt, t.state_sh["opt_state"])
     got = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
