@@ -14,6 +14,7 @@ VIT = os.path.join(ROOT, "configs", "compare_vit_fmnist.py")
 T5 = os.path.join(ROOT, "configs", "compare_t5_text.py")
 BTX = os.path.join(ROOT, "configs", "compare_btx_text.py")
 PAPER = os.path.join(ROOT, "configs", "compare_paper_text.py")
+PAPER_VIT = os.path.join(ROOT, "configs", "compare_paper_vit.py")
 HAVE_TEXT = os.path.isdir(text.CORPUS_DIR)
 HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 
@@ -67,6 +68,18 @@ def test_paper_protocol_config_continues_a_running_schedule(size):
     assert arms["upcycled_top1"]["overrides"]["model"]["moe"]["k"] == 1
     assert arms["upcycled_e32"]["overrides"]["upcycle"]["num_experts"] == 32
     assert c.train.model.moe.k == 2 and c.upcycle.num_experts == 8
+
+
+@pytest.mark.parametrize("size", ["tiny", None])
+def test_paper_protocol_vit_config_tiles_and_probes(size):
+    c = load_config(f"{PAPER_VIT}:{size}" if size else PAPER_VIT, schema="compare")
+    assert c.protocol == "continue" and len(c.seeds) >= 3
+    assert c.pretrain.optimizer.schedule == "rsqrt" and c.upcycle.optimizer == "tile"
+    assert c.train.fewshot.dataset == "digits" and 1 in c.train.fewshot.shots
+    arms = {n: a.to_dict() for n, a in c.arms.items()}
+    assert arms["upcycled_reset"]["overrides"]["upcycle"]["optimizer"] == "reset"
+    assert arms["upcycled_c1"]["overrides"]["model"]["moe"]["capacity_factor"] == 1.0
+    assert c.train.model.family == "vit" and c.train.data.name == "fashion_mnist"
 
 
 def test_unknown_size_is_a_config_error():

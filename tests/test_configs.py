@@ -62,7 +62,13 @@ def test_every_experiment_has_a_config_file():
         if not os.path.basename(p).startswith("_")
     }
     # upcycle_tiny is the surgeon's; compare_* are tested in test_compare_configs.py.
-    compare = {"compare_vit_fmnist", "compare_t5_text", "compare_btx_text", "compare_paper_text"}
+    compare = {
+        "compare_vit_fmnist",
+        "compare_t5_text",
+        "compare_btx_text",
+        "compare_paper_text",
+        "compare_paper_vit",
+    }
     assert found - {"upcycle_tiny"} - compare == set(EXPERIMENTS)
 
 
