@@ -135,21 +135,23 @@ class OrbaxCheckpoint(CheckpointReader):
             return self._restore_many([full_key])[full_key]
         return self._cache[full_key]
 
-    def _restore_many(self, full_keys: list[str]) -> dict[str, np.ndarray]:
-        item = unflatten({k: 0 for k in full_keys})
-        args = unflatten({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in full_keys})
+    def _partial_restore(self, item, what: str):
+        """Orbax's partial restore of ``item``'s leaves (any values; numpy arrays back)."""
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         try:
             with _quiet_absl():
-                tree = self._checkpointer.restore(
+                return self._checkpointer.restore(
                     self._tree_dir,
                     args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
                 )
         except Exception as e:
             _drop_closed_loop_noise()
             raise CheckpointError(
-                f"{self.path}: cannot restore {full_keys[0]!r}: corrupt or truncated data "
-                f"({_reason(e)})"
+                f"{self.path}: cannot restore {what}: corrupt or truncated data ({_reason(e)})"
             ) from None
+
+    def _restore_many(self, full_keys: list[str]) -> dict[str, np.ndarray]:
+        tree = self._partial_restore(unflatten({k: 0 for k in full_keys}), repr(full_keys[0]))
         flat = flatten(tree)
         return {k: np.asarray(flat[k]) for k in full_keys}
 
@@ -189,27 +191,8 @@ class OrbaxCheckpoint(CheckpointReader):
         if unknown:
             raise CheckpointError(f"{self.path}: no optimizer state {unknown[0]!r}")
 
-        def is_leaf(x):
-            return hasattr(x, "shape")
-
-        item = {"opt_state": jax.tree.map(lambda m: 0, self._opt_tree, is_leaf=is_leaf)}
-        args = {
-            "opt_state": jax.tree.map(
-                lambda m: ocp.RestoreArgs(restore_type=np.ndarray), self._opt_tree, is_leaf=is_leaf
-            )
-        }
-        try:
-            with _quiet_absl():
-                tree = self._checkpointer.restore(
-                    self._tree_dir,
-                    args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
-                )
-        except Exception as e:
-            _drop_closed_loop_noise()
-            raise CheckpointError(
-                f"{self.path}: cannot restore its optimizer state: corrupt or truncated data "
-                f"({_reason(e)})"
-            ) from None
+        leaves = jax.tree.map(lambda m: 0, self._opt_tree, is_leaf=lambda x: hasattr(x, "shape"))
+        tree = self._partial_restore({"opt_state": leaves}, "its optimizer state")
         flat = _flatten_metadata(tree["opt_state"])
         return {k: np.asarray(flat[k]) for k in keys}
 
