@@ -3,7 +3,7 @@ every arm continues that schedule (Komatsuzaki et al. 2023, §3.1), upcycled wit
 optimizer state kept (their vision setting), with few-shot linear probes on a second dataset
 (their downstream evaluation) at every matched point.
 
-    sparse-upcycle compare --config configs/compare_paper_vit.py:tiny --workdir /tmp/cmp_paper_vit_tiny
+    sparse-upcycle compare --config configs/compare_paper_vit.py:tiny --workdir /tmp/cmp_pvit_tiny
     sparse-upcycle compare --config configs/compare_paper_vit.py --workdir /tmp/cmp_paper_vit
 
 Model and data as ``configs/compare_vit_fmnist.py:tiny`` (a GAP ViT, width 64, depth 4, 4×4
