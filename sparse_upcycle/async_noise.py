@@ -5,7 +5,10 @@ command prints its one error line and nothing else.
   into the save (which the command reports) and the others' exceptions stay unretrieved, so
   asyncio logs each, with its traceback, whenever the garbage collector reaches it.
   ``_ReportedWriteFailures`` drops exactly those records (a failed write: ENOSPC,
-  RESOURCE_EXHAUSTED); any other unretrieved exception is still logged.
+  RESOURCE_EXHAUSTED), and those of a failed read of corrupt data (TensorStore's DATA_LOSS:
+  a restore reads a tree's leaves as sibling tasks, one raises into the restore, which the
+  command reports as one line; seen on a loaded machine with a truncated OCDBT manifest);
+  any other unretrieved exception is still logged.
 * TensorStore completes its futures on threads of its own and wakes the waiting asyncio loop
   with ``loop.call_soon_threadsafe``; after a failure Orbax's loop may already be closed, and
   the late call raised ``RuntimeError: Event loop is closed`` on that thread, printed as a
@@ -21,14 +24,15 @@ import logging
 
 class _ReportedWriteFailures:
     """A filter for the ``asyncio`` logger: drops "Task/Future exception was never retrieved"
-    records whose exception is a failed write (a full disk, TensorStore's RESOURCE_EXHAUSTED).
+    records whose exception is a failed write (a full disk, TensorStore's RESOURCE_EXHAUSTED)
+    or a read of corrupt data (DATA_LOSS), which the command has reported.
     Orbax writes a checkpoint's chunks as background tasks; when the disk fills, one of them
     raises into the save (which ``main`` reports as one line) and the others' exceptions are
     left unretrieved, so asyncio logs each one, with its traceback, whenever the garbage
     collector reaches it, which may be before the error line. Any other unretrieved
     exception is still logged."""
 
-    MARKS = ("No space left on device", "RESOURCE_EXHAUSTED", "os_error_code='28'")
+    MARKS = ("No space left on device", "RESOURCE_EXHAUSTED", "os_error_code='28'", "DATA_LOSS")
 
     def filter(self, record) -> bool:
         text = record.getMessage()

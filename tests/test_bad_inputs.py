@@ -710,6 +710,29 @@ def test_corrupt_orbax_exits_with_one_line_and_no_event_loop_noise(fx, tmp_path)
         assert "Orbax metadata" in lines[0] and "Event loop" not in out.stderr
 
 
+def test_unretrieved_read_failures_of_corrupt_data_are_not_logged():
+    """The sibling reads of a failed restore (TensorStore DATA_LOSS) leave unretrieved task
+    exceptions; asyncio would log each after the one error line. Other ones are kept."""
+    import logging
+
+    from sparse_upcycle.async_noise import _ReportedWriteFailures
+
+    def record(exc):
+        return logging.LogRecord(
+            "asyncio",
+            logging.ERROR,
+            __file__,
+            1,
+            "Task exception was never retrieved",
+            None,
+            (type(exc), exc, None),
+        )
+
+    f = _ReportedWriteFailures()
+    assert not f.filter(record(ValueError('DATA_LOSS: Error opening "zarr3" driver')))
+    assert f.filter(record(ValueError("something else")))
+
+
 def test_nan_in_source_warns_by_name_and_verify_json_is_valid(fx, tmp_path, capsys):
     params = _vit_params()
     bad = "Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel"
