@@ -17,6 +17,8 @@ expert; an *assignment* is a (token, expert) pair with a weight > 0). Per layer:
   the token × expert counts (the input token at the routed position; T5's encoder layers see
   the encoder input, its decoder layers the decoder input) and each expert's most frequent
   tokens with their share of that expert's assignments.
+* ``expert_spread``, ``expert_drift``, ``router_kernel_rms``: how far the experts are apart
+  and from the first checkpoint inspected, and the router's scale (``_weight_stats``);
 * ``mutual_information_bits``: I(class; expert), or I(token; expert), of the assignment counts,
   and that as a fraction of H(expert) (``mi_over_expert_entropy``): 0 when routing ignores the
   class or token, 1 when the expert is a function of it. The plug-in estimate is biased up by
@@ -133,6 +135,33 @@ def _load_params(config, path: str, t) -> dict:
     return params
 
 
+def _weight_stats(flat: dict, layer: str, start: dict | None) -> dict:
+    """How far the layer's experts are apart and from where they started: ``expert_spread``
+    = ||W - mean_E W|| / ||mean_E W|| (0 for copies), ``expert_drift`` = ||W - W_start|| /
+    ||W_start|| against ``start`` (the first checkpoint inspected), both Frobenius norms over
+    the stacked ``[E, …]`` expert kernels, averaged over the layer's kernels; and the RMS of
+    the router kernel (the scale of its logits)."""
+    mine = [k for k in flat if f"/{layer}/" in f"/{k}"]
+    experts = [k for k in mine if "/expert/" in k and k.endswith("kernel")]
+    router = [k for k in mine if k.endswith("router/w/kernel")]
+    out: dict = {}
+    if experts:
+        spread = []
+        for k in experts:
+            mean = flat[k].mean(0, keepdims=True)
+            spread.append(np.linalg.norm(flat[k] - mean) / max(np.linalg.norm(mean), 1e-30))
+        out["expert_spread"] = float(np.mean(spread))
+        if start is not None:
+            drift = [
+                np.linalg.norm(flat[k] - start[k]) / max(np.linalg.norm(start[k]), 1e-30)
+                for k in experts
+            ]
+            out["expert_drift"] = float(np.mean(drift))
+    if router:
+        out["router_kernel_rms"] = float(np.sqrt(np.mean(flat[router[0]] ** 2)))
+    return out
+
+
 def _token_key(family: str, layer: str) -> str | None:
     if family == "t5":
         return "encoder_input_tokens" if layer.startswith("encoder") else "decoder_input_tokens"
@@ -193,9 +222,14 @@ def inspect_routing(
     labels = {"start": start, "end": path} if start else {"end": path}
     fn = _routing_fn(t.loss_fn)
     report = {"family": family, "batches": batches, "layers": names, "checkpoints": {}}
+    first = None
     for label, where in labels.items():
         params = _load_params(config, where, t)
         layers = _inspect(fn, params, data_batches, names, family, vocab)
+        flat = {k: np.asarray(v, np.float64) for k, v in flatten(jax.device_get(params)).items()}
+        for name, row in layers.items():
+            row.update(_weight_stats(flat, name, first))
+        first = first if first is not None else flat
         report["checkpoints"][label] = {"path": where, "layers": layers}
     if out is None:
         base = os.path.dirname(os.path.abspath(path)) if path != "init" else os.getcwd()
@@ -312,8 +346,9 @@ def markdown(report: dict) -> str:
         + ".",
         "",
         "| layer | checkpoint | load max/min (× mean) | dropped | router entropy (nats) | "
-        "top-1 prob | I(x; expert) bits (/ H(expert)) | bias ≈ |",
-        "|---|---|---|---|---|---|---|---|",
+        "top-1 prob | I(x; expert) bits (/ H(expert)) | bias ≈ | router RMS | expert spread "
+        "| drift from start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in report["layers"]:
         for label in labels:
@@ -322,7 +357,8 @@ def markdown(report: dict) -> str:
                 f"| {name} | {label} | {r['max_ratio']:.2f} / {r['min_ratio']:.2f} | "
                 f"{r['dropped_fraction']:.4f} | {r['entropy']:.3f} | {r['top1_prob']:.3f} | "
                 f"{r['mutual_information_bits']:.3f} ({r['mi_over_expert_entropy']:.3f}) | "
-                f"{r['mi_bias_bits']:.3f} |"
+                f"{r['mi_bias_bits']:.3f} | {_cell(r, 'router_kernel_rms')} | "
+                f"{_cell(r, 'expert_spread')} | {_cell(r, 'expert_drift')} |"
             )
     x = "class" if report["family"] == "vit" else "token"
     lines += ["", f"x is the {x} of the routed position.", ""]
@@ -339,6 +375,10 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {e} | {r['load'][int(e)]:.3f} | {shown} |")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict, key: str) -> str:
+    return f"{row[key]:.4f}" if key in row else "—"
 
 
 def plot(report: dict, path: str) -> None:

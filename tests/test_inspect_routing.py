@@ -64,6 +64,11 @@ def test_loads_equal_the_routers_own_counts(runs, tmp_path):
         assert dropped == pytest.approx(float(metrics["router/dropped_fraction"]), abs=1e-6)
     start = report["checkpoints"]["start"]["layers"]
     end_layers = report["checkpoints"]["end"]["layers"]
+    for name in report["layers"]:
+        assert start[name]["expert_spread"] == 0.0  # copies of the dense MLP
+        assert "expert_drift" not in start[name]
+        assert end_layers[name]["expert_spread"] > 0 and end_layers[name]["expert_drift"] > 0
+        assert start[name]["router_kernel_rms"] > 0
     assert any(start[n]["load"] != end_layers[n]["load"] for n in report["layers"])
     for name in report["layers"]:
         r = end_layers[name]
