@@ -137,7 +137,8 @@ def _load_params(config, path: str, t) -> dict:
 
 def _weight_stats(flat: dict, layer: str, start: dict | None) -> dict:
     """How far the layer's experts are apart and from where they started: ``expert_spread``
-    = ||W - mean_E W|| / ||mean_E W|| (0 for copies), ``expert_drift`` = ||W - W_start|| /
+    = ||W - mean_E W|| / ||mean_E W|| (the mean repeated over the experts; 0 for copies),
+    ``expert_drift`` = ||W - W_start|| /
     ||W_start|| against ``start`` (the first checkpoint inspected), both Frobenius norms over
     the stacked ``[E, …]`` expert kernels, averaged over the layer's kernels; and the RMS of
     the router kernel (the scale of its logits)."""
@@ -148,7 +149,7 @@ def _weight_stats(flat: dict, layer: str, start: dict | None) -> dict:
     if experts:
         spread = []
         for k in experts:
-            mean = flat[k].mean(0, keepdims=True)
+            mean = np.broadcast_to(flat[k].mean(0, keepdims=True), flat[k].shape)
             spread.append(np.linalg.norm(flat[k] - mean) / max(np.linalg.norm(mean), 1e-30))
         out["expert_spread"] = float(np.mean(spread))
         if start is not None:
