@@ -71,22 +71,10 @@ def initial_params(
                 f"{config.init_from}: does not match the model (missing {missing[:3]}, "
                 f"unexpected {extra[:3]}); train with the config used for {fix}"
             )
-        out = {}
-        for path in target:
-            value = source.read(path)
-            if tuple(value.shape) != target[path][0]:
-                raise CheckpointError(
-                    f"{path}: the checkpoint gives shape {tuple(value.shape)}, the model "
-                    f"config expects {target[path][0]}"
-                )
-            try:
-                check_float(path, value.dtype, target[path][1])
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-            out[path] = _device_put_host(value.astype(target[path][1]), flat_sh[path])
+        params = place_as_is(source, target, flat_sh)
         if source.is_upcycled:
             slots = {k: source.read_optimizer_state(k) for k in source.optimizer_state_keys()}
-        return unflatten(out), slots
+        return params, slots
 
     recipe = spec.recipe or Recipe()
     if recipe.router_init in router_init.PROMPTED:
@@ -267,6 +255,26 @@ def carried_opt_state(source: CheckpointReader, abstract_opt, shardings):
         for (k, leaf), sh in zip(named, flat_sh, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def place_as_is(source: CheckpointReader, target: dict, flat_sh: dict) -> dict:
+    """The checkpoint's tensors as they are (``target``: ``{path: (shape, dtype)}``, every one
+    in the checkpoint), each checked for its shape and a float-to-float cast, placed with
+    ``flat_sh``; a nested dict."""
+    out = {}
+    for path in target:
+        value = source.read(path)
+        if tuple(value.shape) != target[path][0]:
+            raise CheckpointError(
+                f"{path}: the checkpoint gives shape {tuple(value.shape)}, the model "
+                f"config expects {target[path][0]}"
+            )
+        try:
+            check_float(path, value.dtype, target[path][1])
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        out[path] = _device_put_host(value.astype(target[path][1]), flat_sh[path])
+    return unflatten(out)
 
 
 def open_sources(config, recipe: Recipe, base: CheckpointReader) -> list[CheckpointReader]:

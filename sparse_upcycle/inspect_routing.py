@@ -42,10 +42,10 @@ import jax
 import numpy as np
 
 from sparse_upcycle import routing, sharding
-from sparse_upcycle.checkpoints.tree import flatten, unflatten
+from sparse_upcycle.checkpoints.tree import flatten
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import make_pipeline
-from sparse_upcycle.init_from import _device_put_host, initial_params, open_init_source
+from sparse_upcycle.init_from import initial_params, open_init_source, place_as_is
 from sparse_upcycle.moe import MoeMlp
 from sparse_upcycle.task import moe_layer_names
 from sparse_upcycle.training import build_training
@@ -111,19 +111,9 @@ def _load_params(config, path: str, t) -> dict:
     source = open_init_source(cfg)
     if source is None:
         raise ConfigError("--start init needs config.init_from (the run's initial checkpoint)")
-    target = flatten(t.abstract_params)
+    target = {p: (tuple(a.shape), np.dtype(a.dtype)) for p, a in flatten(t.abstract_params).items()}
     if set(source.keys()) == set(target):  # a train checkpoint of this very model
-        flat_sh = flatten(t.param_sh)
-        out = {}
-        for key, leaf in target.items():
-            value = np.asarray(source.read(key))
-            if value.shape != tuple(leaf.shape):
-                raise ConfigError(
-                    f"{path}: {key} has shape {value.shape}, the config's model "
-                    f"{tuple(leaf.shape)}; inspect with the run's config"
-                )
-            out[key] = _device_put_host(value.astype(leaf.dtype), flat_sh[key])
-        return unflatten(out)
+        return place_as_is(source, target, flatten(t.param_sh))
     if any(ROUTER_RE.match(k) for k in source.keys()) and not source.is_upcycled:
         missing = sorted(set(target) - set(source.keys()))
         extra = sorted(set(source.keys()) - set(target))
