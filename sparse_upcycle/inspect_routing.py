@@ -78,11 +78,13 @@ def _recording():
 
 
 def _routing_fn(loss_fn):
-    """``(params, batch) -> [per MoE layer: weights [*lead, E], router metrics]``, jitted."""
+    """``(params, batch) -> ([per MoE layer: weights [*lead, E], router metrics], the batch's
+    summed loss, correct and weight)``, jitted."""
 
     def run(params, batch):
         with _recording() as calls:
-            loss_fn(params, batch, None, False)
+            _, metrics = loss_fn(params, batch, None, False)
+        sums = {k: metrics[k] for k in ("loss_sum", "correct_sum", "weight_sum")}
         out = []
         for c in calls:
             w = routing.dense_combine_weights(c["decision"])
@@ -96,7 +98,7 @@ def _routing_fn(loss_fn):
                     "top1_prob": m.top1_prob,
                 }
             )
-        return out
+        return out, sums
 
     return jax.jit(run)
 
@@ -216,12 +218,12 @@ def inspect_routing(
     first = None
     for label, where in labels.items():
         params = _load_params(config, where, t)
-        layers = _inspect(fn, params, data_batches, names, family, vocab)
+        layers, validation = _inspect(fn, params, data_batches, names, family, vocab)
         flat = {k: np.asarray(v, np.float64) for k, v in flatten(jax.device_get(params)).items()}
         for name, row in layers.items():
             row.update(_weight_stats(flat, name, first))
         first = first if first is not None else flat
-        report["checkpoints"][label] = {"path": where, "layers": layers}
+        report["checkpoints"][label] = {"path": where, "validation": validation, "layers": layers}
     if out is None:
         base = os.path.dirname(os.path.abspath(path)) if path != "init" else os.getcwd()
         out = os.path.join(base, "routing")
@@ -250,10 +252,15 @@ def _vocabulary(data_config, model_config):
     return lambda i: sp.id_to_piece(int(i)) if i < size else f"<extra {i}>"
 
 
-def _inspect(fn, params, data_batches, names, family, vocab) -> dict:
+def _inspect(fn, params, data_batches, names, family, vocab) -> tuple[dict, dict]:
+    """Per MoE layer the routing statistics over ``data_batches``, and the model's validation
+    loss and accuracy over the same batches (token- or example-weighted, as train's eval)."""
     layers: dict = {}
+    totals = dict.fromkeys(("loss_sum", "correct_sum", "weight_sum"), 0.0)
     for batch in data_batches:
-        outs = jax.device_get(fn(params, batch))
+        outs, sums = jax.device_get(fn(params, batch))
+        for k, v in sums.items():
+            totals[k] += float(v)
         if len(outs) != len(names):
             raise ConfigError(
                 f"the model ran {len(outs)} MoE layers, the config names {len(names)}"
@@ -317,7 +324,12 @@ def _inspect(fn, params, data_batches, names, family, vocab) -> dict:
                 top[str(e)] = [[vocab(i), int(col[i]), col[i] / total] for i in best if col[i]]
             row["top_tokens"] = top
         out[name] = row
-    return out
+    weight = max(totals["weight_sum"], 1.0)
+    validation = {
+        "loss": totals["loss_sum"] / weight,
+        "accuracy": totals["correct_sum"] / weight,
+    }
+    return out, validation
 
 
 def _write(path: str, text: str) -> None:
@@ -351,6 +363,11 @@ def markdown(report: dict) -> str:
                 f"{r['mi_bias_bits']:.3f} | {_cell(r, 'router_kernel_rms')} | "
                 f"{_cell(r, 'expert_spread')} | {_cell(r, 'expert_drift')} |"
             )
+    lines += ["", "Validation on the same batches (cross-entropy and accuracy, as train's eval):"]
+    lines += [""]
+    for label, c in report["checkpoints"].items():
+        v = c["validation"]
+        lines.append(f"- {label}: loss {v['loss']:.4f}, accuracy {v['accuracy']:.4f}")
     x = "class" if report["family"] == "vit" else "token"
     lines += ["", f"x is the {x} of the routed position.", ""]
     for label in labels:

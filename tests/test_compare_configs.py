@@ -15,6 +15,7 @@ T5 = os.path.join(ROOT, "configs", "compare_t5_text.py")
 BTX = os.path.join(ROOT, "configs", "compare_btx_text.py")
 PAPER = os.path.join(ROOT, "configs", "compare_paper_text.py")
 PAPER_VIT = os.path.join(ROOT, "configs", "compare_paper_vit.py")
+VGROUP = os.path.join(ROOT, "configs", "compare_vgroup_text.py")
 HAVE_TEXT = os.path.isdir(text.CORPUS_DIR)
 HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 
@@ -80,6 +81,25 @@ def test_paper_protocol_vit_config_tiles_and_probes(size):
     assert arms["upcycled_reset"]["overrides"]["upcycle"]["optimizer"] == "reset"
     assert arms["upcycled_c1"]["overrides"]["model"]["moe"]["capacity_factor"] == 1.0
     assert c.train.model.family == "vit" and c.train.data.name == "fashion_mnist"
+
+
+@pytest.mark.parametrize("size", ["tiny", None])
+def test_virtual_group_config_crosses_ordering_and_scaling(size):
+    c = load_config(f"{VGROUP}:{size}" if size else VGROUP, schema="compare")
+    assert len(c.seeds) >= 3 and c.extra_compute > 0
+    arms = {n: a.to_dict() for n, a in c.arms.items()}
+    assert arms["dense"]["kind"] == "dense" and arms["upcycled"]["overrides"] == {}
+    grid = set()
+    for name, arm in arms.items():
+        if not name.startswith("vg_"):
+            continue
+        up, moe = arm["overrides"]["upcycle"], arm["overrides"]["model"]["moe"]
+        assert up["method"] == "virtual_group" and up["k"] % up["granularity"] == 0
+        assert moe["ordering"] == up["ordering"] and moe["k"] == up["k"]  # the scale assumes it
+        grid.add((up["ordering"], up["scaling"]))
+    assert grid == {
+        (o, s) for o in ("softmax_then_topk", "topk_then_softmax") for s in ("paper", "none")
+    }
 
 
 def test_unknown_size_is_a_config_error():

@@ -85,6 +85,20 @@ def test_loads_equal_the_routers_own_counts(runs, tmp_path):
     assert open(files["png"], "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_validation_loss_equals_trains_own_evaluation(runs, tmp_path):
+    # the run's last evaluation (loop.py, its own eval step) on the same validation batches
+    config = _decoder_config(runs)
+    with open(f"{runs['moe']}/metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if r.get("split") == "eval"]
+    assert evals and evals[-1]["step"] == 3
+    end = f"{runs['moe']}/checkpoints/3"
+    report = inspect_routing(config, end, batches=config.eval_steps, out=str(tmp_path))
+    got = report["checkpoints"]["end"]["validation"]
+    assert got["loss"] == pytest.approx(evals[-1]["loss"], rel=1e-5)
+    assert got["accuracy"] == pytest.approx(evals[-1]["accuracy"], abs=1e-6)
+    assert f"- end: loss {got['loss']:.4f}" in open(report["files"]["md"]).read()
+
+
 def test_images_give_a_class_by_expert_matrix(runs, tmp_path):
     config = load_config(f"{TRAIN}:vit")
     report = inspect_routing(config, f"{runs['vit']}/checkpoints/6", batches=2, out=str(tmp_path))
