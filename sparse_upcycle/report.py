@@ -6,7 +6,11 @@ with a ±1 standard deviation band; Komatsuzaki et al. 2023, Figure 2 style).
 Spread: the sample standard deviation over seeds (ddof = 1). A verdict says an arm beats or
 loses to another when the difference of the seed means exceeds the larger of the two arms'
 standard deviations, and "within the seed spread" otherwise; it is a plain rule of thumb, not a
-significance test, and the table gives the numbers to judge by.
+significance test, and the table gives the numbers to judge by. Beside it, the comparison
+paired by seed (each seed fixes an arm's data order and, for the MoE arms, the recipe's and
+router's draws; every arm starts from the same dense checkpoint): the mean and standard
+deviation of the per-seed differences at the end of the budget and the paired t-test's
+two-sided p-value (Student 1908; ``scipy.stats.ttest_rel``), for loss and accuracy.
 """
 
 from __future__ import annotations
@@ -72,6 +76,28 @@ def aggregate(report: dict) -> dict:
     return out
 
 
+def paired(a: dict, b: dict, key: str) -> dict | None:
+    """``key`` of arm ``a`` minus arm ``b`` at the end of the budget, paired by seed: mean and
+    std (ddof = 1) of the differences, the paired t statistic and its two-sided p-value; None
+    with fewer than two common seeds."""
+    pa, pb = a.get("final_per_seed") or {}, b.get("final_per_seed") or {}
+    seeds = sorted(set(pa) & set(pb), key=int)
+    if len(seeds) < 2:
+        return None
+    from scipy import stats
+
+    x = np.array([pa[s][key] for s in seeds], np.float64)
+    y = np.array([pb[s][key] for s in seeds], np.float64)
+    d = x - y
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:  # identical differences: t is undefined
+        t, p = (0.0, 1.0) if d[0] == 0 else (float(np.sign(d[0]) * np.inf), 0.0)
+    else:
+        res = stats.ttest_rel(x, y)
+        t, p = float(res.statistic), float(res.pvalue)
+    return {"seeds": len(seeds), "mean": float(d.mean()), "std": sd, "t": t, "p": p}
+
+
 def _verdict(name_a: str, a: dict, name_b: str, b: dict) -> dict:
     fa, fb = a["final"], b["final"]
     gap = fa["accuracy"] - fb["accuracy"]
@@ -88,7 +114,16 @@ def _verdict(name_a: str, a: dict, name_b: str, b: dict) -> dict:
         f"({gap:+.4f}; larger seed std {spread:.4f}), loss {fa['loss']:.4f} vs "
         f"{fb['loss']:.4f} ({loss_gap:+.4f})"
     )
+    by_seed = {k: paired(a, b, k) for k in ("loss", "accuracy")}
+    if by_seed["loss"] and by_seed["accuracy"]:
+        pl, pa = by_seed["loss"], by_seed["accuracy"]
+        text += (
+            f"; paired over {pl['seeds']} seeds: loss {pl['mean']:+.4f} ± {pl['std']:.4f} "
+            f"(p = {pl['p']:.2f}), accuracy {pa['mean']:+.4f} ± {pa['std']:.4f} "
+            f"(p = {pa['p']:.2f})"
+        )
     return {
+        "paired": by_seed,
         "a": name_a,
         "b": name_b,
         "accuracy_gap": gap,

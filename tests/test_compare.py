@@ -144,6 +144,40 @@ def test_verdicts():
     assert "one seed" in report_lib.verdicts(arms)[0]["verdict"]
 
 
+def test_paired_verdict_is_the_t_test_on_per_seed_differences():
+    def arm(kind, losses, accs):
+        per_seed = {
+            str(s): {"loss": x, "accuracy": y}
+            for s, (x, y) in enumerate(zip(losses, accs, strict=True))
+        }
+        final = {
+            "loss": float(np.mean(losses)),
+            "loss_std": float(np.std(losses, ddof=1)),
+            "accuracy": float(np.mean(accs)),
+            "accuracy_std": float(np.std(accs, ddof=1)),
+            "seeds": len(losses),
+        }
+        return {"kind": kind, "final": final, "final_per_seed": per_seed}
+
+    arms = {
+        "dense": arm("dense", [3.191, 3.206, 3.210], [0.36, 0.357, 0.357]),
+        "up": arm("upcycle", [3.191, 3.190, 3.205], [0.362, 0.362, 0.357]),
+    }
+    (v,) = report_lib.verdicts(arms)
+    d = np.array([0.0, -0.016, -0.005])
+    got = v["paired"]["loss"]
+    assert got["seeds"] == 3 and got["mean"] == pytest.approx(d.mean(), abs=1e-12)
+    assert got["std"] == pytest.approx(d.std(ddof=1), abs=1e-12)
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(3))
+    assert got["t"] == pytest.approx(t, rel=1e-9)
+    # Student's t with 2 degrees of freedom: P(|T| > t) = 1 - |t| / sqrt(t^2 + 2)
+    assert got["p"] == pytest.approx(1 - abs(t) / np.sqrt(t * t + 2), rel=1e-9)
+    assert "paired over 3 seeds: loss -0.0070" in v["text"]
+    arms["up"]["final_per_seed"] = {"0": arms["up"]["final_per_seed"]["0"]}
+    (v,) = report_lib.verdicts(arms)
+    assert v["paired"] == {"loss": None, "accuracy": None} and "paired" not in v["text"]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
