@@ -27,6 +27,11 @@ Arms, every one with ``extra_compute`` × the dense pre-training FLOPs:
   model's, so it takes as many steps as ``dense``).
 * ``upcycled_e16``, ``upcycled_e32``: as ``upcycled`` with 16 and 32 experts (the paper found 32
   best).
+* ``upcycled_lr2x``: as ``upcycled`` on twice the continued rate (the learning rate of the
+  upcycled arm; dense keeps its own).
+* ``dense_restart``, ``upcycled_restart``: the restart protocol of the other compare configs
+  on this checkpoint (a fresh AdamW state, 20 warmup steps to 1e-3, cosine to 0 over the arm's
+  own length), to tell the protocol's effect from the checkpoint's length.
 
 Sizes (2-core CPU): ``:tiny`` d=64, 2 layers, seq 64, 300 pre-training steps; the default
 4,000 pre-training steps, +25%. Results in the README ("The paper's protocol on text").
@@ -70,6 +75,7 @@ def get_config(arg=None):
             over.setdefault("upcycle", {})["num_experts"] = experts
         return {"kind": "upcycle", "overrides": over}
 
+    restart = adamw(peak, 20, "cosine").to_dict()  # step_offset 0: a schedule of its own
     c.arms = ml_collections.ConfigDict(
         {
             "dense": {"kind": "dense", "overrides": {}},
@@ -77,6 +83,17 @@ def get_config(arg=None):
             "upcycled_top1": upcycled(k=1),
             "upcycled_e16": upcycled(experts=16),
             "upcycled_e32": upcycled(experts=32),
+            "upcycled_lr2x": {
+                "kind": "upcycle",
+                "overrides": {
+                    "optimizer": {"learning_rate": 2 * c.pretrain.optimizer.learning_rate}
+                },
+            },
+            "dense_restart": {
+                "kind": "dense",
+                "overrides": {"optimizer": restart, "init_opt_state": "reset"},
+            },
+            "upcycled_restart": {"kind": "upcycle", "overrides": {"optimizer": restart}},
         }
     )
     return c

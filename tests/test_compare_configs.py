@@ -69,6 +69,14 @@ def test_paper_protocol_config_continues_a_running_schedule(size):
     assert arms["upcycled_top1"]["overrides"]["model"]["moe"]["k"] == 1
     assert arms["upcycled_e32"]["overrides"]["upcycle"]["num_experts"] == 32
     assert c.train.model.moe.k == 2 and c.upcycle.num_experts == 8
+    # the restart protocol on the same checkpoint: a fresh state and a schedule of its own
+    for name in ("dense_restart", "upcycled_restart"):
+        cfg = compare_lib._arm_config(c, name, c.arms[name], 0, "/dense")
+        assert cfg.optimizer.schedule == "cosine" and cfg.optimizer.step_offset == 0
+        assert cfg.get("init_opt_state", "reset") == "reset"
+    lr2x = compare_lib._arm_config(c, "upcycled_lr2x", c.arms.upcycled_lr2x, 0, "/dense")
+    assert lr2x.optimizer.step_offset == c.pretrain.steps  # the continued schedule, twice as high
+    assert lr2x.optimizer.learning_rate == 2 * c.pretrain.optimizer.learning_rate
 
 
 @pytest.mark.parametrize("size", ["tiny", None])
