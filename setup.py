@@ -31,6 +31,7 @@ setup(
         "PyYAML>=6,<7",  # mergekit-moe configs (upcycle --mergekit-yaml)
         "gin-config>=0.5,<0.6",  # imported as `gin`: T5X gin files (--gin_file; its parser)
         "scikit-learn>=1.5,<2",  # its bundled digits: the few-shot probe's data (fewshot.py)
+        "scipy>=1.11,<2",  # the paired t-test of compare's verdicts (report.py)
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: it is the CPU build on the development machines (a
