@@ -122,6 +122,22 @@ def probe(features_pool, labels_pool, features_test, labels_test, *, shots, seed
     return out
 
 
+def pixel_baseline(
+    image_size: tuple[int, int], channels: int = 1, *, shots=(1, 5, 10, 25), seeds=3, l2_grid=None
+) -> dict:
+    """The same probe on the digits' resized pixels instead of a model's features: what a
+    model's features must beat to have learned anything that transfers. ``l2_grid`` defaults
+    to the run config's (4^-3 … 4^7)."""
+    grid = [4.0**k for k in range(-3, 8)] if l2_grid is None else list(l2_grid)
+    images, labels = digits_images(tuple(image_size), int(channels))
+    pool, test = _splits(labels)
+    f = images.reshape(len(images), -1)
+    result = probe(
+        f[pool], labels[pool], f[test], labels[test], shots=shots, seeds=seeds, l2_grid=grid
+    )
+    return {f"fewshot/digits_{k}shot": acc for k, (acc, _, _) in result.items()}
+
+
 def make_probe(config, t) -> Callable[[dict], dict] | None:
     """``params -> {"fewshot/<dataset>_<k>shot": accuracy}`` for the run's ``fewshot`` block,
     or None when it is off. Checked (dataset, shots, an image family) before training starts."""

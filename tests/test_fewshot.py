@@ -63,6 +63,8 @@ def test_raw_pixels_are_a_sane_baseline():
         f[pool], labels[pool], f[test], labels[test], shots=[1, 10], seeds=2, l2_grid=[1.0, 64.0]
     )
     assert 0.3 < out[1][0] < out[10][0] and out[10][0] > 0.8
+    base = fewshot.pixel_baseline((8, 8), shots=[1, 10], seeds=2, l2_grid=[1.0, 64.0])
+    assert base == {"fewshot/digits_1shot": out[1][0], "fewshot/digits_10shot": out[10][0]}
 
 
 def test_too_many_shots_are_refused():
