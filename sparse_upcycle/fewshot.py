@@ -129,7 +129,7 @@ def pixel_baseline(
     model's features must beat to have learned anything that transfers. ``l2_grid`` defaults
     to the run config's (4^-3 … 4^7)."""
     grid = [4.0**k for k in range(-3, 8)] if l2_grid is None else list(l2_grid)
-    images, labels = digits_images(tuple(image_size), int(channels))
+    images, labels = digits_images((int(image_size[0]), int(image_size[1])), int(channels))
     pool, test = _splits(labels)
     f = images.reshape(len(images), -1)
     result = probe(
