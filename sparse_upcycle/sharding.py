@@ -35,26 +35,25 @@ The ``fsdp`` axis is data-parallel too: wherever the table names ``data``, a mes
 ``batch`` is split over ``data × fsdp × expert`` and ``batch_no_expert`` over ``data × fsdp``.
 
 FSDP (ZeRO-3; Rajbhandari et al. 2020, "ZeRO", stage 3). Parameters, and with them the
-optimizer state (``opt_state_shardings`` follows the parameters), are split on their ``embed``
-dimension d over ``fsdp``: every weight matrix has one (``[d, f]``, ``[f, d]``, ``[E, d, f]``,
-``[vocab, d]``, ``[d, heads·kv]``), it is neither the expert nor the model dimension, and its
-size (the model width) is a multiple of any sensible ``fsdp``. Each device then holds 1/fsdp of
-every such leaf. Vectors (norm scales ``[d]``, biases) stay whole: they are tiny, and split on
-d they would pull the activations they multiply off their batch layout. Nothing in the step
-asks for the gathers: the partitioner sees a weight split on d meet a batch split over ``fsdp``
-and all-gathers the weight where it is used (per layer, in the forward and again in the
-backward pass) and reduces its gradient into the split layout of the optimizer update
-(``sparse-upcycle plan`` counts the collectives; XLA:CPU reduces with all-reduces, not
+optimizer state (``opt_sharding.opt_state_shardings`` follows the parameters), are split on
+their ``embed`` dimension d over ``fsdp``: every weight matrix has one (``[d, f]``, ``[f, d]``,
+``[E, d, f]``, ``[vocab, d]``, ``[d, heads·kv]``), it is neither the expert nor the model
+dimension, and its size (the model width) is a multiple of any sensible ``fsdp``. Each device
+then holds 1/fsdp of every such leaf. Vectors (norm scales ``[d]``, biases) stay whole: they
+are tiny, and split on d they would pull the activations they multiply off their batch layout.
+Nothing in the step asks for the gathers: the partitioner sees a weight split on d meet a batch
+split over ``fsdp`` and all-gathers the weight where it is used (per layer, in the forward and
+again in the backward pass) and reduces its gradient into the split layout of the optimizer
+update (``sparse-upcycle plan`` counts the collectives; XLA:CPU reduces with all-reduces, not
 reduce-scatters). Two things keep the partitioner from the other way round (moving the
-activations onto the split d by replicating the tokens, "Involuntary full rematerialization"
-in the compile log, which made ``t5_xl_upcycle``'s temporaries 113 GiB per device instead of
-21; README, Train): every weight is read through ``gathered`` (whole over ``fsdp`` where it is
+activations onto the split d by replicating the tokens, "Involuntary full rematerialization" in
+the compile log, which made ``t5_xl_upcycle``'s temporaries 113 GiB per device instead of 21;
+README, Train): every weight is read through ``gathered`` (whole over ``fsdp`` where it is
 used), and ``constrain`` never puts ``fsdp`` on an activation's ``embed`` dim, even where the
-batch dim could not take it (fewer routing groups than devices). A leaf
-whose d is not divisible by ``fsdp``, or that has no ``embed`` dimension (T5's
-relative-position bias), is replicated over ``fsdp``. ``mesh.shard_params_over_data=True`` uses
-all the data-parallel devices for this (``mesh_from_config``: the ``data`` size moves into
-``fsdp``).
+batch dim could not take it (fewer routing groups than devices). A leaf whose d is not
+divisible by ``fsdp``, or that has no ``embed`` dimension (T5's relative-position bias), is
+replicated over ``fsdp``. ``mesh.shard_params_over_data=True`` uses all the data-parallel
+devices for this (``mesh_from_config``: the ``data`` size moves into ``fsdp``).
 
 Expert-parallel layout (vmoe, Riquelme et al. 2021; MaxText). No devices are reserved for
 experts: the ``expert`` mesh axis is a second data-parallel axis, so the batch is split over
@@ -483,102 +482,3 @@ def shard_tree(tree, shardings):
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree, shardings)
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer state.
-# --------------------------------------------------------------------------------------------
-
-
-def _normalized_path(path) -> tuple[str, ...]:
-    """Key names of a tree path without the trailing ``.value`` of an nnx Variable."""
-    keys = list(path)
-    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-        keys = keys[:-1]
-    return tuple(key_name(k) for k in keys)
-
-
-def _derived_spec(leaf_shape, param_shape, spec: P) -> P | None:
-    """The param's spec adapted to a leaf of a related shape, or None (replicate)."""
-    leaf_shape, param_shape = tuple(leaf_shape), tuple(param_shape)
-    entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))
-    if leaf_shape == param_shape:
-        return spec
-    # Factored statistics (Adafactor's v_row / v_col) drop one dimension of the parameter.
-    # When two dims have the same size either choice is a valid sharding of the leaf.
-    if len(leaf_shape) == len(param_shape) - 1:
-        for drop in range(len(param_shape)):
-            if param_shape[:drop] + param_shape[drop + 1 :] == leaf_shape:
-                return P(*(entries[:drop] + entries[drop + 1 :]))
-    if 0 < len(leaf_shape) < len(param_shape) and param_shape[: len(leaf_shape)] == leaf_shape:
-        return P(*entries[: len(leaf_shape)])
-    return None
-
-
-def opt_state_shardings(opt_state_abstract, params_shardings, mesh: Mesh, params_abstract=None):
-    """Shardings for an optax state (from ``jax.eval_shape(opt.init, params)``).
-
-    Optax states hold subtrees shaped like the parameter tree (Adam ``mu``/``nu``, momentum,
-    Adafactor ``v_row``/``v_col``/``v``), so a state leaf belongs to the parameter whose path
-    is the longest suffix of the leaf's path. Then:
-
-    * same shape as the parameter: the parameter's sharding;
-    * the parameter's shape with one dimension removed (factored second moments), or a prefix
-      of it: the parameter's spec with the same dimension removed / the same prefix;
-    * anything else (step counts, ``(1,)`` placeholders, unmatched leaves): replicated.
-
-    Args:
-      opt_state_abstract: the optimizer state, abstract or real.
-      params_shardings: ``param_shardings(...)`` of the parameters the state was built for.
-      mesh: the mesh of those shardings.
-      params_abstract: the parameters (abstract or real) in the structure of
-        ``params_shardings``. Without it a parameter's shape is unknown, and a leaf gets the
-        parameter's sharding when it has the parameter's rank (and each sharded dim divides),
-        else replication: exact for Adam-like states, replicated for factored statistics.
-
-    Returns:
-      A pytree of ``NamedSharding`` in the structure of ``opt_state_abstract``.
-    """
-    is_sharding = lambda x: isinstance(x, NamedSharding)
-    flat_sh = jax.tree_util.tree_flatten_with_path(params_shardings, is_leaf=is_sharding)[0]
-    shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
-    if params_abstract is not None:
-        for path, x in jax.tree_util.tree_flatten_with_path(params_abstract)[0]:
-            shapes[_normalized_path(path)] = tuple(np.shape(x))
-    by_path: dict[tuple[str, ...], tuple[tuple[int, ...] | None, P]] = {}
-    for path, sharding in flat_sh:
-        key = _normalized_path(path)
-        if params_abstract is not None and key not in shapes:
-            raise ValueError(f"params_abstract has no parameter {'/'.join(key)}")
-        by_path[key] = (shapes.get(key), sharding.spec)
-    replicated = NamedSharding(mesh, P())
-
-    def leaf_sharding(path, leaf) -> NamedSharding:
-        keys = _normalized_path(path)
-        for start in range(len(keys)):  # longest suffix first
-            if keys[start:] in by_path:
-                param_shape, spec = by_path[keys[start:]]
-                break
-        else:
-            return replicated
-        shape = tuple(np.shape(leaf))
-        if param_shape is None:
-            if len(shape) != len(spec) and len(spec) != 0:
-                return replicated
-            return NamedSharding(mesh, _checked(spec, shape, mesh))
-        derived = _derived_spec(shape, param_shape, spec)
-        return (
-            replicated if derived is None else NamedSharding(mesh, _checked(derived, shape, mesh))
-        )
-
-    return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state_abstract)
-
-
-def _checked(spec: P, shape, mesh: Mesh) -> P:
-    """``spec`` with every dim that its mesh axes do not divide replicated."""
-    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
-    out = []
-    for size, entry in zip(shape, entries, strict=True):
-        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        out.append(entry if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
-    return P(*out)

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_upcycle import optim, routing, sharding
+from sparse_upcycle import opt_sharding, optim, routing, sharding
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.model_blocks import param_dtype
 from sparse_upcycle.optim_dtype import cast_floating
@@ -100,7 +100,7 @@ def build_training(config: ml_collections.ConfigDict, source, mesh: Mesh) -> Tra
     except ValueError as e:
         raise ConfigError(f"optimizer: {e}") from None
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = sharding.opt_state_shardings(abstract_opt, param_sh, mesh, abstract_params)
+    opt_sh = opt_sharding.opt_state_shardings(abstract_opt, param_sh, mesh, abstract_params)
     replicated = NamedSharding(mesh, P())
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
     return Training(

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_upcycle import losses, sharding
+from sparse_upcycle import losses, opt_sharding, sharding
 from sparse_upcycle.layers import logical_param
 from sparse_upcycle.models import decoder, t5, vit
 
@@ -244,7 +244,7 @@ def test_opt_state_shardings_follow_the_params(opt_name):
         else optax.adafactor(1e-2, min_dim_size_to_factor=8)
     )
     abstract = jax.eval_shape(opt.init, params)
-    o_sh = sharding.opt_state_shardings(abstract, p_sh, mesh, params_abstract=params)
+    o_sh = opt_sharding.opt_state_shardings(abstract, p_sh, mesh, params_abstract=params)
     expert = ("encoder", "layers_0", "mlp", "expert", "wi_0", "kernel")  # [4, 32, 64]
     assert _spec_at(nnx.to_pure_dict(p_sh), *expert) == P("expert", None, "model")
     state = o_sh[0]
@@ -267,7 +267,7 @@ def test_opt_state_shardings_follow_the_params(opt_name):
         v = nnx.to_pure_dict(state.v)  # unfactored: (1,) placeholders, vectors as the param
         assert _spec_at(v, *expert) == P()
     # Without params_abstract: Adam moments still get the param sharding (same rank).
-    no_shapes = sharding.opt_state_shardings(abstract, p_sh, mesh)
+    no_shapes = opt_sharding.opt_state_shardings(abstract, p_sh, mesh)
     if opt_name == "adamw":
         assert _spec_at(nnx.to_pure_dict(no_shapes[0].mu), *expert) == P("expert", None, "model")
 
