@@ -180,6 +180,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
 
+    from sparse_upcycle import inspect_cmd, plan  # import no jax: the parser stays cheap
+    from sparse_upcycle.data import text_to_shards
+
     ins = sub.add_parser(
         "inspect",
         help="format, tensors, parameter counts, recipe, capacity; --routing: what the routers "
@@ -191,24 +194,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "tokens for text) are written to --out (routing.json, .md, .png); "
         "--config.<field>=<value> arguments override C.",
     )
-    ins.add_argument(
-        "path",
-        help="any checkpoint this tool reads, or an upcycle output; with --routing also 'init' "
-        "(the run's initial parameters: init_from with the config's recipe, as train builds them)",
-    )
-    ins.add_argument("--format", default="auto", choices=FORMATS)
-    ins.add_argument("--routing", action="store_true", help="inspect the routers (needs --config)")
-    ins.add_argument(
-        "--config", help="the run's config: PATH.py[:arg], or the config.json a compare run holds"
-    )
-    ins.add_argument(
-        "--start", help="a second checkpoint shown beside PATH, e.g. 'init' (the upcycled start)"
-    )
-    ins.add_argument("--batches", type=int, help="validation batches (default: eval_steps)")
-    ins.add_argument("--out", help="output directory (default: routing/ beside PATH)")
-
-    from sparse_upcycle import plan  # imports no jax: the parser stays cheap
-    from sparse_upcycle.data import text_to_shards
+    inspect_cmd.add_arguments(ins)
 
     pl = sub.add_parser(
         "plan",
@@ -234,24 +220,10 @@ def _run(args, overrides) -> int:
     from sparse_upcycle import surgeon, verify
     from sparse_upcycle.config import ConfigError, load_config
 
-    if args.command == "inspect" and args.routing:
-        from sparse_upcycle.config import check_command
-        from sparse_upcycle.inspect_routing import inspect_routing
-
-        if not args.config:
-            raise ConfigError("inspect --routing needs --config (the run's config)")
-        config = load_config(args.config, overrides)
-        check_command(config, "train")
-        report = inspect_routing(
-            config, args.path, start=args.start, batches=args.batches, out=args.out
-        )
-        print(report["files"]["md"])
-        return 0
     if args.command == "inspect":
-        if args.config or args.start or args.batches or args.out:
-            raise ConfigError("--config, --start, --batches and --out go with --routing")
-        print(verify.inspect(args.path, args.format))
-        return 0
+        from sparse_upcycle import inspect_cmd
+
+        return inspect_cmd.run(args, overrides)
     if args.command == "plan":
         from sparse_upcycle import plan
 

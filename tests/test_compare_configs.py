@@ -16,6 +16,7 @@ BTX = os.path.join(ROOT, "configs", "compare_btx_text.py")
 PAPER = os.path.join(ROOT, "configs", "compare_paper_text.py")
 PAPER_VIT = os.path.join(ROOT, "configs", "compare_paper_vit.py")
 VGROUP = os.path.join(ROOT, "configs", "compare_vgroup_text.py")
+DROP = os.path.join(ROOT, "configs", "compare_drop_text.py")
 HAVE_TEXT = os.path.isdir(text.CORPUS_DIR)
 HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 
@@ -108,6 +109,24 @@ def test_virtual_group_config_crosses_ordering_and_scaling(size):
     assert grid == {
         (o, s) for o in ("softmax_then_topk", "topk_then_softmax") for s in ("paper", "none")
     }
+
+
+@pytest.mark.parametrize("size", ["tiny", None])
+def test_drop_config_runs_copies_and_drop_upcycling_four_times_longer(size):
+    c = load_config(f"{DROP}:{size}" if size else DROP, schema="compare")
+    btx = load_config(f"{BTX}:{size}" if size else BTX, schema="compare")
+    assert len(c.seeds) >= 3 and c.extra_compute == 4 * btx.extra_compute
+    assert c.pretrain.to_dict() == btx.pretrain.to_dict()  # the same dense checkpoint recipe
+    arms = {n: a.to_dict() for n, a in c.arms.items()}
+    assert {n: a["kind"] for n, a in arms.items()} == {
+        "dense": "dense",
+        "upcycled": "upcycle",
+        "drop": "upcycle",
+    }
+    assert c.upcycle.method == "copy" and arms["upcycled"]["overrides"] == {}
+    recipe = compare_lib._arm_config(c, "drop", c.arms.drop, 0, "/dense").upcycle
+    assert recipe.method == "drop" and recipe.drop_ratio == 0.5
+    assert recipe.get("drop_units", "shared") == "shared"  # the paper's one set per expert
 
 
 def test_unknown_size_is_a_config_error():
