@@ -240,14 +240,14 @@ def _vocabulary(data_config, model_config):
     """Token id -> piece for text data (the SentencePiece model of the corpus cache)."""
     if data_config.get("name") != "text":
         return None
-    from sparse_upcycle.data import text
+    from sparse_upcycle.data import corpus
 
-    entry = text.prepare_corpus(
-        data_config.get("corpus_dir", None) or text.CORPUS_DIR,
+    entry = corpus.prepare_corpus(
+        data_config.get("corpus_dir", None) or corpus.CORPUS_DIR,
         int(data_config.get("vocab_size", 8000)),
-        data_config.get("cache_dir", None) or text.default_cache_dir(),
+        data_config.get("cache_dir", None) or corpus.default_cache_dir(),
     )
-    sp = text.load_vocab(entry)
+    sp = corpus.load_vocab(entry)
     size = sp.get_piece_size()
     return lambda i: sp.id_to_piece(int(i)) if i < size else f"<extra {i}>"
 

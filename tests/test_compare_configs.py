@@ -7,7 +7,7 @@ import pytest
 
 from sparse_upcycle import compare as compare_lib
 from sparse_upcycle.config import load_config
-from sparse_upcycle.data import fashion_mnist, text
+from sparse_upcycle.data import corpus, fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 VIT = os.path.join(ROOT, "configs", "compare_vit_fmnist.py")
@@ -17,7 +17,7 @@ PAPER = os.path.join(ROOT, "configs", "compare_paper_text.py")
 PAPER_VIT = os.path.join(ROOT, "configs", "compare_paper_vit.py")
 VGROUP = os.path.join(ROOT, "configs", "compare_vgroup_text.py")
 DROP = os.path.join(ROOT, "configs", "compare_drop_text.py")
-HAVE_TEXT = os.path.isdir(text.CORPUS_DIR)
+HAVE_TEXT = os.path.isdir(corpus.CORPUS_DIR)
 HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 
 
@@ -51,9 +51,9 @@ def test_btx_config_has_two_domains_that_cover_the_corpus(size):
     assert c.upcycle.num_experts % len(branches) == 0
     assert c.train.model.family == "decoder" and c.train.data.name == "text"
     if HAVE_TEXT:  # two halves of one corpus, no document in both
-        from sparse_upcycle.data.text import list_documents
+        from sparse_upcycle.data.corpus import list_documents
 
-        docs = list_documents(text.CORPUS_DIR)
+        docs = list_documents(corpus.CORPUS_DIR)
         library = [d for d in docs if d.startswith("library/")]
         assert 0 < len(library) < len(docs)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from sparse_upcycle.data import corpus as text_corpus
 from sparse_upcycle.data import text
 from sparse_upcycle.data.pipeline import DataUnavailable
 
@@ -31,7 +32,7 @@ def _make_corpus(root: pathlib.Path) -> None:
     counts = collections.Counter()
     for j in itertools.count():
         rel = f"part{j % 3}/doc{j:03d}.rst.txt"
-        split = text.split_of(rel)
+        split = text_corpus.split_of(rel)
         if counts[split] >= {"train": 30, "validation": 3, "test": 3}[split]:
             if min(counts["validation"], counts["test"]) >= 3 and counts["train"] >= 30:
                 break
@@ -77,7 +78,9 @@ def _configs(corpus, cache, **overrides):
 
 
 def _stream(corpus, cache, split):
-    return np.asarray(text.load_stream(text.prepare_corpus(corpus, PIECES, cache), split))
+    return np.asarray(
+        text_corpus.load_stream(text_corpus.prepare_corpus(corpus, PIECES, cache), split)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,10 +147,10 @@ def test_random_spans_helper():
 
 def _reconstruct(inputs, targets, model_vocab, pieces=PIECES):
     """The raw chunk from (inputs, targets), substituting each sentinel by its span."""
-    assert inputs[-1] == text.EOS_ID
+    assert inputs[-1] == text_corpus.EOS_ID
     inputs = inputs[:-1]
     targets = np.trim_zeros(targets, "b")
-    assert targets[-1] == text.EOS_ID
+    assert targets[-1] == text_corpus.EOS_ID
     spans, current = {}, None
     for t in targets[:-1]:
         if t >= pieces:
@@ -215,15 +218,17 @@ def test_packed_lm(corpus, cache):
     assert (batch["weights"] == 1.0).all() and batch["weights"].dtype == np.float32
     # The stream is the validation documents, each encoded on its own and followed by EOS.
     sp = spm.SentencePieceProcessor(
-        model_file=str(text.prepare_corpus(corpus, PIECES, cache) / "spm.model")
+        model_file=str(text_corpus.prepare_corpus(corpus, PIECES, cache) / "spm.model")
     )
-    docs = [d for d in text.list_documents(corpus) if text.split_of(d) == "validation"]
+    docs = [
+        d for d in text_corpus.list_documents(corpus) if text_corpus.split_of(d) == "validation"
+    ]
     expected = np.concatenate([sp.encode((corpus / d).read_text()) + [1] for d in docs])
     np.testing.assert_array_equal(_stream(corpus, cache, "validation"), expected)
     windows = [expected[i * 16 : i * 16 + 17] for i in range(4)]
     np.testing.assert_array_equal(batch["tokens"], [w[:-1] for w in windows])
     np.testing.assert_array_equal(batch["targets"], [w[1:] for w in windows])
-    assert (expected == text.EOS_ID).sum() == len(docs)
+    assert (expected == text_corpus.EOS_ID).sum() == len(docs)
 
 
 @pytest.mark.parametrize(
@@ -237,38 +242,46 @@ def test_packed_lm(corpus, cache):
 def test_document_selection(corpus, cache, include, exclude, keep):
     """A selection is its documents' own encodings (each + EOS) in path order, in every split,
     with the whole corpus's vocabulary."""
-    entry = text.prepare_corpus(corpus, PIECES, cache)
+    entry = text_corpus.prepare_corpus(corpus, PIECES, cache)
     sp = spm.SentencePieceProcessor(model_file=str(entry / "spm.model"))
-    for split in text.SPLITS:
-        docs = [d for d in text.list_documents(corpus) if text.split_of(d) == split and keep(d)]
+    for split in text_corpus.SPLITS:
+        docs = [
+            d
+            for d in text_corpus.list_documents(corpus)
+            if text_corpus.split_of(d) == split and keep(d)
+        ]
         if not docs:  # the small corpus has 3 validation and 3 test documents
             with pytest.raises(ValueError, match=f"no {split} document matches"):
-                text.select_documents(entry, split, include, exclude)
+                text_corpus.select_documents(entry, split, include, exclude)
             continue
         expected = np.concatenate([sp.encode((corpus / d).read_text()) + [1] for d in docs])
-        stream, kept = text.select_documents(entry, split, include, exclude)
+        stream, kept = text_corpus.select_documents(entry, split, include, exclude)
         assert kept == docs
         np.testing.assert_array_equal(stream, expected)
     data, model = _configs(
         corpus, cache, seq_len=16, include_documents=include, exclude_documents=exclude
     )
     batch = next(text.make_text_pipeline(data, "decoder", model, "train"))
-    train = [d for d in text.list_documents(corpus) if text.split_of(d) == "train" and keep(d)]
+    train = [
+        d
+        for d in text_corpus.list_documents(corpus)
+        if text_corpus.split_of(d) == "train" and keep(d)
+    ]
     expected = np.concatenate([sp.encode((corpus / d).read_text()) + [1] for d in train])
     windows = {tuple(expected[i * 16 : i * 16 + 16]) for i in range(len(expected) // 16)}
     assert all(tuple(row) in windows for row in batch["tokens"])  # shuffled windows
 
 
 def test_document_selection_refusals(corpus, cache):
-    entry = text.prepare_corpus(corpus, PIECES, cache)
+    entry = text_corpus.prepare_corpus(corpus, PIECES, cache)
     with pytest.raises(
         ValueError, match=r"no train document matches include_documents=\['nope/\*'\]"
     ):
-        text.select_documents(entry, "train", ["nope/*"])
+        text_corpus.select_documents(entry, "train", ["nope/*"])
     with pytest.raises(ValueError, match="data.exclude_documents must be a list of path patterns"):
-        text.select_documents(entry, "train", None, "part0/*")
+        text_corpus.select_documents(entry, "train", None, "part0/*")
     with pytest.raises(ValueError, match="no validation document matches"):
-        text.select_documents(entry, "validation", None, ["*"])
+        text_corpus.select_documents(entry, "validation", None, ["*"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,8 +323,8 @@ def test_resume_and_two_process_sharding(corpus, cache, family):
 
 
 def test_cache_is_reused_and_vocabulary_deterministic(corpus, tmp_path, monkeypatch, caplog):
-    with caplog.at_level(logging.INFO, logger="sparse_upcycle.data.text"):
-        entry = text.prepare_corpus(corpus, PIECES, tmp_path / "a")
+    with caplog.at_level(logging.INFO, logger="sparse_upcycle.data.corpus"):
+        entry = text_corpus.prepare_corpus(corpus, PIECES, tmp_path / "a")
     assert "training a SentencePiece vocabulary of 150 pieces" in caplog.text
     files = sorted(p.name for p in entry.iterdir())
     splits = ("test", "train", "validation")
@@ -326,12 +339,12 @@ def test_cache_is_reused_and_vocabulary_deterministic(corpus, tmp_path, monkeypa
     def forbidden(*args, **kwargs):
         raise AssertionError("the vocabulary was retrained")
 
-    monkeypatch.setattr(text, "_train_vocab", forbidden)
-    assert text.prepare_corpus(corpus, PIECES, tmp_path / "a") == entry
+    monkeypatch.setattr(text_corpus, "_train_vocab", forbidden)
+    assert text_corpus.prepare_corpus(corpus, PIECES, tmp_path / "a") == entry
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == mtimes
     monkeypatch.undo()
 
-    again = text.prepare_corpus(corpus, PIECES, tmp_path / "b")
+    again = text_corpus.prepare_corpus(corpus, PIECES, tmp_path / "b")
     for name in files:
         assert (entry / name).read_bytes() == (again / name).read_bytes(), name
 
@@ -341,27 +354,27 @@ def test_interrupted_training_leaves_no_cache(corpus, tmp_path, monkeypatch):
         assert (entry / "spm.model").stat().st_size > 0
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(text, "load_vocab", killed)
+    monkeypatch.setattr(text_corpus, "load_vocab", killed)
     with pytest.raises(KeyboardInterrupt):
-        text.prepare_corpus(corpus, PIECES, tmp_path)
+        text_corpus.prepare_corpus(corpus, PIECES, tmp_path)
     assert list((tmp_path / "text").iterdir()) == []
 
 
 def test_cache_key_follows_the_corpus(tmp_path, corpus):
     copy = tmp_path / "copy"
     _make_corpus(copy)
-    a = text.prepare_corpus(corpus, PIECES, tmp_path / "cache")
-    assert text.prepare_corpus(copy, PIECES, tmp_path / "cache") == a  # same contents
+    a = text_corpus.prepare_corpus(corpus, PIECES, tmp_path / "cache")
+    assert text_corpus.prepare_corpus(copy, PIECES, tmp_path / "cache") == a  # same contents
     with open(copy / "part0/doc000.rst.txt", "a") as f:
         f.write("One more line.\n")
-    assert text.prepare_corpus(copy, PIECES, tmp_path / "cache") != a
+    assert text_corpus.prepare_corpus(copy, PIECES, tmp_path / "cache") != a
 
 
 def test_default_cache_dir(monkeypatch):
     monkeypatch.setenv("SPARSE_UPCYCLE_CACHE", "/somewhere")
-    assert text.default_cache_dir() == "/somewhere"
+    assert text_corpus.default_cache_dir() == "/somewhere"
     monkeypatch.delenv("SPARSE_UPCYCLE_CACHE")
-    assert text.default_cache_dir() == os.path.expanduser("~/.cache/sparse_upcycle")
+    assert text_corpus.default_cache_dir() == os.path.expanduser("~/.cache/sparse_upcycle")
 
 
 @pytest.mark.parametrize("make", [lambda p: None, lambda p: p.mkdir()])
@@ -392,23 +405,25 @@ def test_config_errors(corpus, cache):
 # ------------------------------------------------------------------------------------------------
 
 needs_real = pytest.mark.skipif(
-    not os.path.isdir(text.CORPUS_DIR), reason="python3.11-doc is not installed"
+    not os.path.isdir(text_corpus.CORPUS_DIR), reason="python3.11-doc is not installed"
 )
 
 
 @needs_real
 def test_real_corpus_splits():
-    docs = text.list_documents(text.CORPUS_DIR)
+    docs = text_corpus.list_documents(text_corpus.CORPUS_DIR)
     assert len(docs) > 400
-    splits = {s: {d for d in docs if text.split_of(d) == s} for s in text.SPLITS}
-    assert splits == {s: {d for d in docs if text.split_of(d) == s} for s in text.SPLITS}
+    splits = {s: {d for d in docs if text_corpus.split_of(d) == s} for s in text_corpus.SPLITS}
+    assert splits == {
+        s: {d for d in docs if text_corpus.split_of(d) == s} for s in text_corpus.SPLITS
+    }
     assert set().union(*splits.values()) == set(docs)
     assert sum(len(v) for v in splits.values()) == len(docs)  # disjoint
     assert all(len(v) > 5 for v in splits.values())
     for d in docs[:50]:  # the rule, computed independently
         bucket = int.from_bytes(hashlib.sha256(d.encode()).digest()[:4], "big") % 100
         want = "validation" if bucket < 5 else "test" if bucket < 10 else "train"
-        assert text.split_of(d) == want
+        assert text_corpus.split_of(d) == want
 
 
 @needs_real
@@ -417,7 +432,7 @@ def test_real_corpus_pipeline(tmp_path):
     """Trains the full 8000-piece vocabulary (~10 s on one core) and round-trips a batch."""
     data = ml_collections.ConfigDict(dict(seq_len=512, batch_size=2, cache_dir=str(tmp_path)))
     model = ml_collections.ConfigDict(dict(vocab_size=8192))  # 8000 + 100, padded like T5X
-    for split in text.SPLITS:
+    for split in text_corpus.SPLITS:
         batch = next(text.make_text_pipeline(data, "t5", model, split))
         assert batch["encoder_input_tokens"].shape == (2, 512)
         assert batch["decoder_target_tokens"].shape == (2, 114)
@@ -429,4 +444,6 @@ def test_real_corpus_pipeline(tmp_path):
     entry = next((tmp_path / "text").iterdir())
     sp = spm.SentencePieceProcessor(model_file=str(entry / "spm.model"))
     assert sp.get_piece_size() == 8000 and sp.eos_id() == 1 and sp.pad_id() == 0
-    assert "Python" in sp.decode(np.asarray(text.load_stream(entry, "validation")[:500]).tolist())
+    assert "Python" in sp.decode(
+        np.asarray(text_corpus.load_stream(entry, "validation")[:500]).tolist()
+    )

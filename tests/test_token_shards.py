@@ -22,6 +22,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from sparse_upcycle.config import load_config
+from sparse_upcycle.data import corpus as text_corpus
 from sparse_upcycle.data import make_pipeline, text, text_to_shards, token_shards
 from sparse_upcycle.data.pipeline import DataUnavailable
 
@@ -148,10 +149,10 @@ def test_without_split_directories_files_split_by_path_hash(corpus, tmp_path):
     shutil.copytree(src / "train", flat)
     manifest = text_to_shards.tokenize_directory(flat, tmp_path / "o", tok_path, progress=False)
     rels = sorted(p.relative_to(flat).as_posix() for p in flat.rglob("*.txt") if p.read_text())
-    expected = {s: sum(text.split_of(r) == s for r in rels) for s in text.SPLITS}
+    expected = {s: sum(text_corpus.split_of(r) == s for r in rels) for s in text_corpus.SPLITS}
     docs = {s: e["documents"] for s, e in manifest["splits"].items()}
     for split, count in expected.items():
-        jsonl = 5 * sum(text.split_of(r) == split for r in ("sub/more.jsonl", "zz.jsonl.gz"))
+        jsonl = 5 * sum(text_corpus.split_of(r) == split for r in ("sub/more.jsonl", "zz.jsonl.gz"))
         assert docs.get(split, 0) == count + jsonl
 
 

@@ -12,7 +12,7 @@ Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), usually the model'
 * **Splits**: when ``--src`` has a ``train/`` sub-directory, each of ``train/``,
   ``validation/``, ``test/`` (those present) is a split and nothing else is read; otherwise a
   file's split comes from a hash of its relative path, as for the ``text`` corpus
-  (``text.split_of``: 90% train, 5% validation, 5% test). Training needs a validation split.
+  (``corpus.split_of``: 90% train, 5% validation, 5% test). Training needs a validation split.
 * **Tokens**: ``encode_batch(documents, add_special_tokens=True)``, so the tokenizer's
   post-processor adds what the model was trained with (Llama's ``<s>``, T5's ``</s>``); then
   the EOS id (``--eos-token``, else the first of ``</s>``, ``<|endoftext|>``,
@@ -56,17 +56,17 @@ _SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json.gz")
 
 def _list_files(src: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
     """``(split, path)`` of every document file, sorted within each split."""
-    from sparse_upcycle.data import text  # here: the CLI parser imports this module
+    from sparse_upcycle.data import corpus  # here: the CLI parser imports this module
 
     by_split = (src / "train").is_dir()
-    roots = [(s, src / s) for s in text.SPLITS if (src / s).is_dir()] if by_split else [("", src)]
+    roots = [(s, src / s) for s in corpus.SPLITS if (src / s).is_dir()] if by_split else [("", src)]
     out = []
     for split, root in roots:
         files = sorted(
             p for p in root.rglob("*") if p.is_file() and p.name.endswith(_SUFFIXES)
         )  # sorted paths = sorted relative paths under one root
         for p in files:
-            out.append((split or text.split_of(p.relative_to(src).as_posix()), p))
+            out.append((split or corpus.split_of(p.relative_to(src).as_posix()), p))
     return out
 
 
@@ -203,7 +203,7 @@ def tokenize_directory(
     """Tokenise every document under ``src_dir`` into shards at ``out_dir`` (see the module
     docstring); returns the manifest. Bad input is a ``ValueError`` naming it, raised before
     anything exists at ``out_dir``."""
-    from sparse_upcycle.data import text, token_shards  # here: the CLI parser imports this module
+    from sparse_upcycle.data import corpus, token_shards  # here: the CLI parser imports this module
 
     src, tok_path = os.fspath(src_dir), os.fspath(tokenizer_json)
     out = os.path.normpath(os.fspath(out_dir))
@@ -228,7 +228,7 @@ def tokenize_directory(
     os.makedirs(parent, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-"))
     try:
-        writers = {s: _SplitWriter(tmp, s, shard_tokens, dtype) for s in text.SPLITS}
+        writers = {s: _SplitWriter(tmp, s, shard_tokens, dtype) for s in corpus.SPLITS}
         replaced = 0
         batch: list[tuple[str, str]] = []
         chars = 0

@@ -59,13 +59,13 @@ from typing import Any
 import numpy as np
 
 from sparse_upcycle import models
-from sparse_upcycle.data import text
+from sparse_upcycle.data import corpus, text
 from sparse_upcycle.data.pipeline import DataUnavailable, GrainPipeline
 
 FORMAT, VERSION = "sparse_upcycle.token_shards", 1
 MANIFEST = "manifest.json"
 DTYPES = ("uint16", "uint32", "int32")
-SPLITS = text.SPLITS
+SPLITS = corpus.SPLITS
 COMMAND = "sparse-upcycle tokenize"
 # The ``data`` fields make_token_shards_pipeline reads (besides name, batch_size, seed).
 DATA_FIELDS = frozenset(
