@@ -10,9 +10,8 @@ Llama-style decoder with d=128, 4 layers, f=512, 600 dense steps), but every arm
 +200% of the pre-training compute (four times the +50% where copies led by 0.016 nats), with
 the usual short warmup and cosine to 0 over its own length; 3 seeds, 8 matched points.
 
-Arms:
+Arms, in the order they run (the two under test first):
 
-* ``dense``: dense continuation.
 * ``upcycled``: 8 copies of the MLP in every other layer, Mixtral routing (top-2, softmax
   over the picked two, dropless, load-balancing loss 0.01, router z-loss 0.001).
 * ``drop``: the same MoE from the Drop-Upcycling recipe with r = 0.5: each expert keeps a
@@ -22,6 +21,7 @@ Arms:
   (``drop_units = per_matrix``) lost to the shared ones at +50% and are left out; add them
   with ``--config.arms.drop_per_matrix='{"kind":"upcycle","overrides":{"upcycle":
   {"method":"drop","drop_ratio":0.5,"drop_units":"per_matrix"}}}'``.
+* ``dense``: dense continuation, for reference.
 
 Sizes (2-core CPU): ``:tiny`` d=64, 2 layers, seq 64, 200 dense steps; the default as above.
 Results in the README ("Drop-Upcycling over a long budget").
@@ -38,14 +38,14 @@ def get_config(arg=None):
     c = btx_config(arg)  # refuses unknown sizes
     c.extra_compute = EXTRA
     c.num_points = 8
-    c.arms = ml_collections.ConfigDict(
+    c.arms = ml_collections.ConfigDict(  # in run order: the two under test first
         {
-            "dense": {"kind": "dense", "overrides": {}},
             "upcycled": {"kind": "upcycle", "overrides": {}},
             "drop": {
                 "kind": "upcycle",
                 "overrides": {"upcycle": {"method": "drop", "drop_ratio": DROP_RATIO}},
             },
+            "dense": {"kind": "dense", "overrides": {}},
         }
     )
     return c
