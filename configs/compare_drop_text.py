@@ -10,7 +10,7 @@ Llama-style decoder with d=128, 4 layers, f=512, 600 dense steps), but every arm
 +200% of the pre-training compute (four times the +50% where copies led by 0.016 nats), with
 the usual short warmup and cosine to 0 over its own length; 3 seeds, 8 matched points.
 
-Arms, in the order they run (the two under test first):
+Arms (they run in the order of their names):
 
 * ``upcycled``: 8 copies of the MLP in every other layer, Mixtral routing (top-2, softmax
   over the picked two, dropless, load-balancing loss 0.01, router z-loss 0.001).
@@ -38,12 +38,13 @@ def get_config(arg=None):
     c = btx_config(arg)  # refuses unknown sizes
     c.extra_compute = EXTRA
     c.num_points = 8
-    c.arms = ml_collections.ConfigDict(  # in run order: the two under test first
+    c.arms = ml_collections.ConfigDict(
         {
             "upcycled": {"kind": "upcycle", "overrides": {}},
             "drop": {
                 "kind": "upcycle",
                 "overrides": {"upcycle": {"method": "drop", "drop_ratio": DROP_RATIO}},
+                "against": ["upcycled"],  # the verdict this config is for, paired by seed
             },
             "dense": {"kind": "dense", "overrides": {}},
         }

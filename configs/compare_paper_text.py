@@ -88,12 +88,18 @@ def get_config(arg=None):
                 "overrides": {
                     "optimizer": {"learning_rate": 2 * c.pretrain.optimizer.learning_rate}
                 },
+                "against": ["upcycled"],
             },
             "dense_restart": {
                 "kind": "dense",
                 "overrides": {"optimizer": restart, "init_opt_state": "reset"},
+                "against": ["dense"],
             },
-            "upcycled_restart": {"kind": "upcycle", "overrides": {"optimizer": restart}},
+            "upcycled_restart": {
+                "kind": "upcycle",
+                "overrides": {"optimizer": restart},
+                "against": ["dense_restart", "upcycled"],
+            },
         }
     )
     return c

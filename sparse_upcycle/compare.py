@@ -23,7 +23,9 @@ scratch at equal extra training compute (Komatsuzaki et al. 2023, Figure 2).
    non-expert parameters averaged: ``non_expert = "average"``, both overridable in
    ``overrides``), which is trained on the arm's data with the rest of the budget. Its
    evaluations count the branches' FLOPs, so it is matched at the points past them; it is
-   also evaluated as mixed, before its first step (``eval_at`` 0).
+   also evaluated as mixed, before its first step (``eval_at`` 0). An arm's ``against`` (a
+   list of other arms) adds verdicts of it against those, e.g. an ablation against the recipe
+   it changes.
 4. ``protocol``: ``restart`` (default) gives every arm ``train.optimizer``, a fresh state and
    its schedule decayed to its own last step; ``continue`` is the paper's (Komatsuzaki et al.
    2023, §3.1: every model continues the dense model's schedule, T5's rsqrt decay): the arms
@@ -70,7 +72,7 @@ class Preempted(RuntimeError):
 
 KINDS = ("dense", "upcycle", "scratch", "btx")
 PROTOCOLS = ("restart", "continue")
-ARM_FIELDS = ("kind", "overrides", "branches", "branch_compute")
+ARM_FIELDS = ("kind", "overrides", "branches", "branch_compute", "against")
 __all__ = ["KINDS", "Preempted", "default_compare_config", "run_compare"]
 
 
@@ -134,6 +136,23 @@ def _step_flops(cfg) -> tuple[int, ModelSpec]:
         raise ConfigError(f"data: {e}") from None
     shapes = {k: v.shape for k, v in batch.items()}
     return int(flops_lib.model_flops_per_step(spec.family, spec.config, shapes)["total"]), spec
+
+
+def _against(arms) -> dict[str, list[str]]:
+    """Each arm's ``against``: the other arms the report also judges it against, by seed
+    (besides dense continuation, and MoE from scratch for upcycled arms); e.g. an ablation
+    arm against the recipe it changes. ConfigError for a name that is no other arm."""
+    out = {}
+    for name, arm in arms.items():
+        names = arm.get("against") or []
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"arms.{name}.against must be a list of arm names, got {names!r}")
+        for other in names:
+            if other == name or other not in arms:
+                known = sorted(set(arms) - {name})
+                raise ConfigError(f"arms.{name}.against: {other!r} is not another arm ({known})")
+        out[name] = list(names)
+    return out
 
 
 def _arm_config(c, name: str, arm, seed: int, init_from: str) -> ml_collections.ConfigDict:
@@ -347,6 +366,7 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- the plan (all arms are
     # checked before anything is trained)
     runs: list[_Planned] = []
+    against = _against(c.arms)
     for name, arm in c.arms.items():
         for seed in c.seeds:
             if arm.get("kind") == "btx":
@@ -433,6 +453,7 @@ def _run_compare(c: ml_collections.ConfigDict, workdir: str) -> dict:
                     if arm.get("kind") == "btx"
                     else {}
                 ),
+                **({"against": against[name]} if against.get(name) else {}),
             }
             for name, arm in c.arms.items()
         },

@@ -348,13 +348,16 @@ def run_schema() -> dict:
 
 def compare_schema() -> dict:
     """What a ``compare`` config may hold: ``defaults.default_compare_config()``, its ``train``
-    section a run config, each arm a ``kind`` and run-config ``overrides``."""
+    section a run config, each arm a ``kind``, run-config ``overrides`` and the arms it is
+    also judged ``against``."""
     run = run_schema()
     out = _defaults(default_compare_config())
     out["train"] = run
     out["pretrain"]["optimizer"] = run["optimizer"]
     out["upcycle"] = run["upcycle"]
-    out["arms"] = Each({"kind": "", "overrides": run, "branches": Each(run), "branch_compute": 0.5})
+    out["arms"] = Each(
+        {"kind": "", "overrides": run, "branches": Each(run), "branch_compute": 0.5, "against": []}
+    )
     return out
 
 

@@ -134,19 +134,22 @@ def _verdict(name_a: str, a: dict, name_b: str, b: dict) -> dict:
     }
 
 
-def verdicts(arms: dict) -> list[dict]:
+def verdicts(arms: dict, against: dict[str, list[str]] | None = None) -> list[dict]:
     """Each MoE arm against dense continuation; each upcycled arm against MoE from scratch;
-    each Branch-Train-MiX arm against the single-source upcycled ones."""
+    each Branch-Train-MiX arm against the single-source upcycled ones; and each arm against
+    the arms its ``against`` names (``compare.py``), in that order, each pair once."""
     dense = [n for n, a in arms.items() if a["kind"] == "dense"]
     scratch = [n for n, a in arms.items() if a["kind"] == "scratch"]
     upcycled = [n for n, a in arms.items() if a["kind"] == "upcycle"]
     also = {"upcycle": scratch, "btx": upcycled}
-    out = []
+    out, seen = [], set()
     for name, arm in arms.items():
-        if arm["kind"] == "dense" or not arm["final"]:
-            continue
-        for other in dense + also.get(arm["kind"], []):
-            if arms[other]["final"]:
+        others = [] if arm["kind"] == "dense" else dense + also.get(arm["kind"], [])
+        for other in others + list((against or {}).get(name, [])):
+            if (name, other) in seen or other not in arms:
+                continue
+            seen.add((name, other))
+            if arm["final"] and arms[other]["final"]:
                 out.append(_verdict(name, arm, other, arms[other]))
     return out
 
@@ -268,7 +271,8 @@ def write_report(report: dict, workdir: str) -> dict:
     """Add the aggregates and verdicts to ``report`` and write the three files."""
     report = dict(report)
     report["aggregate"] = aggregate(report)
-    report["verdicts"] = verdicts(report["aggregate"])
+    against = {n: a.get("against", []) for n, a in report.get("arms", {}).items()}
+    report["verdicts"] = verdicts(report["aggregate"], against)
     paths = {k: os.path.join(workdir, f"report.{k}") for k in ("json", "md", "png")}
     report["files"] = paths
     tmp = f"{paths['json']}.tmp-{os.getpid()}"

@@ -96,6 +96,43 @@ def test_a_finished_run_is_not_recomputed(finished, monkeypatch):
     assert [os.path.relpath(w, workdir) for w in calls] == [os.path.join("upcycled", "seed_1")]
 
 
+def test_against_adds_verdicts_without_a_run_and_names_only_other_arms(finished, monkeypatch):
+    workdir, report = finished
+    import ml_collections
+
+    import sparse_upcycle.loop as train_lib
+
+    def forbidden(cfg, wd):
+        raise AssertionError(f"{wd} was trained again")
+
+    def with_against(names):
+        c = load_config(CONFIG, schema="compare")
+        c.arms.moe_scratch = ml_collections.ConfigDict(
+            {"kind": "scratch", "overrides": {}, "against": names}
+        )
+        return c
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", forbidden)
+    # "dense" is judged anyway and "upcycled" is the scratch arm's opponent already: once each
+    again = compare_lib.run_compare(with_against(["upcycled", "dense"]), workdir)
+    pairs = [(v["a"], v["b"]) for v in again["verdicts"]]
+    base = [(v["a"], v["b"]) for v in report["verdicts"]]
+    assert sorted(pairs) == sorted(base + [("moe_scratch", "upcycled")])
+    assert again["arms"]["moe_scratch"]["against"] == ["upcycled", "dense"]
+    (added,) = [v for v in again["verdicts"] if (v["a"], v["b"]) == ("moe_scratch", "upcycled")]
+    assert added["paired"]["loss"]["seeds"] == 2
+    with open(os.path.join(workdir, "report.md")) as f:
+        assert added["text"] in f.read()
+    for names, message in [
+        (["nope"], r"arms\.moe_scratch\.against: 'nope' is not another arm"),
+        (["moe_scratch"], r"arms\.moe_scratch\.against: 'moe_scratch' is not another arm"),
+        ("upcycled", r"arms\.moe_scratch\.against must be a list of arm names"),
+    ]:
+        with pytest.raises(compare_lib.ConfigError, match=message):
+            compare_lib.run_compare(with_against(names), workdir)
+    compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)  # as it was
+
+
 def test_a_run_from_before_a_new_default_field_is_read_back(finished, monkeypatch):
     """A run config field added after a run started (at its default) does not make that run
     "a different config"; a changed value still does."""

@@ -75,6 +75,7 @@ def test_paper_protocol_config_continues_a_running_schedule(size):
         cfg = compare_lib._arm_config(c, name, c.arms[name], 0, "/dense")
         assert cfg.optimizer.schedule == "cosine" and cfg.optimizer.step_offset == 0
         assert cfg.get("init_opt_state", "reset") == "reset"
+    assert arms["upcycled_restart"]["against"] == ["dense_restart", "upcycled"]
     lr2x = compare_lib._arm_config(c, "upcycled_lr2x", c.arms.upcycled_lr2x, 0, "/dense")
     assert lr2x.optimizer.step_offset == c.pretrain.steps  # the continued schedule, twice as high
     assert lr2x.optimizer.learning_rate == 2 * c.pretrain.optimizer.learning_rate
@@ -127,6 +128,7 @@ def test_drop_config_runs_copies_and_drop_upcycling_four_times_longer(size):
     recipe = compare_lib._arm_config(c, "drop", c.arms.drop, 0, "/dense").upcycle
     assert recipe.method == "drop" and recipe.drop_ratio == 0.5
     assert recipe.get("drop_units", "shared") == "shared"  # the paper's one set per expert
+    assert arms["drop"]["against"] == ["upcycled"]  # judged against copies, not only dense
 
 
 def test_unknown_size_is_a_config_error():
