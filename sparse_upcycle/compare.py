@@ -121,7 +121,7 @@ def _read_evals(workdir: str) -> list[dict]:
                     "step": int(row["step"]),
                     "loss": row["loss"],
                     "accuracy": row["accuracy"],
-                    **{k: v for k, v in row.items() if k.startswith("fewshot/")},
+                    **{k: v for k, v in row.items() if k.startswith(("fewshot/", "finetune/"))},
                 }
     return [rows[s] for s in sorted(rows)]
 

@@ -62,6 +62,20 @@ def default_config() -> ml_collections.ConfigDict:
             "l2_grid": [4.0**k for k in range(-3, 8)],
         }
     )
+    # fine-tuning on a downstream task at the end of the run (finetune_eval.py); off while
+    # task is ""
+    c.finetune = ml_collections.ConfigDict(
+        {
+            "task": "",
+            "corpus_dir": "",  # "": the interpreter's standard library
+            "steps": 100,
+            "warmup_steps": 10,
+            "learning_rate": 3e-4,
+            "batch_size": 16,
+            "eval_batches": 8,
+            "every_eval": False,
+        }
+    )
     c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async": True})
     c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # None: measure it
     return c

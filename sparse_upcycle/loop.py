@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sparse_upcycle import fewshot, models, sharding
+from sparse_upcycle import fewshot, finetune_eval, models, sharding
 from sparse_upcycle import flops as flops_lib
 from sparse_upcycle.checkpoints.output import check_workdir, workdir_writes
 from sparse_upcycle.config import ConfigError
@@ -153,6 +153,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_carry(config, spec, source, t.abstract_opt)
     check_tile(config, spec, source, t.abstract_opt)
     probe = fewshot.make_probe(config, t)  # None unless config.fewshot names a dataset
+    finetune = finetune_eval.make_finetune(  # None unless config.finetune names a task
+        config, t, lambda local: global_batch(local, mesh, process_count)
+    )
 
     # ---------------------------------------------------------------- data
     def pipeline(split):
@@ -179,10 +182,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
     with workdir_writes(workdir):
-        return _run(config, workdir, t, source, train_data, pipeline, mesh, probe)
+        return _run(config, workdir, t, source, train_data, pipeline, mesh, probe, finetune)
 
 
-def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None) -> dict:
+def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None, finetune=None) -> dict:
     """The loop of ``train_and_evaluate`` once its model, data and workdir are ready."""
     process_index, process_count = jax.process_index(), jax.process_count()
     spec, state_sh, replicated = t.spec, t.state_sh, t.replicated
@@ -254,7 +257,7 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None) -> 
 
     eval_step_jit = jax.jit(eval_step, out_shardings=replicated)
 
-    def evaluate(params) -> dict:
+    def evaluate(params, final: bool = False) -> dict:
         data = pipeline("validation")
         outs = []  # fetched once at the end, so the batches are dispatched back to back
         for _ in range(config.get("eval_steps", 4)):
@@ -269,6 +272,9 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None) -> 
         if probe is not None:
             with jax.set_mesh(mesh):
                 out.update(probe(params))
+        if finetune is not None and (final or finetune.every_eval):
+            with jax.set_mesh(mesh):
+                out.update(finetune.run(params))
         return out
 
     # ---------------------------------------------------------------- loop
@@ -382,7 +388,7 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None) -> 
                 progress.update(done, {"loss": metrics["loss"]})
                 if (eval_every > 0 and done % eval_every == 0) or done == total or done in eval_at:
                     eval_start = time.perf_counter()
-                    eval_metrics = evaluate(state["params"])
+                    eval_metrics = evaluate(state["params"], final=done == total)
                     eval_seconds = time.perf_counter() - eval_start
                     timing["eval_s"] += eval_seconds
                     eval_since_log += eval_seconds

@@ -33,6 +33,13 @@ def _probe_keys(rows) -> list[str]:
     return sorted(keys, key=lambda k: (k.rpartition("_")[0], int(k.rpartition("_")[2][:-4])))
 
 
+def _finetune_keys(rows) -> list[str]:
+    """The fine-tuned scores every row has (``finetune/<task>_loss`` / ``_accuracy``)."""
+    common = set.intersection(*(set(r) for r in rows)) if rows else set()
+    keys = [k for k in common if k.startswith("finetune/") and k.endswith(("_loss", "_accuracy"))]
+    return sorted(keys, key=lambda k: (k.rpartition("_")[0], k.endswith("_accuracy")))  # loss first
+
+
 def aggregate(report: dict) -> dict:
     """Per arm: the curve (mean/std over seeds at each matched compute point) and the final
     point."""
@@ -60,7 +67,8 @@ def aggregate(report: dict) -> dict:
                 "accuracy_std": acc_sd,
                 "seeds": len(rows),
             }
-            for key in _probe_keys(rows):  # few-shot probes (fewshot.py), when evaluated
+            # few-shot probes (fewshot.py) and fine-tuned scores (finetune_eval.py), when run
+            for key in _probe_keys(rows) + _finetune_keys(rows):
                 point[key], point[f"{key}_std"] = _mean_std([r[key] for r in rows])
             curve.append(point)
         walls = [r["wall_seconds"] for r in arm["runs"] if r.get("wall_seconds") is not None]
@@ -122,6 +130,11 @@ def _verdict(name_a: str, a: dict, name_b: str, b: dict) -> dict:
             f"(p = {pl['p']:.2f}), accuracy {pa['mean']:+.4f} ± {pa['std']:.4f} "
             f"(p = {pa['p']:.2f})"
         )
+    for key in _finetune_keys([fa, fb]):  # the downstream scores, when both arms have them
+        by_seed[key] = pk = paired(a, b, key)
+        text += f"; {key.removeprefix('finetune/')} {fa[key]:.4f} vs {fb[key]:.4f}"
+        if pk:
+            text += f" (paired {pk['mean']:+.4f} ± {pk['std']:.4f}, p = {pk['p']:.2f})"
     return {
         "paired": by_seed,
         "a": name_a,
@@ -212,6 +225,26 @@ def markdown(report: dict) -> str:
                     continue
                 cells = " | ".join(f"{p[k]:.4f} ± {p[f'{k}_std']:.4f}" for k in probes)
                 lines.append(f"| {name} | {p['fraction']:.3f} | {cells} |")
+    tuned = _finetune_keys([a["final"] for a in report["aggregate"].values() if a["final"]])
+    if tuned:
+        lines += [
+            "",
+            "Fine-tuned on the downstream task at the end of the budget (held-out scores, mean "
+            "± std over seeds; `finetune_eval.py`):",
+            "",
+            "| arm | " + " | ".join(k.removeprefix("finetune/") for k in tuned) + " |",
+            "|---|" + "---|" * len(tuned),
+        ]
+        start = report["dense"]["evals"][-1] if report["dense"]["evals"] else {}
+        if all(k in start for k in tuned):
+            lines.append(
+                "| dense checkpoint | " + " | ".join(f"{start[k]:.4f}" for k in tuned) + " |"
+            )
+        for name, arm in report["aggregate"].items():
+            f = arm["final"]
+            if f and all(k in f for k in tuned):
+                cells = " | ".join(f"{f[k]:.4f} ± {f[f'{k}_std']:.4f}" for k in tuned)
+                lines.append(f"| {name} | {cells} |")
     lines += ["", "At the end of the budget:", ""]
     lines += [f"- {v['text']}" for v in report["verdicts"]]
     lines += [

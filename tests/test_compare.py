@@ -143,7 +143,7 @@ def test_a_run_from_before_a_new_default_field_is_read_back(finished, monkeypatc
     report = compare_lib.run_compare(load_config(CONFIG, schema="compare"), workdir)
     path = os.path.join(workdir, "dense", "seed_0", "config.json")
     stored = json.load(open(path))
-    old = {k: v for k, v in stored.items() if k not in ("fewshot", "init_opt_state")}
+    old = {k: v for k, v in stored.items() if k not in ("fewshot", "finetune", "init_opt_state")}
     with open(path, "w") as f:
         json.dump(old, f)
     try:

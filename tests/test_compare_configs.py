@@ -17,6 +17,7 @@ PAPER = os.path.join(ROOT, "configs", "compare_paper_text.py")
 PAPER_VIT = os.path.join(ROOT, "configs", "compare_paper_vit.py")
 VGROUP = os.path.join(ROOT, "configs", "compare_vgroup_text.py")
 DROP = os.path.join(ROOT, "configs", "compare_drop_text.py")
+FINETUNE = os.path.join(ROOT, "configs", "compare_finetune_text.py")
 HAVE_TEXT = os.path.isdir(corpus.CORPUS_DIR)
 HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
 
@@ -129,6 +130,27 @@ def test_drop_config_runs_copies_and_drop_upcycling_four_times_longer(size):
     assert recipe.method == "drop" and recipe.drop_ratio == 0.5
     assert recipe.get("drop_units", "shared") == "shared"  # the paper's one set per expert
     assert arms["drop"]["against"] == ["upcycled"]  # judged against copies, not only dense
+
+
+@pytest.mark.parametrize("size", ["tiny", None])
+def test_finetune_config_scores_every_run_on_the_standard_library(size):
+    c = load_config(f"{FINETUNE}:{size}" if size else FINETUNE, schema="compare")
+    btx = load_config(f"{BTX}:{size}" if size else BTX, schema="compare")
+    assert len(c.seeds) >= 3 and c.extra_compute == btx.extra_compute
+    assert c.pretrain.to_dict() == btx.pretrain.to_dict()  # the same dense checkpoint recipe
+    f = c.train.finetune  # shared by the dense pre-training and every arm
+    assert f.task == "python_stdlib" and f.corpus_dir == "" and not f.every_eval
+    assert f.steps >= 20 and 0 < f.warmup_steps < f.steps
+    arms = {n: a.to_dict() for n, a in c.arms.items()}
+    assert {n: a["kind"] for n, a in arms.items()} == {
+        "dense": "dense",
+        "upcycled": "upcycle",
+        "upcycled_top1": "upcycle",
+    }
+    top1 = compare_lib._arm_config(c, "upcycled_top1", c.arms.upcycled_top1, 0, "/dense")
+    assert top1.model.moe.k == 1 and top1.upcycle.k == 1
+    assert top1.finetune.task == "python_stdlib"
+    assert arms["upcycled_top1"]["against"] == ["upcycled"]
 
 
 def test_unknown_size_is_a_config_error():

@@ -70,6 +70,7 @@ def test_every_experiment_has_a_config_file():
         "compare_paper_vit",
         "compare_vgroup_text",
         "compare_drop_text",
+        "compare_finetune_text",
     }
     assert found - {"upcycle_tiny"} - compare == set(EXPERIMENTS)
 

@@ -53,14 +53,24 @@ _CACHE_FORMAT = 1  # bump when the vocabulary settings or the cache layout chang
 # ----------------------------------------------------------------------------------------------
 
 
-def list_documents(corpus_dir: str | os.PathLike) -> list[str]:
-    """Sorted relative paths (``/``-separated) of the ``*.txt`` files under ``corpus_dir``."""
+def list_documents(
+    corpus_dir: str | os.PathLike, pattern: str = "*.txt", skip_dirs: frozenset[str] = frozenset()
+) -> list[str]:
+    """Sorted relative paths (``/``-separated) of the files matching ``pattern`` anywhere under
+    ``corpus_dir``, leaving out those below a directory named in ``skip_dirs``."""
     root = pathlib.Path(corpus_dir)
-    docs = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.txt") if p.is_file())
+    docs = sorted(
+        rel.as_posix()
+        for rel in (p.relative_to(root) for p in root.rglob(pattern) if p.is_file())
+        if not skip_dirs.intersection(rel.parts[:-1])
+    )
     if not docs:
-        raise DataUnavailable(
-            f"text corpus not found at {root}; install it with: apt-get install python3.11-doc"
+        hint = (
+            "install it with: apt-get install python3.11-doc"
+            if pattern == "*.txt"
+            else f"no {pattern} file is there"
         )
+        raise DataUnavailable(f"text corpus not found at {root}; {hint}")
     return docs
 
 
@@ -126,19 +136,44 @@ def _save_text(path: pathlib.Path, text: str) -> None:
 
 
 def prepare_corpus(
-    corpus_dir: str | os.PathLike, vocab_size: int, cache_dir: str | os.PathLike
+    corpus_dir: str | os.PathLike,
+    vocab_size: int,
+    cache_dir: str | os.PathLike,
+    *,
+    pattern: str = "*.txt",
+    skip_dirs: frozenset[str] = frozenset(),
+    vocab_from: pathlib.Path | None = None,
 ) -> pathlib.Path:
-    """The cache entry holding ``spm.model`` and ``{split}.npy``; builds what is missing."""
+    """The cache entry holding ``spm.model`` and ``{split}.npy``; builds what is missing.
+
+    ``pattern`` / ``skip_dirs``: which files are documents (``list_documents``).
+    ``vocab_from``: another entry whose vocabulary encodes this corpus instead of one trained
+    on it (a downstream corpus read with the pre-training vocabulary, ``finetune_eval.py``)."""
     root = pathlib.Path(corpus_dir)
-    docs = list_documents(root)
+    docs = list_documents(root, pattern, skip_dirs)
     raw = {rel: (root / rel).read_bytes() for rel in docs}
     digest = hashlib.sha256(f"format {_CACHE_FORMAT}\0".encode())
+    if vocab_from is not None:  # the vocabulary is an input too
+        digest.update(b"vocab\0" + (vocab_from / "spm.model").read_bytes() + b"\0")
     for rel in docs:  # the key covers names and contents, so any edit means a new entry
         digest.update(rel.encode() + b"\0" + raw[rel] + b"\0")
     entry = pathlib.Path(cache_dir) / "text" / f"{digest.hexdigest()[:16]}-{vocab_size}"
     texts = {rel: raw[rel].decode("utf-8", errors="replace") for rel in docs}
     by_split = {s: [rel for rel in docs if split_of(rel) == s] for s in SPLITS}
 
+    if vocab_from is not None and not (entry / "spm.model").exists():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+        try:
+            for name in ("spm.model", "spm.vocab"):
+                shutil.copyfile(vocab_from / name, tmp / name)
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process finished first; the copies are identical
+                if not (entry / "spm.model").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if not (entry / "spm.model").exists():
         lines = [ln.strip() for rel in by_split["train"] for ln in texts[rel].splitlines()]
         lines = [ln for ln in lines if ln]

@@ -231,6 +231,35 @@ def make_text_pipeline(
     exclude_documents (none: every document; see the module docstring), seed (0), batch_size.
     """
     get = data_config.get
+    check_text_model(data_config, family, model_config, split)
+    entry = corpus_entry(data_config)
+    stream, _ = select_documents(
+        entry, split, get("include_documents", None), get("exclude_documents", None)
+    )
+    return stream_pipeline(
+        stream,
+        data_config,
+        family,
+        model_config,
+        split,
+        where=str(entry),
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+def corpus_entry(data_config):
+    """The cache entry (``corpus.prepare_corpus``) of the run's corpus and vocabulary."""
+    get = data_config.get
+    return prepare_corpus(
+        get("corpus_dir", None) or CORPUS_DIR,
+        int(get("vocab_size", 8000)),
+        get("cache_dir", None) or default_cache_dir(),
+    )
+
+
+def check_text_model(data_config, family: str, model_config, split: str) -> None:
+    """ValueError unless ``family`` reads text and its vocabulary holds the text's."""
     task = models.get(family).TASK
     if task not in ("seq2seq", "lm"):
         raise ValueError(
@@ -238,20 +267,32 @@ def make_text_pipeline(
         )
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    pieces = int(get("vocab_size", 8000))
-    extra_ids = int(get("extra_ids", 100)) if task == "seq2seq" else 0
+    pieces = int(data_config.get("vocab_size", 8000))
+    extra_ids = int(data_config.get("extra_ids", 100)) if task == "seq2seq" else 0
     needed = pieces + extra_ids
     if model_config.vocab_size < needed:
         raise ValueError(
             f"model vocab_size {model_config.vocab_size} is smaller than the text vocabulary "
             f"({pieces} SentencePiece pieces + {extra_ids} sentinels = {needed})"
         )
-    entry = prepare_corpus(
-        get("corpus_dir", None) or CORPUS_DIR, pieces, get("cache_dir", None) or default_cache_dir()
-    )
-    stream, _ = select_documents(
-        entry, split, get("include_documents", None), get("exclude_documents", None)
-    )
+
+
+def stream_pipeline(
+    stream: TokenStream,
+    data_config,
+    family: str,
+    model_config,
+    split: str,
+    *,
+    where: str,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> GrainPipeline:
+    """The pipeline of ``make_text_pipeline`` over a token stream already in hand (``where``
+    names it in errors): the train split shuffled, the others fixed."""
+    get = data_config.get
+    task = models.get(family).TASK
+    needed = int(get("vocab_size", 8000)) + (int(get("extra_ids", 100)) if task == "seq2seq" else 0)
     seed, seq_len = int(get("seed", 0)), int(get("seq_len", 512))
     shuffle_seed = seed if split == "train" else None
     transform = None
@@ -281,7 +322,7 @@ def make_text_pipeline(
             transform = source.corrupt
     if len(source) == 0:
         raise ValueError(
-            f"the {split} split of {entry} has {len(stream)} tokens, too few for one example"
+            f"the {split} split of {where} has {len(stream)} tokens, too few for one example"
         )
     return GrainPipeline(
         source,
