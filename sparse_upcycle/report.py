@@ -264,7 +264,10 @@ def plot(report: dict, path: str) -> None:
 
     pretraining = report["dense"]["evals"]
     curve_panel = len(pretraining) >= 2  # pre-training evaluated along the way
-    fig, axes = plt.subplots(1, 3 if curve_panel else 2, figsize=(16 if curve_panel else 11, 4.2))
+    finals = {n: a["final"] for n, a in report["aggregate"].items() if a["final"]}
+    tuned = [k for k in _finetune_keys(list(finals.values())) if k.endswith("_loss")]
+    panels = 2 + curve_panel + bool(tuned)
+    fig, axes = plt.subplots(1, panels, figsize=(5.4 * panels + 0.2, 4.2))
     start = pretraining[-1] if pretraining else None
     for i, (name, arm) in enumerate(report["aggregate"].items()):
         color = f"C{i}"
@@ -291,6 +294,27 @@ def plot(report: dict, path: str) -> None:
         ax.set_ylabel("validation loss")
         ax.set_title("the dense checkpoint's pre-training", fontsize=9)
         ax.grid(alpha=0.3)
+    if tuned:  # the downstream fine-tuned loss of every arm at the end of its budget
+        ax, key = axes[-1], tuned[0]
+        names = list(finals)
+        ax.bar(
+            range(len(names)),
+            [finals[n][key] for n in names],
+            yerr=[finals[n][f"{key}_std"] for n in names],
+            color=[f"C{i}" for i in range(len(names))],
+            capsize=4,
+        )
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        start = pretraining[-1] if pretraining else {}
+        if key in start:
+            ax.axhline(start[key], color="k", ls="--", lw=1, label="dense checkpoint")
+            ax.legend(fontsize=8)
+        values = [finals[n][key] for n in names] + ([start[key]] if key in start else [])
+        pad = 0.1 * (max(values) - min(values)) + 0.01
+        ax.set_ylim(min(values) - 2 * pad, max(values) + pad)
+        ax.set_ylabel(f"{key.removeprefix('finetune/')} after fine-tuning")
+        ax.set_title("downstream, at the end of the budget", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
     n = len(report["seeds"])
     fig.suptitle(f"{report['dense']['family']}: mean over {n} seeds, band = ±1 std", fontsize=10)
     fig.tight_layout()

@@ -192,7 +192,7 @@ def _fake_run(arm, kind, seed, loss, tuned):
     }
 
 
-def test_the_report_carries_the_fine_tuned_scores_and_their_paired_verdict():
+def test_the_report_carries_the_fine_tuned_scores_and_their_paired_verdict(tmp_path):
     runs = [_fake_run("dense", "dense", s, 3.0 + 0.1 * s, 2.0 + 0.1 * s) for s in range(3)]
     runs += [
         _fake_run("moe", "upcycle", s, 3.1 + 0.1 * s, 2.5 + 0.1 * s + 0.01 * s * s)
@@ -222,3 +222,6 @@ def test_the_report_carries_the_fine_tuned_scores_and_their_paired_verdict():
     assert "| arm | t_loss | t_accuracy |" in md
     assert "| dense checkpoint | 2.0000 | 0.4000 |" in md
     assert "| moe | 2.6167 ± 0.1201 | 0.4000 ± 0.0000 |" in md
+    full = {"dense": dense, "aggregate": agg, "seeds": [0, 1, 2]}
+    report.plot(full, str(tmp_path / "report.png"))  # with the downstream panel
+    assert (tmp_path / "report.png").stat().st_size > 10_000
