@@ -13,9 +13,6 @@ SwiGLU; for an accelerator). ``--dtype`` sets the activation and parameter dtype
 
 * ``moe_s``            our layer (index gather/scatter, or grouped matmul when dropless)
 * ``onehot_s``         the same layer with the one-hot einsum reference dispatch
-* ``scatter_s``        top-K with capacity: the layer on its expert-major path (gather in,
-                       scatter-add out; ``scatter_over_moe`` is what the token-major gathers
-                       of ``permute.dispatch_rows`` / ``combine_rows`` save)
 * ``expert_matmul_s``  only the expert MLPs on pre-gathered [E, C, d] buffers (same FLOPs)
 * ``ratio_vs_matmul = moe_s / expert_matmul_s`` (goals: <= 1.10 capacity, <= 1.25 dropless)
 * ``speedup_vs_onehot = onehot_s / moe_s`` (goal >= 3)
@@ -35,7 +32,6 @@ any dropless layer can do. Each ``*_s`` has a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
@@ -118,23 +114,13 @@ def _grouped_step(layer, sizes, impl):
     return step, state
 
 
-@dataclasses.dataclass(frozen=True)
-class _SlotMajorTopK(routing.TopKRouter):
-    """The same top-K router without the token-major view of its slots, so the layer takes
-    the expert-major path (gather in, scatter-add out and in the backward): ``scatter_s``."""
-
-    def route(self, *args, **kwargs):
-        decision = super().route(*args, **kwargs)
-        return decision.replace(token_slot=None, token_weight=None)
-
-
 def bench_case(case, tokens, repeats, slow_repeats, dtype, onehot=True):
     name, router, (e, d, f, activations) = case
     key_x, key_c, key_b = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key_x, (1, tokens, d), dtype)
     cot = jax.random.normal(key_c, (1, tokens, d), dtype)
 
-    def layer(router=router, **kw):
+    def layer(**kw):
         return moe.MoeMlp(
             d,
             f,
@@ -155,10 +141,6 @@ def bench_case(case, tokens, repeats, slow_repeats, dtype, onehot=True):
         step, state = _layer_step(layer(**kw))
         fns[key] = (step, (state, x, cot))
     cap = router.capacity(tokens)
-    if cap is not None and isinstance(router, routing.TopKRouter):  # the path before gathers
-        fields = {f.name: getattr(router, f.name) for f in dataclasses.fields(router)}
-        step, state = _layer_step(layer(router=_SlotMajorTopK(**fields)))
-        fns["scatter_s"] = (step, (state, x, cot))
     other = {"index": "ragged", "ragged": "index"}[auto]
     if cap is None:  # dropless: also time the other grouped-matmul path
         step, state = _layer_step(layer(dispatch=other))
@@ -187,9 +169,6 @@ def bench_case(case, tokens, repeats, slow_repeats, dtype, onehot=True):
     )
     if onehot:
         result["speedup_vs_onehot"] = result["onehot_s"] / result["moe_s"]
-    if "scatter_s" in result:
-        result["scatter_ratio_vs_matmul"] = result["scatter_s"] / result["expert_matmul_s"]
-        result["scatter_over_moe"] = result["scatter_s"] / result["moe_s"]
     if cap is None:
         result["other_dispatch"] = other
         result["other_ratio_vs_matmul"] = result["other_dispatch_s"] / result["expert_matmul_s"]

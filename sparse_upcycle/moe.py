@@ -103,35 +103,12 @@ def combine_slots(y_GECd: jax.Array, decision: routing.SlotDecision) -> jax.Arra
 # No-ops unless a mesh is set with jax.set_mesh.
 GROUP_MAJOR = ("batch", None, "embed")  # [G, S, d]
 EXPERT_MAJOR = ("batch_no_expert", "expert", None, "embed")  # [G, E, C, d]
-GROUP_SLOTS = ("batch", None, None, "embed")  # [G, E, C, d], each group's slots on its device
 
 
 def _slot_moe(experts: ExpertMlp, x_GSd, decision: routing.SlotDecision):
-    if decision.token_slot is not None:  # top-K: at most K slots per token, gathers only
-        return _slot_moe_by_token(experts, x_GSd, decision)
     x_GECd = sharding.constrain(dispatch_slots(x_GSd, decision), EXPERT_MAJOR)
     y_GECd = sharding.constrain(experts(x_GECd), EXPERT_MAJOR)
     return combine_slots(y_GECd, decision)
-
-
-def _slot_moe_by_token(experts: ExpertMlp, x_GSd, decision: routing.SlotDecision):
-    """``_slot_moe`` for a decision with a token-major view: the same slots and weights, but
-    neither direction scatter-adds (a serial loop on XLA:CPU): the combine gathers each token's
-    K slot outputs, and both gradients gather (``permute.dispatch_rows`` / ``combine_rows``)."""
-    g, e, c = decision.token_index.shape
-    d = x_GSd.shape[-1]
-    token_GR = decision.token_index.reshape(g, e * c)
-    weight_GR = jnp.where(decision.slot_valid, decision.combine_weight, 0.0).reshape(g, e * c)
-    slot_GSK, weight_GSK = decision.token_slot, decision.token_weight
-    x_GECd = jax.vmap(permute.dispatch_rows)(x_GSd, token_GR, slot_GSK).reshape(g, e, c, d)
-    # Group-major around the gathers, expert-major around the experts: the layout changes
-    # (all-to-alls under expert parallelism) before each gather, in both directions, so no
-    # gather ever reads rows another device holds (which would all-gather its indices).
-    x_GECd = sharding.constrain(sharding.constrain(x_GECd, GROUP_SLOTS), EXPERT_MAJOR)
-    y_GECd = sharding.constrain(experts(x_GECd), EXPERT_MAJOR)
-    y_GRd = sharding.constrain(y_GECd, GROUP_SLOTS).reshape(g, e * c, d)
-    out = jax.vmap(permute.combine_rows)(y_GRd, weight_GSK, slot_GSK, token_GR, weight_GR)
-    return out.astype(y_GECd.dtype)
 
 
 def _dropless_moe(experts: ExpertMlp, x_GSd, decision: routing.DroplessDecision, impl: str):

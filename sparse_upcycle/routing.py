@@ -167,11 +167,6 @@ class SlotDecision:
     slot_valid: jax.Array  # bool [G, E, C]
     metrics: RouterMetrics
     group_size: int = struct.field(pytree_node=False)
-    # Token-major view, where each token has at most K slots (top-K): the flat slot e·C + c
-    # of token s's k-th choice (E·C where dropped) and its weight (0 where dropped). With it
-    # the layer combines and back-propagates by gathers only (``permute.dispatch_rows``).
-    token_slot: jax.Array | None = None  # int32 [G, S, K]
-    token_weight: jax.Array | None = None  # float32 [G, S, K]
 
 
 @struct.dataclass
@@ -514,11 +509,7 @@ class TopKRouter:
         n_assign = mask.sum(axis=1) * k
         dropped = (n_assign.sum() - kept_GE.sum()) / jnp.maximum(n_assign.sum(), 1)
         metrics = RouterMetrics(lb_loss, z_loss, _expert_load(kept_GE), dropped, entropy, top1)
-        token_slot = jnp.where(kept_GSK, expert_GSK * cap + position_GSK, e * cap)
-        token_weight = jnp.where(kept_GSK, weight_GSK, 0.0)
-        return SlotDecision(
-            token_index, weight, valid, metrics, s, token_slot.astype(jnp.int32), token_weight
-        )
+        return SlotDecision(token_index, weight, valid, metrics, s)
 
 
 Router = ExpertChoiceRouter | TopKRouter

@@ -119,36 +119,6 @@ def test_index_dispatch_matches_onehot_reference(name, activations):
     assert float(jnp.abs(y).max()) > 0
 
 
-@pytest.mark.parametrize("name", ["top2_capacity", "top1_bpr"])
-def test_top_k_token_major_view_lists_exactly_the_filled_slots(name):
-    """The token-major view (``token_slot`` / ``token_weight``) describes the same routing as
-    the slots: every kept choice names a slot holding that token with that weight, every
-    filled slot is named once, and dropped choices name no slot and weigh 0."""
-    router = ROUTERS[name]
-    logits = jax.random.normal(jax.random.key(3), (3, 8, E))
-    mask = jnp.ones((3, 8), bool).at[1, 5:].set(False)
-    d = router.route(logits, mask)
-    tok = np.asarray(d.token_index).reshape(3, -1)
-    wgt = np.asarray(d.combine_weight).reshape(3, -1)
-    val = np.asarray(d.slot_valid).reshape(3, -1)
-    slot, weight = np.asarray(d.token_slot), np.asarray(d.token_weight)
-    assert slot.shape == weight.shape == (3, 8, router.k)
-    n_slots = tok.shape[1]
-    dropped = 0
-    for g in range(3):
-        named = slot[g][slot[g] < n_slots]
-        assert len(set(named.tolist())) == len(named) == val[g].sum()  # each filled slot once
-        for s in range(8):
-            for k in range(router.k):
-                r = slot[g, s, k]
-                if r == n_slots:
-                    assert weight[g, s, k] == 0
-                    dropped += 1
-                else:
-                    assert val[g, r] and tok[g, r] == s and wgt[g, r] == weight[g, s, k]
-    assert dropped > 0  # the capacity dropped something: both branches ran
-
-
 def _dense_mlp_numpy(x, wi_0, wi_1, wo):
     """T5 v1.1 gated-GELU MLP written directly in numpy (tanh-approximate GELU)."""
     h0 = x @ wi_0
