@@ -162,18 +162,12 @@ def prepare_corpus(
     by_split = {s: [rel for rel in docs if split_of(rel) == s] for s in SPLITS}
 
     if vocab_from is not None and not (entry / "spm.model").exists():
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
-        try:
+
+        def copy(tmp: pathlib.Path) -> None:
             for name in ("spm.model", "spm.vocab"):
                 shutil.copyfile(vocab_from / name, tmp / name)
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process finished first; the copies are identical
-                if not (entry / "spm.model").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        _publish_vocab(entry, copy)
     if not (entry / "spm.model").exists():
         lines = [ln.strip() for rel in by_split["train"] for ln in texts[rel].splitlines()]
         lines = [ln for ln in lines if ln]
@@ -182,22 +176,16 @@ def prepare_corpus(
             f"training a SentencePiece vocabulary of {vocab_size} pieces on {size} "
             f"({len(by_split['train'])} train documents); cached at {entry}"
         )
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
-        try:
+
+        def train(tmp: pathlib.Path) -> None:
             start = time.perf_counter()
             (tmp / "spm.model").write_bytes(_train_vocab(lines, vocab_size))
             sp = load_vocab(tmp)  # and the pieces as text, for people
             rows = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(len(sp))]
             (tmp / "spm.vocab").write_text("".join(rows), encoding="utf-8")
             log.info("vocabulary trained in %.1f s", time.perf_counter() - start)
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process finished first; the models are identical
-                if not (entry / "spm.model").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        _publish_vocab(entry, train)
 
     sp = None
     for split, rels in by_split.items():
@@ -216,6 +204,22 @@ def prepare_corpus(
         seconds = time.perf_counter() - start
         log.info(f"tokenised {split}: {len(rels)} documents, {stream.size} tokens, {seconds:.1f} s")
     return entry
+
+
+def _publish_vocab(entry: pathlib.Path, write) -> None:
+    """Create the cache entry ``entry`` with the files ``write(tmp)`` puts in a temporary
+    directory beside it, renamed into place: a killed run leaves no half-written entry."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process finished first; its files are the same
+            if not (entry / "spm.model").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_vocab(entry: pathlib.Path):
