@@ -41,7 +41,7 @@ import optax
 from sparse_upcycle.config import ConfigError
 from sparse_upcycle.data import corpus, text
 from sparse_upcycle.data.pipeline import DataUnavailable
-from sparse_upcycle.training import make_train_step
+from sparse_upcycle.training import make_eval_step, make_train_step, mean_scores
 
 TASKS = ("python_stdlib",)
 STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
@@ -141,11 +141,8 @@ def make_finetune(config, t, to_device: Callable[[dict], dict]) -> Finetune | No
     tx = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=0.0)
     step_fn = jax.jit(make_train_step(t.loss_fn, tx, schedule, t.bias_updates))
 
-    def eval_fn(params, batch):
-        _, metrics = t.loss_fn(params, batch, None, False)
-        return {k: metrics[k] for k in ("loss_sum", "correct_sum", "weight_sum")}
-
-    eval_jit = jax.jit(eval_fn, out_shardings=t.replicated)  # readable on every process
+    # readable on every process
+    eval_jit = jax.jit(make_eval_step(t.loss_fn), out_shardings=t.replicated)
     init_jit = jax.jit(tx.init)
     seed = np.int32(config.get("seed", 0))
 
@@ -158,11 +155,10 @@ def make_finetune(config, t, to_device: Callable[[dict], dict]) -> Finetune | No
             state, _ = step_fn(state, to_device(next(train)), seed)
         valid = pipeline("validation")
         outs = [eval_jit(state["params"], to_device(next(valid))) for _ in range(eval_batches)]
-        sums = {k: sum(float(o[k]) for o in jax.device_get(outs)) for k in outs[0]}
-        w = max(sums["weight_sum"], 1.0)
+        loss, accuracy = mean_scores(outs)
         return {
-            f"finetune/{task}_loss": sums["loss_sum"] / w,
-            f"finetune/{task}_accuracy": sums["correct_sum"] / w,
+            f"finetune/{task}_loss": loss,
+            f"finetune/{task}_accuracy": accuracy,
             f"finetune/{task}_seconds": time.perf_counter() - start,
         }
 

@@ -55,7 +55,7 @@ from sparse_upcycle.init_from import (
 from sparse_upcycle.metrics import MetricWriter, Progress
 from sparse_upcycle.optim_slots import load_adafactor_slots
 from sparse_upcycle.task import ModelSpec, moe_layer_names
-from sparse_upcycle.training import build_training, make_train_step
+from sparse_upcycle.training import build_training, make_eval_step, make_train_step, mean_scores
 
 log = logging.getLogger("sparse_upcycle.train")  # the name users filter on
 
@@ -251,11 +251,7 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None, fin
     batch_sh = None  # from the first batch's ranks
     train_step_jit = None
 
-    def eval_step(params, batch):
-        _, metrics = loss_fn(params, batch, None, False)
-        return {k: metrics[k] for k in ("loss_sum", "correct_sum", "weight_sum")}
-
-    eval_step_jit = jax.jit(eval_step, out_shardings=replicated)
+    eval_step_jit = jax.jit(make_eval_step(loss_fn), out_shardings=replicated)
 
     def evaluate(params, final: bool = False) -> dict:
         data = pipeline("validation")
@@ -263,12 +259,8 @@ def _run(config, workdir, t, source, train_data, pipeline, mesh, probe=None, fin
         for _ in range(config.get("eval_steps", 4)):
             with jax.set_mesh(mesh):
                 outs.append(eval_step_jit(params, global_batch(next(data), mesh, process_count)))
-        fetched = jax.device_get(outs)
-        sums = {
-            k: sum(float(o[k]) for o in fetched) for k in ("loss_sum", "correct_sum", "weight_sum")
-        }
-        w = max(sums["weight_sum"], 1.0)
-        out = {"loss": sums["loss_sum"] / w, "accuracy": sums["correct_sum"] / w}
+        loss, accuracy = mean_scores(outs)
+        out = {"loss": loss, "accuracy": accuracy}
         if probe is not None:
             with jax.set_mesh(mesh):
                 out.update(probe(params))

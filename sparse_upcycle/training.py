@@ -208,6 +208,27 @@ def make_train_step(
     return train_step
 
 
+EVAL_SUMS = ("loss_sum", "correct_sum", "weight_sum")
+
+
+def make_eval_step(loss_fn):
+    """``step(params, batch) -> {loss_sum, correct_sum, weight_sum}`` (no dropout, no rng)."""
+
+    def eval_step(params, batch):
+        _, metrics = loss_fn(params, batch, None, False)
+        return {k: metrics[k] for k in EVAL_SUMS}
+
+    return eval_step
+
+
+def mean_scores(outs: list[dict]) -> tuple[float, float]:
+    """(loss, accuracy) per weighted target over the eval steps' outputs, fetched at once."""
+    fetched = jax.device_get(outs)
+    sums = {k: sum(float(o[k]) for o in fetched) for k in EVAL_SUMS}
+    w = max(sums["weight_sum"], 1.0)
+    return sums["loss_sum"] / w, sums["correct_sum"] / w
+
+
 def _leaf(tree: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]
